@@ -1,0 +1,591 @@
+"""Bit-exact PyTorch references of the quantized tensor formats.
+
+The contract is ``docs/design/quant-formats.md``: every function here must agree bit for bit
+with the CUDA quantization kernels in ``kernels/include/sage/quant/`` (exposed by ``sage_core``)
+given the same inputs (and the same precomputed token mean, whose fp32 summation order is the
+one documented exception).
+
+All math is float32 on the fp16/bf16 input converted exactly to float32. Divisions are IEEE
+divisions (never a multiply by a reciprocal), rounding is ``torch.round`` (half to even).
+Functions run on any device.
+
+Shapes: ``layout="bhsd"`` means the tensor passed is ``(b, h, s, d)``; ``layout="bshd"`` means
+it is ``(b, s, h, d)``. Quantized outputs are always contiguous ``(b, h, s, d)`` (or the packed /
+transposed forms documented per function).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = [
+    "kInt8Max",
+    "kInt4Max",
+    "kFp8E4m3Max",
+    "kFp4E2m1Max",
+    "kNvfp4Group",
+    "kMxfp4Group",
+    "kVTokenPad",
+    "GRANULARITIES",
+    "to_bhsd",
+    "token_mean",
+    "block_mean",
+    "default_block",
+    "num_scale_groups",
+    "scale_group_index",
+    "quant_int",
+    "dequant_int",
+    "pack_int4",
+    "unpack_int4",
+    "quant_v_e4m3_t",
+    "dequant_v_e4m3_t",
+    "quant_v_s8",
+    "e4m3_to_float",
+    "float_to_e4m3",
+    "float_to_e2m1_code",
+    "e2m1_code_to_float",
+    "quant_fp4",
+    "dequant_fp4",
+    "swizzle_scale_offsets",
+    "swizzle_scales",
+    "unswizzle_scales",
+]
+
+kInt8Max = 127
+kInt4Max = 7
+kFp8E4m3Max = 448.0
+kFp4E2m1Max = 6.0
+kNvfp4Group = 16
+kMxfp4Group = 32
+kVTokenPad = 128  # v_e4m3_t token padding: the PV matmul's K-tile
+kE8m0Bias = 127
+kE8m0Nan = 0xFF
+kSwizzleTileRows = 128
+kSwizzleTileCols = 4
+kSwizzleTileBytes = kSwizzleTileRows * kSwizzleTileCols  # 512
+kMmaTileRows = 16  # rows of one mma.sync m16 / wgmma m64 sub-tile a warp owns
+kQThreadGroups = 8  # rows r and r+8 of a 16-row tile share a thread: 8 groups per 16 rows
+kKThreadGroups = 4  # key columns 8j + 2(lane%4) + {0,1}: 4 groups per key tile
+
+GRANULARITIES = ("per_tensor", "per_block", "per_warp", "per_thread", "per_token")
+_LAYOUTS = ("bhsd", "bshd")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# E2M1 magnitudes by code 0..7 (bit 3 is the sign).
+_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------
+def _check_layout(layout: str) -> None:
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+
+
+def _check_float_tensor(x, name: str, ndim: Optional[int] = 4) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16 (or float32 for references), got {x.dtype}"
+        )
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+
+
+def to_bhsd(x: torch.Tensor, layout: str = "bhsd") -> torch.Tensor:
+    """View a (b,h,s,d) or (b,s,h,d) tensor as logical (b,h,s,d) (no copy)."""
+    _check_layout(layout)
+    return x if layout == "bhsd" else x.transpose(1, 2)
+
+
+def _f32_bhsd(x: torch.Tensor, layout: str, name: str = "x") -> torch.Tensor:
+    _check_float_tensor(x, name)
+    return to_bhsd(x, layout).to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# token means (smoothing)
+# --------------------------------------------------------------------------------------------
+def token_mean(x: torch.Tensor, layout: str = "bhsd") -> torch.Tensor:
+    """Mean over all tokens: ``(b, h, d)`` float32 (K smoothing's ``k_mean``)."""
+    xf = _f32_bhsd(x, layout)
+    if xf.shape[2] == 0:
+        raise ValueError("token_mean needs at least one token (s >= 1)")
+    return xf.mean(dim=2).contiguous()
+
+
+def block_mean(x: torch.Tensor, block: int, layout: str = "bhsd") -> torch.Tensor:
+    """Mean over each block of ``block`` tokens: ``(b, h, ceil(s/block), d)`` float32.
+
+    The last block averages only its valid tokens (Q smoothing's ``q_mean``).
+    """
+    xf = _f32_bhsd(x, layout)
+    block = _check_positive_int(block, "block")
+    b, h, s, d = xf.shape
+    if s == 0:
+        raise ValueError("block_mean needs at least one token (s >= 1)")
+    nb = -(-s // block)
+    pad = nb * block - s
+    xp = torch.nn.functional.pad(xf, (0, 0, 0, pad)) if pad else xf
+    sums = xp.reshape(b, h, nb, block, d).sum(dim=3)
+    counts = torch.full((nb,), float(block), dtype=torch.float32, device=xf.device)
+    counts[-1] = float(s - (nb - 1) * block)
+    return (sums / counts[:, None]).contiguous()
+
+
+def _check_positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# integer Q/K scale groups
+# --------------------------------------------------------------------------------------------
+def default_block(granularity: str, role: str) -> Optional[int]:
+    """Default token block: Q 128; K 64 for per_block, 128 for per_thread (the kernel's KV tile)."""
+    if granularity not in ("per_block", "per_thread"):
+        return None
+    if role == "q":
+        return 128
+    return 64 if granularity == "per_block" else 128
+
+
+def _resolve_group_args(granularity: str, role: str, block: Optional[int], warp_rows: int):
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if role not in ("q", "k"):
+        raise ValueError(f"role must be 'q' or 'k', got {role!r}")
+    if granularity == "per_warp" and role != "q":
+        raise ValueError("granularity 'per_warp' is defined for role 'q' only")
+    if block is None:
+        block = default_block(granularity, role)
+    elif granularity in ("per_block", "per_thread"):
+        block = _check_positive_int(block, "block")
+    if granularity == "per_thread" and role == "k" and block % 8 != 0:
+        raise ValueError(f"per_thread K needs block % 8 == 0 (key tile of 8-column MMA atoms), got {block}")
+    warp_rows = _check_positive_int(warp_rows, "warp_rows")
+    return block, warp_rows
+
+
+def num_scale_groups(s: int, granularity: str, role: str = "q", block: Optional[int] = None,
+                     warp_rows: int = kMmaTileRows) -> int:
+    """Number of scales per (b, h) for a sequence of ``s`` tokens (last dim of the scale tensor)."""
+    block, warp_rows = _resolve_group_args(granularity, role, block, warp_rows)
+    if granularity == "per_tensor":
+        return 1
+    if granularity == "per_block":
+        return -(-s // block)
+    if granularity == "per_warp":
+        return -(-s // warp_rows)
+    if granularity == "per_token":
+        return s
+    if role == "q":  # per_thread
+        return -(-s // kMmaTileRows) * kQThreadGroups
+    return -(-s // block) * kKThreadGroups
+
+
+def scale_group_index(s: int, granularity: str, role: str = "q", block: Optional[int] = None,
+                      warp_rows: int = kMmaTileRows, device=None) -> torch.Tensor:
+    """Scale group of each token: LongTensor ``(s,)`` (the table in quant-formats.md)."""
+    block, warp_rows = _resolve_group_args(granularity, role, block, warp_rows)
+    t = torch.arange(s, dtype=torch.long, device=device)
+    if granularity == "per_tensor":
+        return torch.zeros_like(t)
+    if granularity == "per_block":
+        return t // block
+    if granularity == "per_warp":
+        return t // warp_rows
+    if granularity == "per_token":
+        return t
+    if role == "q":
+        return (t // kMmaTileRows) * kQThreadGroups + t % kQThreadGroups
+    return (t // block) * kKThreadGroups + (t % 8) // 2
+
+
+def _group_amax(a: torch.Tensor, granularity: str, role: str, block: Optional[int],
+                warp_rows: int) -> torch.Tensor:
+    """amax of |x'| per scale group. ``a`` is |x'| (b,h,s,d) f32 -> (b,h,G) f32.
+
+    Reshape-based (zero padding never changes an amax of absolute values; NaN propagates).
+    """
+    b, h, s, d = a.shape
+
+    def padded(mult):
+        n = -(-s // mult) * mult
+        return torch.nn.functional.pad(a, (0, 0, 0, n - s)) if n != s else a, n // mult
+
+    if granularity == "per_tensor":
+        return a.reshape(b, h, s * d).amax(dim=2, keepdim=True)
+    if granularity == "per_token":
+        return a.amax(dim=3)
+    if granularity in ("per_block", "per_warp"):
+        mult = block if granularity == "per_block" else warp_rows
+        ap, nb = padded(mult)
+        return ap.reshape(b, h, nb, mult * d).amax(dim=3)
+    if role == "q":  # per_thread: token 16*i + 8*hi + r  -> group 8*i + r
+        ap, nt = padded(kMmaTileRows)
+        return ap.reshape(b, h, nt, 2, kQThreadGroups, d).amax(dim=(3, 5)).reshape(b, h, nt * kQThreadGroups)
+    # per_thread K: token blk*n + 8*i + 2*j + e -> group 4*n + j
+    ap, nb = padded(block)
+    return (
+        ap.reshape(b, h, nb, block // 8, kKThreadGroups, 2, d)
+        .amax(dim=(3, 5, 6))
+        .reshape(b, h, nb * kKThreadGroups)
+    )
+
+
+def _expand_mean(mean, b, h, s, d, mean_block, device) -> torch.Tensor:
+    """Mean tensor broadcast to (b,h,s,d) float32 (or (b,h,1,d))."""
+    if not isinstance(mean, torch.Tensor):
+        raise TypeError(f"mean must be None or a torch.Tensor, got {type(mean).__name__}")
+    if not mean.is_floating_point():
+        raise TypeError(f"mean must be a floating tensor (float32), got {mean.dtype}")
+    m = mean.to(device=device, dtype=torch.float32)
+    if m.dim() == 3:
+        if tuple(m.shape) != (b, h, d):
+            raise ValueError(f"mean of shape (b,h,d)={(b, h, d)} expected, got {tuple(m.shape)}")
+        return m[:, :, None, :]
+    if m.dim() == 4:
+        mean_block = _check_positive_int(mean_block, "mean_block")
+        nb = -(-s // mean_block)
+        if tuple(m.shape) != (b, h, nb, d):
+            raise ValueError(
+                f"block mean of shape (b,h,ceil(s/mean_block),d)={(b, h, nb, d)} expected "
+                f"(mean_block={mean_block}), got {tuple(m.shape)}"
+            )
+        idx = torch.arange(s, device=device) // mean_block
+        return m[:, :, idx, :]
+    raise ValueError(f"mean must be (b,h,d) or (b,h,nb,d), got shape {tuple(m.shape)}")
+
+
+def quant_int(
+    x: torch.Tensor,
+    *,
+    bits: int = 8,
+    granularity: str = "per_thread",
+    role: str = "q",
+    block: Optional[int] = None,
+    warp_rows: int = kMmaTileRows,
+    mean: Optional[torch.Tensor] = None,
+    mean_block: Optional[int] = None,
+    layout: str = "bhsd",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8/INT4 quantization of Q or K with the given scale granularity.
+
+    Args:
+        x: ``(b, h, s, d)`` (``layout="bhsd"``) or ``(b, s, h, d)`` (``"bshd"``), fp16/bf16/fp32.
+        bits: 8 (qmax 127) or 4 (qmax 7).
+        granularity: one of ``GRANULARITIES``; role ``"q"``/``"k"`` picks the per-thread layout.
+        block: token block for per_block / per_thread (defaults: Q 128; K 64 per_block, 128 per_thread).
+        warp_rows: rows of a per_warp group (16).
+        mean: optional smoothing mean subtracted first: ``(b, h, d)`` (token mean) or
+            ``(b, h, ceil(s/mean_block), d)`` (block means). float32.
+        mean_block: tokens per mean block for a 4-D mean (default: ``block``, else 128).
+
+    Returns:
+        ``(values, scale)``: values int8 ``(b, h, s, d)`` for 8 bits, uint8 ``(b, h, s, d/2)``
+        (packed two's complement nibbles, element 2i low) for 4 bits; scale float32
+        ``(b, h, G)`` with ``G = num_scale_groups(s, ...)``. Both contiguous.
+    """
+    if bits not in (8, 4):
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    block, warp_rows = _resolve_group_args(granularity, role, block, warp_rows)
+    xf = _f32_bhsd(x, layout)
+    b, h, s, d = xf.shape
+    if bits == 4 and d % 2 != 0:
+        raise ValueError(f"INT4 packs two values per byte: head dim d must be even, got {d}")
+    if mean is not None:
+        if mean_block is None:
+            mean_block = block if block is not None else 128
+        xf = xf - _expand_mean(mean, b, h, s, d, mean_block, xf.device)
+    qmax = kInt8Max if bits == 8 else kInt4Max
+    amax = _group_amax(xf.abs(), granularity, role, block, warp_rows)
+    scale = amax / float(qmax)
+    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
+    idx = scale_group_index(s, granularity, role, block, warp_rows, device=xf.device)
+    per_token_scale = scale[:, :, idx, None]  # (b,h,s,1)
+    q = torch.round(xf / per_token_scale).clamp_(-qmax, qmax)
+    # NaN -> int conversion is undefined; the contract leaves values of a non-finite group
+    # unspecified, we pick 0 so the reference is deterministic.
+    q = torch.nan_to_num(q, nan=0.0).to(torch.int8)
+    if bits == 4:
+        q = pack_int4(q)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequant_int(
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    bits: int,
+    granularity: str,
+    role: str,
+    block: Optional[int] = None,
+    warp_rows: int = kMmaTileRows,
+    seq_len: int,
+) -> torch.Tensor:
+    """Inverse of ``quant_int`` (without adding any smoothing mean back): float32 ``(b, h, s, d)``."""
+    if bits not in (8, 4):
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    block, warp_rows = _resolve_group_args(granularity, role, block, warp_rows)
+    if values.dim() != 4:
+        raise ValueError(f"values must be 4-D (b,h,s,d or d/2), got shape {tuple(values.shape)}")
+    if bits == 8:
+        if values.dtype != torch.int8:
+            raise TypeError(f"INT8 values must be int8, got {values.dtype}")
+        q = values
+    else:
+        q = unpack_int4(values)
+    if q.shape[2] != seq_len:
+        raise ValueError(f"values hold {q.shape[2]} tokens but seq_len={seq_len}")
+    g = num_scale_groups(seq_len, granularity, role, block, warp_rows)
+    if scale.dim() != 3 or tuple(scale.shape) != (q.shape[0], q.shape[1], g):
+        raise ValueError(f"scale must be (b,h,{g}) for this granularity, got {tuple(scale.shape)}")
+    idx = scale_group_index(seq_len, granularity, role, block, warp_rows, device=q.device)
+    return q.to(torch.float32) * scale.to(torch.float32)[:, :, idx, None]
+
+
+# --------------------------------------------------------------------------------------------
+# INT4 packing
+# --------------------------------------------------------------------------------------------
+def pack_int4(x: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-8, 7], last dim even -> uint8 ``(..., n/2)``, element 2i in the low nibble."""
+    if x.dtype != torch.int8:
+        raise TypeError(f"pack_int4 expects int8 values, got {x.dtype}")
+    if x.shape[-1] % 2 != 0:
+        raise ValueError(f"pack_int4 needs an even last dim, got {x.shape[-1]}")
+    u = x.to(torch.int16) & 0xF
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8).contiguous()
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(..., n/2)`` -> int8 ``(..., n)`` (sign-extended two's complement nibbles)."""
+    if p.dtype != torch.uint8:
+        raise TypeError(f"unpack_int4 expects uint8 packed values, got {p.dtype}")
+    u = p.to(torch.int16)
+    lo = u & 0xF
+    hi = (u >> 4) & 0xF
+    both = torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+    return torch.where(both >= 8, both - 16, both).to(torch.int8)
+
+
+# --------------------------------------------------------------------------------------------
+# FP8 E4M3
+# --------------------------------------------------------------------------------------------
+def float_to_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> E4M3 bits (uint8), round to nearest even, saturate to +-448 (satfinite); NaN -> 0x7F."""
+    return x.to(torch.float32).clamp(-kFp8E4m3Max, kFp8E4m3Max).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def e4m3_to_float(bits: torch.Tensor) -> torch.Tensor:
+    """E4M3 bits (uint8) -> float32 (exact)."""
+    if bits.dtype == torch.float8_e4m3fn:
+        return bits.to(torch.float32)
+    if bits.dtype != torch.uint8:
+        raise TypeError(f"e4m3_to_float expects uint8 bits, got {bits.dtype}")
+    return bits.view(torch.float8_e4m3fn).to(torch.float32)
+
+
+def _channel_scale(vf: torch.Tensor, qmax: float) -> torch.Tensor:
+    amax = vf.abs().amax(dim=2)  # (b,h,d)
+    scale = amax / qmax
+    return torch.where(amax == 0, torch.ones_like(scale), scale).contiguous()
+
+
+def quant_v_e4m3_t(v: torch.Tensor, layout: str = "bhsd") -> Tuple[torch.Tensor, torch.Tensor]:
+    """V per-channel E4M3, transposed for K-major 8-bit B operands.
+
+    Returns ``(v_t, v_scale)``: ``v_t`` uint8 E4M3 bits ``(b, h, d, s_pad)``,
+    ``s_pad = ceil(s/128)*128``, padding 0; ``v_scale`` float32 ``(b, h, d)`` = amax/448
+    (1.0 for an all-zero channel). ``v_t[..., c, t] = E4M3(V[..., t, c] / v_scale[c])``.
+    """
+    vf = _f32_bhsd(v, layout, "v")
+    b, h, s, d = vf.shape
+    scale = _channel_scale(vf, kFp8E4m3Max)
+    codes = float_to_e4m3(vf / scale[:, :, None, :])  # (b,h,s,d)
+    s_pad = -(-s // kVTokenPad) * kVTokenPad
+    out = torch.zeros((b, h, d, s_pad), dtype=torch.uint8, device=vf.device)
+    out[:, :, :, :s] = codes.transpose(2, 3)
+    return out, scale
+
+
+def dequant_v_e4m3_t(v_t: torch.Tensor, v_scale: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Inverse of ``quant_v_e4m3_t``: float32 ``(b, h, s, d)``."""
+    vals = e4m3_to_float(v_t[:, :, :, :seq_len]).transpose(2, 3)
+    return vals * v_scale[:, :, None, :]
+
+
+def quant_v_s8(v: torch.Tensor, layout: str = "bhsd") -> Tuple[torch.Tensor, torch.Tensor]:
+    """V per-channel INT8 (INT-FlashAttention): int8 ``(b, h, s, d)``, scale ``(b, h, d)`` = amax/127."""
+    vf = _f32_bhsd(v, layout, "v")
+    scale = _channel_scale(vf, float(kInt8Max))
+    q = torch.round(vf / scale[:, :, None, :]).clamp_(-kInt8Max, kInt8Max)
+    q = torch.nan_to_num(q, nan=0.0).to(torch.int8)
+    return q.contiguous(), scale
+
+
+# --------------------------------------------------------------------------------------------
+# FP4 E2M1 and microscaling
+# --------------------------------------------------------------------------------------------
+def float_to_e2m1_code(y: torch.Tensor) -> torch.Tensor:
+    """float32 -> E2M1 code (uint8, 0..15): RN on {0,.5,1,1.5,2,3,4,6}, ties to the even code,
+    saturate at 6, sign bit 0x8 whenever the sign bit of ``y`` is set (so negatives that round
+    to 0, and -0.0, give 0x8). NaN gives 0x0 or 0x8 (unspecified by the contract)."""
+    y = y.to(torch.float32)
+    a = y.abs()
+    # Thresholds between neighbouring codes; '>' sends a tie down, '>=' up, so that ties
+    # land on the even code (0.25->0, 0.75->2, 1.25->2, 1.75->4, 2.5->4, 3.5->6, 5->6).
+    code = (
+        (a > 0.25).to(torch.uint8)
+        + (a >= 0.75).to(torch.uint8)
+        + (a > 1.25).to(torch.uint8)
+        + (a >= 1.75).to(torch.uint8)
+        + (a > 2.5).to(torch.uint8)
+        + (a >= 3.5).to(torch.uint8)
+        + (a > 5.0).to(torch.uint8)
+    )
+    return code | (torch.signbit(y).to(torch.uint8) << 3)
+
+
+def e2m1_code_to_float(code: torch.Tensor) -> torch.Tensor:
+    """E2M1 code (uint8 0..15) -> float32."""
+    table = torch.tensor(_E2M1_VALUES, dtype=torch.float32, device=code.device)
+    c = code.to(torch.long)
+    mag = table[c & 7]
+    return torch.where((c & 8) != 0, -mag, mag)
+
+
+def _fp4_group(fmt: str) -> int:
+    if fmt == "nvfp4":
+        return kNvfp4Group
+    if fmt == "mxfp4":
+        return kMxfp4Group
+    raise ValueError(f"fmt must be 'nvfp4' or 'mxfp4', got {fmt!r}")
+
+
+def _pow2_f32(e: torch.Tensor) -> torch.Tensor:
+    """Exact 2**e as float32 for integer e in [-127, 127] (2**-127 is subnormal)."""
+    e = e.to(torch.int32)
+    normal = ((e + 127).clamp(min=1) << 23).view(torch.float32)
+    sub = torch.full_like(e, 1 << 22).view(torch.float32)  # 2**-127
+    return torch.where(e >= -126, normal, sub)
+
+
+def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4", swizzled: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Microscaling FP4 along the last dim of ``x`` (``(..., n)``).
+
+    NVFP4: groups of 16, scale ``E4M3(amax/6)`` (RN, satfinite), values ``E2M1(x / s)`` with s
+    the decoded scale (``s == 0`` -> all codes 0). MXFP4: groups of 32, E8M0 scale
+    ``e = clamp(floor(log2(amax)) - 2, -127, 127)`` stored as ``e + 127`` (``amax == 0`` -> -127;
+    non-finite amax -> 0xFF, the E8M0 NaN), values ``E2M1(x / 2**e)``.
+
+    Returns ``(packed, scales)``: packed uint8 ``(..., n/2)`` (element 2i low nibble); scales uint8
+    ``(..., n/group)`` row-major, or, with ``swizzled=True``, the 1-D Blackwell block-scaled
+    layout of the scale matrix ``(prod(...), n/group)`` (see ``swizzle_scales``).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    group = _fp4_group(fmt)
+    n = x.shape[-1]
+    if n % group != 0:
+        raise ValueError(f"{fmt} quantizes groups of {group} along the last dim: n={n} is not a multiple")
+    lead = x.shape[:-1]
+    xf = x.to(torch.float32).reshape(*lead, n // group, group)
+    amax = xf.abs().amax(dim=-1)  # (..., n/group)
+    if fmt == "nvfp4":
+        scale_bits = float_to_e4m3(amax / kFp4E2m1Max)
+        s = e4m3_to_float(scale_bits)
+        y = xf / s[..., None]
+        codes = float_to_e2m1_code(y)
+        codes = torch.where((s == 0)[..., None], torch.zeros_like(codes), codes)
+    else:
+        mant, ex = torch.frexp(amax)  # amax = mant * 2**ex, mant in [0.5, 1)
+        e = (ex.to(torch.int32) - 1 - 2).clamp(-127, 127)
+        e = torch.where(amax == 0, torch.full_like(e, -127), e)
+        finite = torch.isfinite(amax)
+        e = torch.where(finite, e, torch.zeros_like(e))
+        scale_bits = torch.where(finite, (e + kE8m0Bias).to(torch.uint8),
+                                 torch.full_like(e, kE8m0Nan).to(torch.uint8))
+        y = xf / _pow2_f32(e)[..., None]
+        codes = float_to_e2m1_code(y)
+    codes = codes.reshape(*lead, n)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+    scale_bits = scale_bits.contiguous()
+    if swizzled:
+        scale_bits = swizzle_scales(scale_bits.reshape(-1, n // group))
+    return packed, scale_bits
+
+
+def dequant_fp4(packed: torch.Tensor, scales: torch.Tensor, fmt: str = "nvfp4",
+                swizzled: bool = False, n: Optional[int] = None) -> torch.Tensor:
+    """Inverse of ``quant_fp4``: float32 ``(..., n)`` (``n = 2 * packed.shape[-1]`` by default)."""
+    if packed.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise TypeError(f"packed and scales must be uint8, got {packed.dtype} and {scales.dtype}")
+    group = _fp4_group(fmt)
+    if n is None:
+        n = 2 * packed.shape[-1]
+    if n != 2 * packed.shape[-1] or n % group != 0:
+        raise ValueError(f"n={n} must equal 2*packed.shape[-1]={2 * packed.shape[-1]} and be a multiple of {group}")
+    lead = packed.shape[:-1]
+    ng = n // group
+    if swizzled:
+        rows = int(math.prod(lead))
+        scales = unswizzle_scales(scales, rows, ng).reshape(*lead, ng)
+    if tuple(scales.shape) != (*lead, ng):
+        raise ValueError(f"scales must have shape {(*lead, ng)}, got {tuple(scales.shape)}")
+    u = packed.to(torch.int16)
+    codes = torch.stack((u & 0xF, (u >> 4) & 0xF), dim=-1).reshape(*lead, n)
+    vals = e2m1_code_to_float(codes).reshape(*lead, ng, group)
+    if fmt == "nvfp4":
+        s = e4m3_to_float(scales)
+    else:
+        e = scales.to(torch.int32) - kE8m0Bias
+        s = torch.where(scales == kE8m0Nan, torch.full(scales.shape, float("nan"), device=scales.device),
+                        _pow2_f32(e.clamp(-127, 127)))
+    return (vals * s[..., None]).reshape(*lead, n)
+
+
+def swizzle_scale_offsets(rows: int, cols: int, device=None) -> torch.Tensor:
+    """Byte offset of scale (r, c) in the Blackwell block-scaled layout: LongTensor ``(rows, cols)``.
+
+    Tiles of 128 rows x 4 scale columns (512 bytes), row-major over tiles; inside a tile
+    (r, c) sits at ``(r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4``.
+    """
+    r = torch.arange(rows, dtype=torch.long, device=device)[:, None]
+    c = torch.arange(cols, dtype=torch.long, device=device)[None, :]
+    col_tiles = -(-cols // kSwizzleTileCols)
+    tile = (r // kSwizzleTileRows) * col_tiles + c // kSwizzleTileCols
+    inner = (r % 32) * 16 + ((r % kSwizzleTileRows) // 32) * 4 + c % kSwizzleTileCols
+    return tile * kSwizzleTileBytes + inner
+
+
+def swizzle_scales(scales_2d: torch.Tensor) -> torch.Tensor:
+    """Row-major ``(rows, cols)`` uint8 scales -> 1-D swizzled buffer of
+    ``ceil(rows/128)*128 * ceil(cols/4)*4`` bytes, padding 0."""
+    rows, cols = scales_2d.shape
+    rows_pad = -(-rows // kSwizzleTileRows) * kSwizzleTileRows
+    cols_pad = -(-cols // kSwizzleTileCols) * kSwizzleTileCols
+    out = torch.zeros(rows_pad * cols_pad, dtype=scales_2d.dtype, device=scales_2d.device)
+    off = swizzle_scale_offsets(rows, cols, device=scales_2d.device)
+    out[off.reshape(-1)] = scales_2d.reshape(-1)
+    return out
+
+
+def unswizzle_scales(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of ``swizzle_scales``: ``(rows, cols)``."""
+    rows_pad = -(-rows // kSwizzleTileRows) * kSwizzleTileRows
+    cols_pad = -(-cols // kSwizzleTileCols) * kSwizzleTileCols
+    if buf.dim() != 1 or buf.numel() != rows_pad * cols_pad:
+        raise ValueError(f"swizzled scales must be 1-D with {rows_pad * cols_pad} bytes, got {tuple(buf.shape)}")
+    off = swizzle_scale_offsets(rows, cols, device=buf.device)
+    return buf[off]

@@ -1,0 +1,280 @@
+"""Attention benchmark: sage kernels vs PyTorch SDPA (flash, cuDNN) in one run.
+
+    python -m sage_torch.bench [--d 64 128] [--n 1024 ... 32768] [--causal both] [--out DIR]
+
+On a GPU: TOPS (4·b·h·n_q·n_k·d / time, halved for causal) with quantization included
+("end to end") and, where the backend exposes it, kernel only; accuracy (cos, rel-L1, RMSE) of
+every impl vs float64 attention on the same inputs (a strided sample of query rows of one
+batch and two heads, all keys). Writes ``bench.json`` (device, versions, commit, one row per
+impl/d/causal/n) and ``bench.png``. Without a GPU it says so and runs the CPU emulation on a small
+problem instead, so the command still shows what each recipe's accuracy is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+TOKENS_BELOW_8K = 32 * 1024  # b·n held at 32k tokens below n = 8k (BENCHMARKING.md)
+HEADS = 32
+ACC_ROWS = 256  # query rows sampled for the float64 check
+
+
+def batch_for(n: int) -> int:
+    if n < 8192:
+        return max(1, TOKENS_BELOW_8K // n)
+    return 1 if n >= 32768 else 4
+
+
+def commit() -> str:
+    if os.environ.get("SAGE_COMMIT"):
+        return os.environ["SAGE_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - not a checkout
+        return "unknown"
+
+
+def time_cuda(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20) -> float:
+    """Median milliseconds of fn over iters runs, CUDA events, after warmup runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def reference_rows(q, k, v, rows, is_causal):
+    """float64 attention for the sampled query rows of batch 0, heads 0-1 (bhsd)."""
+    qs = q[0, :2, rows].double()
+    ks, vs = k[0, :2].double(), v[0, :2].double()
+    s = qs @ ks.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if is_causal:
+        n_q, n_k = q.shape[2], k.shape[2]
+        j = torch.arange(n_k, device=q.device)
+        mask = j[None, :] > (rows[:, None] + n_k - n_q)
+        s = s.masked_fill(mask, float("-inf"))
+    return torch.softmax(s, dim=-1) @ vs
+
+
+def accuracy(out, ref, rows):
+    from sage_quant import metrics
+
+    o = out[0, :2, rows].double()
+    return {k: float(v) for k, v in metrics.accuracy(o, ref).items()}
+
+
+def sdpa_impl(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend_name]
+
+    def run(q, k, v, is_causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
+    return run
+
+
+def sage_impls() -> dict[str, dict]:
+    """sage backends available on this device: name -> {e2e, split (optional)}."""
+    import sage_torch
+
+    impls = {}
+    try:
+        from sage_torch.backends import sm90  # noqa: F401
+        mod = sm90
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        print(f"[bench] sm90 backend unavailable: {exc}")
+        mod = None
+
+    def e2e(q, k, v, is_causal):
+        return sage_torch.attention(q, k, v, is_causal=is_causal, recipe="auto")
+
+    impls["sage"] = {"e2e": e2e, "split": getattr(mod, "split_for_bench", None)}
+    return impls
+
+
+def bench_gpu(args) -> list[dict]:
+    rows_out = []
+    impls = {"sdpa_flash": {"e2e": sdpa_impl("flash")}, "sdpa_cudnn": {"e2e": sdpa_impl("cudnn")}}
+    impls.update(sage_impls())
+    for d in args.d:
+        for causal in args.causal:
+            for n in args.n:
+                b = batch_for(n)
+                gen = torch.Generator(device="cuda").manual_seed(1000 + n + d)
+                shape = (b, HEADS, n, d)
+                q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+                           for _ in range(3))
+                rows = torch.linspace(0, n - 1, min(ACC_ROWS, n), device="cuda").long()
+                ref = reference_rows(q, k, v, rows, causal)
+                flops = 4.0 * b * HEADS * n * n * d * (0.5 if causal else 1.0)
+                for name, impl in impls.items():
+                    row = {"impl": name, "d": d, "causal": causal, "n": n, "b": b, "h": HEADS}
+                    try:
+                        out = torch.full_like(q, float("nan"))
+                        out = impl["e2e"](q, k, v, causal)
+                        if isinstance(out, tuple):
+                            out = out[0]
+                        row.update(accuracy(out, ref, rows))
+                        ms = time_cuda(lambda: impl["e2e"](q, k, v, causal))
+                        row["ms"] = ms
+                        row["tops"] = flops / ms / 1e9
+                        if impl.get("split"):
+                            prepared, kernel = impl["split"](q, k, v, is_causal=causal)
+                            kms = time_cuda(lambda: kernel(prepared))
+                            row["kernel_ms"] = kms
+                            row["kernel_tops"] = flops / kms / 1e9
+                    except Exception as exc:  # noqa: BLE001 - a failing impl is a row, not a crash
+                        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    rows_out.append(row)
+                    print(json.dumps(row), flush=True)
+                del q, k, v
+                torch.cuda.empty_cache()
+    return rows_out
+
+
+def print_table(rows: list[dict]) -> str:
+    lines = []
+    for d in sorted({r["d"] for r in rows}):
+        for causal in (False, True):
+            sub = [r for r in rows if r["d"] == d and r["causal"] == causal]
+            if not sub:
+                continue
+            ns = sorted({r["n"] for r in sub})
+            lines.append(f"\nd={d} {'causal' if causal else 'non-causal'} (TOPS; kernel-only in [])")
+            lines.append("| impl | " + " | ".join(f"{n // 1024}k" for n in ns) + " | rel-L1 @max n |")
+            lines.append("|---" * (len(ns) + 2) + "|")
+            for impl in dict.fromkeys(r["impl"] for r in sub):
+                cells = []
+                last = None
+                for n in ns:
+                    r = next((x for x in sub if x["impl"] == impl and x["n"] == n), None)
+                    if r is None or "tops" not in r:
+                        cells.append("err" if r and "error" in r else "-")
+                        continue
+                    c = f"{r['tops']:.0f}"
+                    if "kernel_tops" in r:
+                        c += f" [{r['kernel_tops']:.0f}]"
+                    cells.append(c)
+                    last = r
+                acc = f"{last['rel_l1']:.4f}" if last and "rel_l1" in last else "-"
+                lines.append(f"| {impl} | " + " | ".join(cells) + f" | {acc} |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench] matplotlib not installed: no plot")
+        return
+    groups = sorted({(r["d"], r["causal"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (d, causal) in zip(axes[0], groups):
+        sub = [r for r in rows if r["d"] == d and r["causal"] == causal and "tops" in r]
+        for impl in dict.fromkeys(r["impl"] for r in sub):
+            pts = sorted((r["n"], r["tops"]) for r in sub if r["impl"] == impl)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+            kp = sorted((r["n"], r["kernel_tops"]) for r in sub if r["impl"] == impl and "kernel_tops" in r)
+            if kp:
+                ax.plot([p[0] for p in kp], [p[1] for p in kp], marker="x", ls="--",
+                        label=f"{impl} (kernel only)")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"d={d} {'causal' if causal else 'non-causal'}")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TOPS")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def cpu_demo() -> None:
+    """No GPU: accuracy of each recipe's emulation on a small problem, on the CPU."""
+    import sage_quant
+    from sage_quant import metrics
+    from sage_quant.emulation import reference_attention
+    from sage_quant.inputs import make_qkv
+
+    print("[bench] no CUDA GPU visible: the timing benchmark is SKIPPED (it needs a GPU).")
+    print("[bench] running the CPU emulation of every recipe instead (b=1, h=4, n=512, d=128, outlier inputs):")
+    q, k, v = make_qkv("outlier", b=1, h_q=4, h_kv=4, s_q=512, s_kv=512, d=128,
+                       dtype=torch.bfloat16, seed=0)
+    ref = reference_attention(q, k, v, is_causal=False)
+    print(f"{'recipe':<22} {'cos':>10} {'rel-L1':>9} {'rmse':>9} {'s':>6}")
+    for recipe in sage_quant.RECIPES:
+        t0 = time.perf_counter()
+        out = sage_quant.emulate(q, k, v, recipe)
+        if isinstance(out, tuple):
+            out = out[0]
+        m = metrics.accuracy(out, ref)
+        print(f"{recipe:<22} {m['cos']:>10.6f} {m['rel_l1']:>9.5f} {m['rmse']:>9.5f} "
+              f"{time.perf_counter() - t0:>6.1f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    p.add_argument("--out", default=os.environ.get("SAGE_BENCH_OUT", "bench-out"))
+    args = p.parse_args(argv)
+    args.causal = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+    if not torch.cuda.is_available():
+        cpu_demo()
+        return 0
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = bench_gpu(args)
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python -m sage_torch.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "tops_definition": "4*b*h*n_q*n_k*d/time, halved for causal; 'tops' includes quantization",
+    }
+    try:
+        import sage_core
+
+        meta["sage_core"] = sage_core.build_info()
+    except Exception as exc:  # noqa: BLE001
+        meta["sage_core"] = f"unavailable: {exc}"
+    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    table = print_table(rows)
+    (out_dir / "bench.md").write_text(
+        f"device {meta['device']}, torch {meta['torch']}, commit {meta['commit']}, {meta['date']}\n"
+        f"command: `{meta['command']}`\n{table}\n")
+    plot(rows, out_dir / "bench.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
