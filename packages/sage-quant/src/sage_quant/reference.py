@@ -49,6 +49,8 @@ __all__ = [
     "e2m1_code_to_float",
     "quant_fp4",
     "dequant_fp4",
+    "fake_quant_fp4",
+    "e2m1_round",
     "swizzle_scale_offsets",
     "swizzle_scales",
     "unswizzle_scales",
@@ -501,23 +503,10 @@ def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4", swizzled: bool = False) -> Tu
         raise ValueError(f"{fmt} quantizes groups of {group} along the last dim: n={n} is not a multiple")
     lead = x.shape[:-1]
     xf = x.to(torch.float32).reshape(*lead, n // group, group)
-    amax = xf.abs().amax(dim=-1)  # (..., n/group)
+    s, scale_bits = _fp4_scales(xf, fmt)
+    codes = float_to_e2m1_code(xf / s[..., None])
     if fmt == "nvfp4":
-        scale_bits = float_to_e4m3(amax / kFp4E2m1Max)
-        s = e4m3_to_float(scale_bits)
-        y = xf / s[..., None]
-        codes = float_to_e2m1_code(y)
         codes = torch.where((s == 0)[..., None], torch.zeros_like(codes), codes)
-    else:
-        mant, ex = torch.frexp(amax)  # amax = mant * 2**ex, mant in [0.5, 1)
-        e = (ex.to(torch.int32) - 1 - 2).clamp(-127, 127)
-        e = torch.where(amax == 0, torch.full_like(e, -127), e)
-        finite = torch.isfinite(amax)
-        e = torch.where(finite, e, torch.zeros_like(e))
-        scale_bits = torch.where(finite, (e + kE8m0Bias).to(torch.uint8),
-                                 torch.full_like(e, kE8m0Nan).to(torch.uint8))
-        y = xf / _pow2_f32(e)[..., None]
-        codes = float_to_e2m1_code(y)
     codes = codes.reshape(*lead, n)
     packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
     scale_bits = scale_bits.contiguous()
@@ -553,6 +542,52 @@ def dequant_fp4(packed: torch.Tensor, scales: torch.Tensor, fmt: str = "nvfp4",
         s = torch.where(scales == kE8m0Nan, torch.full(scales.shape, float("nan"), device=scales.device),
                         _pow2_f32(e.clamp(-127, 127)))
     return (vals * s[..., None]).reshape(*lead, n)
+
+
+def e2m1_round(y: torch.Tensor) -> torch.Tensor:
+    """float32 -> nearest E2M1 value as float32 (same rounding as ``float_to_e2m1_code``).
+
+    Steps are 0.5 below 2, 1 below 4, 2 up to 6; ``torch.round`` (half to even) on each step
+    lands every tie on the even code. NaN stays NaN. A fast path for emulation.
+    """
+    a = y.abs()
+    v = torch.where(a < 2.0, torch.round(a * 2.0) * 0.5,
+                    torch.where(a < 4.0, torch.round(a), torch.round(a * 0.5) * 2.0))
+    return torch.copysign(v.clamp_(max=kFp4E2m1Max), y)
+
+
+def _fp4_scales(xg: torch.Tensor, fmt: str):
+    """Per-group decoded scale (float32) and its stored byte for groups on the last dim of xg."""
+    amax = xg.abs().amax(dim=-1)
+    if fmt == "nvfp4":
+        bits = float_to_e4m3(amax / kFp4E2m1Max)
+        return e4m3_to_float(bits), bits
+    _, ex = torch.frexp(amax)  # amax = mant * 2**ex, mant in [0.5, 1): floor(log2) = ex - 1
+    e = (ex.to(torch.int32) - 1 - 2).clamp(-127, 127)
+    e = torch.where(amax == 0, torch.full_like(e, -127), e)
+    finite = torch.isfinite(amax)
+    e = torch.where(finite, e, torch.zeros_like(e))
+    bits = torch.where(finite, (e + kE8m0Bias).to(torch.uint8), torch.full_like(e, kE8m0Nan).to(torch.uint8))
+    scale = torch.where(finite, _pow2_f32(e), torch.full_like(amax, float("nan")))
+    return scale, bits
+
+
+def fake_quant_fp4(x: torch.Tensor, fmt: str = "nvfp4") -> torch.Tensor:
+    """``dequant_fp4(*quant_fp4(x, fmt), fmt)`` without packing (float32, same shape as x).
+
+    Identical for finite groups; a group with a NaN/Inf comes out NaN.
+    """
+    group = _fp4_group(fmt)
+    n = x.shape[-1]
+    if n % group != 0:
+        raise ValueError(f"{fmt} quantizes groups of {group} along the last dim: n={n} is not a multiple")
+    xg = x.to(torch.float32).reshape(*x.shape[:-1], n // group, group)
+    scale, _ = _fp4_scales(xg, fmt)
+    s = scale[..., None]
+    vals = e2m1_round(xg / s) * s
+    if fmt == "nvfp4":
+        vals = torch.where(s == 0, torch.zeros_like(vals), vals)
+    return vals.reshape(x.shape)
 
 
 def swizzle_scale_offsets(rows: int, cols: int, device=None) -> torch.Tensor:

@@ -1,0 +1,475 @@
+// Hopper (sm_90a) attention forward, recipe `qk_s8_pv_e4m3` (SageAttention2 8-bit):
+//   S  = (Q_s8 K_s8^T) * q_scale[thread] * k_scale[thread]          wgmma s8*s8 -> s32, SS
+//   P~ = exp2(S*sm_scale*log2e - m + log2(448)) -> E4M3 (RN, satfinite); l sums the fp32 P~
+//   buf = P~ V_e4m3 (fresh fp32 accumulator per KV tile)              wgmma e4m3*e4m3 -> f32, RS
+//   O  = O * exp2(m_old - m_new) + buf                                (two-level accumulation)
+//   out = O * v_scale[channel] / l, LSE = ln2 * (m + log2(l) - log2(448))
+//
+// Structure (one CTA = 128 query rows of one (batch, head)):
+//   warpgroup 0   producer: one thread issues TMA loads (Q once, then K and V^T tiles into a
+//                 kStages-deep (3) ring guarded by full/empty mbarriers); setmaxnreg.dec to 24.
+//   warpgroups 1,2 consumers: 64 query rows each (one wgmma m64 tile), setmaxnreg.inc to 240.
+//
+// P from registers needs no shuffles: the s32/f32 accumulator gives thread t (= lane % 4) the key
+// columns {2t, 2t+1, 8+2t, 9+2t, 16+2t, 17+2t, 24+2t, 25+2t} of every 32-key chunk, the 8-bit
+// A operand of a k32 wgmma wants logical k {4t..4t+3, 16+4t..19+4t}. The fused quantizer stores
+// V^T with its tokens permuted inside each 32-token chunk (quant-formats.md, v_e4m3_t_perm32) so
+// that logical k = 4t+i (i<4) holds token 2t + 8*(i/2) + i%2 (and +16 for the upper half): the
+// thread's own P values are exactly its A fragment, in register order.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+// Before any CUTLASS header: cutlass/cuda_host_adapter.hpp includes <cudaTypedefs.h> inside
+// namespace cutlass, which would hide the global PFN_* typedefs that driver_api.hpp needs.
+#include "sage/common/arch.hpp"
+#include "sage/sm90/sm90_attn_fwd_qk_s8_pv_e4m3_params.hpp"
+#include "sage/sm90/sm90_tma_desc.hpp"
+
+#include <cute/arch/copy_sm90_desc.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+
+namespace sage::sm90 {
+
+inline constexpr float kFp8E4m3Max = 448.f;
+inline constexpr float kLog2Fp8E4m3Max = 8.80735492205760410f;  // log2(448)
+inline constexpr float kLog2e = 1.44269504088896340f;
+inline constexpr float kLn2 = 0.69314718055994531f;
+
+// ---- output dtype tags -------------------------------------------------------------------------
+struct OutF16 {
+  using T = __half;
+  static __device__ __forceinline__ uint32_t pack2(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+struct OutBF16 {
+  using T = __nv_bfloat16;
+  static __device__ __forceinline__ uint32_t pack2(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// ---- compile-time configuration ------------------------------------------------------------------
+template <int kHeadDim_, class OutTag_>
+struct AttnFwdSm90QkS8PvE4m3Traits {
+  static_assert(kHeadDim_ == 64 || kHeadDim_ == 128, "head dim 64 or 128");
+  static constexpr int kHeadDim = kHeadDim_;
+  using OutTag = OutTag_;
+  static constexpr int kBlockQ = kSm90BlockQ;    // 2 consumer warpgroups x 64 rows
+  static constexpr int kBlockKV = kSm90BlockKV;  // also the per-thread K scale block
+  static constexpr int kRowsPerWG = 64;          // one wgmma m64 tile
+  static constexpr int kNumConsumerWG = kBlockQ / kRowsPerWG;
+  static constexpr int kStages = 3;  // K and V^T ring depth (1 CTA/SM: smem is plentiful)
+  static constexpr int kThreads = 128 * (1 + kNumConsumerWG);
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;  // 24*128 + 240*256 = 64512 <= 65536
+  static constexpr int kConsumerThreads = 128 * kNumConsumerWG;
+
+  // Q/K rows are d bytes: 128 B rows take the 128-byte swizzle, 64 B rows the 64-byte one (the
+  // TMA box's inner extent must not exceed the swizzle span). V^T rows are 128 tokens = 128 B.
+  using SmemAtomQK = std::conditional_t<kHeadDim == 128, cute::GMMA::Layout_K_SW128_Atom<int8_t>,
+                                        cute::GMMA::Layout_K_SW64_Atom<int8_t>>;
+  static constexpr CUtensorMapSwizzle kSwizzleQK =
+      kHeadDim == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+  static constexpr CUtensorMapSwizzle kSwizzleV = CU_TENSOR_MAP_SWIZZLE_128B;
+
+  using SmemLayoutQWG = decltype(cute::tile_to_shape(
+      SmemAtomQK{}, cute::Shape<cute::Int<kRowsPerWG>, cute::Int<kHeadDim>>{}));
+  using SmemLayoutK = decltype(cute::tile_to_shape(
+      SmemAtomQK{}, cute::Shape<cute::Int<kBlockKV>, cute::Int<kHeadDim>, cute::Int<kStages>>{}));
+  using SmemLayoutVt = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<cutlass::float_e4m3_t>{},
+      cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockKV>, cute::Int<kStages>>{}));
+
+  using TiledMmaQK = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<int8_t, int8_t, int32_t,
+                                 cute::Shape<cute::Int<kRowsPerWG>, cute::Int<kBlockKV>, cute::Int<kHeadDim>>>()));
+  using TiledMmaPV = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<cutlass::float_e4m3_t, cutlass::float_e4m3_t, float,
+                                 cute::Shape<cute::Int<kRowsPerWG>, cute::Int<kHeadDim>, cute::Int<kBlockKV>>>()));
+
+  static constexpr uint32_t kQTileBytes = kBlockQ * kHeadDim;
+  static constexpr uint32_t kKTileBytes = kBlockKV * kHeadDim;
+  static constexpr uint32_t kVTileBytes = kHeadDim * kBlockKV;
+
+  struct SharedStorage {
+    alignas(1024) int8_t q[kQTileBytes];
+    alignas(1024) int8_t k[kStages * kKTileBytes];
+    alignas(1024) uint8_t v[kStages * kVTileBytes];
+    alignas(8) uint64_t bar_q;
+    uint64_t bar_k_full[kStages];
+    uint64_t bar_k_empty[kStages];
+    uint64_t bar_v_full[kStages];
+    uint64_t bar_v_empty[kStages];
+  };
+  // + 1024: the dynamic smem base is only guaranteed 16-byte aligned; swizzled TMA/GMMA tiles
+  // need 1024-byte alignment, so the kernel rounds the base up.
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
+};
+
+struct AttnFwdSm90KernelParams {
+  CUtensorMap tma_q;  // {d, s_q, b*h_q} bytes, box {d, 128}
+  CUtensorMap tma_k;  // {d, s_kv, b*h_kv} bytes, box {d, 128}
+  CUtensorMap tma_v;  // {s_kv_pad, d, b*h_kv} bytes, box {128, d}
+  AttnFwdQkS8PvE4m3Args a;
+  float scale_log2;   // sm_scale * log2(e)
+  int num_m_blocks;
+  int num_n_blocks;
+  int q_scale_groups;  // ceil(s_q/16)*8
+  int k_scale_groups;  // ceil(s_kv/128)*4
+};
+
+namespace detail {
+
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Four floats -> four E4M3 bytes (x0 in the lowest byte), RN + satfinite.
+// cvt.*.e4m3x2.f32 d, a, b puts a in the upper and b in the lower byte of d.
+__device__ __forceinline__ uint32_t pack_e4m3x4(float x0, float x1, float x2, float x3) {
+  uint32_t out;
+  asm("{\n\t.reg .b16 lo, hi;\n\t"
+      "cvt.rn.satfinite.e4m3x2.f32 lo, %2, %1;\n\t"
+      "cvt.rn.satfinite.e4m3x2.f32 hi, %4, %3;\n\t"
+      "mov.b32 %0, {lo, hi};\n\t}"
+      : "=r"(out)
+      : "f"(x0), "f"(x1), "f"(x2), "f"(x3));
+  return out;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+}  // namespace detail
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    attn_fwd_sm90_qk_s8_pv_e4m3_kernel(const __grid_constant__ AttnFwdSm90KernelParams p) {
+#if SAGE_DEVICE_SM90A
+  using namespace cute;
+  using Barrier = cutlass::arch::ClusterBarrier;
+  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+  using SharedStorage = typename Traits::SharedStorage;
+  constexpr int D = Traits::kHeadDim;
+  constexpr int kBlockQ = Traits::kBlockQ;
+  constexpr int kBlockKV = Traits::kBlockKV;
+  constexpr int kStages = Traits::kStages;
+  constexpr uint64_t kCacheHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
+
+  extern __shared__ char smem_raw[];
+  SharedStorage& ss = *reinterpret_cast<SharedStorage*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+
+  const AttnFwdQkS8PvE4m3Args& a = p.a;
+  const int wg = threadIdx.x / 128;
+  const int m_block = p.num_m_blocks - 1 - int(blockIdx.x);  // causal: longest rows first
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int head_kv = head / (a.heads_q / a.heads_kv);
+  const int bh_q = batch * a.heads_q + head;
+  const int bh_kv = batch * a.heads_kv + head_kv;
+  const bool causal = a.mask == MaskKind::kCausal;
+  // Bottom-right causal: row i sees keys <= i + (s_kv - s_q).
+  const int causal_offset = a.seq_kv - a.seq_q;
+
+  int n_end = p.num_n_blocks;
+  if (causal) {
+    const int last_row = min(m_block * kBlockQ + kBlockQ - 1, a.seq_q - 1);
+    const int last_key = last_row + causal_offset;
+    n_end = last_key < 0 ? 0 : min(n_end, last_key / kBlockKV + 1);
+  }
+
+  if (threadIdx.x == 0) {
+    Barrier::init(&ss.bar_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      Barrier::init(&ss.bar_k_full[s], 1);
+      Barrier::init(&ss.bar_v_full[s], 1);
+      // every consumer thread arrives once it no longer reads the stage
+      Barrier::init(&ss.bar_k_empty[s], Traits::kConsumerThreads);
+      Barrier::init(&ss.bar_v_empty[s], Traits::kConsumerThreads);
+    }
+    cute::prefetch_tma_descriptor(&p.tma_q);
+    cute::prefetch_tma_descriptor(&p.tma_k);
+    cute::prefetch_tma_descriptor(&p.tma_v);
+  }
+  cutlass::arch::fence_barrier_init();
+  __syncthreads();
+
+  if (wg == 0) {
+    // ------------------------------------------------------------------ producer warpgroup
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+    if (threadIdx.x == 0 && n_end > 0) {
+      TxBarrier::arrive_and_expect_tx(&ss.bar_q, Traits::kQTileBytes);
+      SM90_TMA_LOAD_3D::copy(&p.tma_q, &ss.bar_q, kCacheHint, ss.q, 0, m_block * kBlockQ, bh_q);
+      for (int n = 0; n < n_end; ++n) {
+        const int stage = n % kStages;
+        const uint32_t phase = (n / kStages) & 1;
+        Barrier::wait(&ss.bar_k_empty[stage], phase ^ 1);
+        TxBarrier::arrive_and_expect_tx(&ss.bar_k_full[stage], Traits::kKTileBytes);
+        SM90_TMA_LOAD_3D::copy(&p.tma_k, &ss.bar_k_full[stage], kCacheHint,
+                               ss.k + stage * Traits::kKTileBytes, 0, n * kBlockKV, bh_kv);
+        Barrier::wait(&ss.bar_v_empty[stage], phase ^ 1);
+        TxBarrier::arrive_and_expect_tx(&ss.bar_v_full[stage], Traits::kVTileBytes);
+        SM90_TMA_LOAD_3D::copy(&p.tma_v, &ss.bar_v_full[stage], kCacheHint,
+                               ss.v + stage * Traits::kVTileBytes, n * kBlockKV, 0, bh_kv);
+      }
+    }
+    return;
+  }
+
+  // -------------------------------------------------------------------- consumer warpgroups
+  cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+  const int cw = wg - 1;                 // consumer warpgroup 0/1 -> rows [64*cw, 64*cw + 64)
+  const int tid = threadIdx.x % 128;     // thread in the warpgroup
+  const int lane_t = tid % 4;            // owns key/channel columns 8j + 2*lane_t + {0,1}
+  const int row0 = 16 * (tid / 32) + (tid % 32) / 4;  // rows row0 and row0 + 8 of the WG tile
+  const int wg_row_begin = m_block * kBlockQ + cw * Traits::kRowsPerWG;
+  const int grow0 = wg_row_begin + row0;  // global query rows of this thread
+  const int grow1 = grow0 + 8;
+
+  typename Traits::TiledMmaQK mma_qk;
+  typename Traits::TiledMmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(tid);
+  auto thr_pv = mma_pv.get_thread_slice(tid);
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q + cw * Traits::kRowsPerWG * D),
+                          typename Traits::SmemLayoutQWG{});               // (64, D)
+  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutK{});  // (128, D, stages)
+  Tensor sVt = make_tensor(make_smem_ptr(reinterpret_cast<cutlass::float_e4m3_t*>(ss.v)),
+                           typename Traits::SmemLayoutVt{});               // (D, 128, stages)
+
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, 1, D/32) descriptors
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, 1, D/32, stages) descriptors
+  Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, 1, 4, stages) descriptors
+  Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<Traits::kRowsPerWG>, Int<kBlockKV>>{});  // s32 ((2,2,16),1,1)
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<Traits::kRowsPerWG>, Int<D>>{});         // f32 ((2,2,D/8),1,1)
+  Tensor tOrBuf = partition_fragment_C(mma_pv, Shape<Int<Traits::kRowsPerWG>, Int<D>>{});       // f32, per KV tile
+  Tensor tOrP = make_tensor<cutlass::float_e4m3_t>(
+      partition_shape_A(mma_pv, Shape<Int<Traits::kRowsPerWG>, Int<kBlockKV>>{}));  // ((4,2,2),1,4)
+  Tensor tOrP32 = recast<uint32_t>(tOrP);  // 16 words: word 4c + {0,1,2,3} = a0..a3 of k-chunk c
+  static_assert(size(tSrS) == 64 && size(tOrP32) == 16, "fragment shapes");
+  static_assert(size(tOrO) == D / 2, "fragment shapes");
+
+  // Per-thread scales: rows grow0 and grow1 = grow0 + 8 share one Q scale group.
+  float q_scale = 0.f;
+  if (grow0 / 16 * 8 < p.q_scale_groups) {
+    q_scale = a.q_scale[int64_t(bh_q) * p.q_scale_groups + (grow0 / 16) * 8 + grow0 % 8];
+  }
+  const float qk_scale_log2 = q_scale * p.scale_log2;
+  const float* k_scale_head = a.k_scale + int64_t(bh_kv) * p.k_scale_groups + lane_t;
+
+  CUTE_UNROLL
+  for (int i = 0; i < size(tOrO); ++i) tOrO(i) = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};  // running row max, log2 domain incl. sm_scale
+  float l_run[2] = {0.f, 0.f};              // thread-partial row sums of fp32 P~
+
+  // Last key each of my rows may see (inclusive).
+  const int key_lim0 = causal ? min(a.seq_kv - 1, grow0 + causal_offset) : a.seq_kv - 1;
+  const int key_lim1 = causal ? min(a.seq_kv - 1, grow1 + causal_offset) : a.seq_kv - 1;
+  // The warpgroup's smallest key limit decides whether a tile needs the element mask.
+  const int wg_key_lim = causal ? min(a.seq_kv - 1, wg_row_begin + causal_offset) : a.seq_kv - 1;
+
+  if (n_end > 0) TxBarrier::wait(&ss.bar_q, 0);
+
+  for (int n = 0; n < n_end; ++n) {
+    const int stage = n % kStages;
+    const uint32_t phase = (n / kStages) & 1;
+
+    // ---- S = Q K^T (s32) ----
+    TxBarrier::wait(&ss.bar_k_full[stage], phase);
+    warpgroup_fence_operand(tSrS);
+    warpgroup_arrive();
+    mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+      cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
+      mma_qk.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tSrS);
+    Barrier::arrive(&ss.bar_k_empty[stage]);
+
+    // ---- online softmax on the dequantized scores ----
+    // One scale per thread per tile: c = q_scale * k_scale * sm_scale * log2e. c > 0, so the
+    // max of the raw scores times c is the max of the scaled scores (rounding is monotonic),
+    // and each P~ is one FFMA + one EX2: exp2(raw * c - (m - log2 448)).
+    const float c = qk_scale_log2 * k_scale_head[n * 4];
+    float sf[64];
+    CUTE_UNROLL
+    for (int i = 0; i < 64; ++i) sf[i] = static_cast<float>(tSrS(i));
+    const int key_base = n * kBlockKV + 2 * lane_t;
+    if (n * kBlockKV + kBlockKV - 1 > wg_key_lim) {  // tile crosses s_kv or the diagonal
+      CUTE_UNROLL
+      for (int j = 0; j < kBlockKV / 8; ++j) {
+        CUTE_UNROLL
+        for (int e = 0; e < 2; ++e) {
+          const int key = key_base + 8 * j + e;
+          if (key > key_lim0) sf[4 * j + e] = -INFINITY;
+          if (key > key_lim1) sf[4 * j + 2 + e] = -INFINITY;
+        }
+      }
+    }
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+    CUTE_UNROLL
+    for (int j = 0; j < kBlockKV / 8; ++j) {
+      mx0 = fmaxf(mx0, fmaxf(sf[4 * j], sf[4 * j + 1]));
+      mx1 = fmaxf(mx1, fmaxf(sf[4 * j + 2], sf[4 * j + 3]));
+    }
+    mx0 = detail::quad_max(mx0) * c;
+    mx1 = detail::quad_max(mx1) * c;
+    const float m_new0 = fmaxf(m_run[0], mx0);
+    const float m_new1 = fmaxf(m_run[1], mx1);
+    // A row with no visible key so far keeps m = -inf; use 0 so no (-inf) - (-inf) appears.
+    const float m_use0 = m_new0 == -INFINITY ? 0.f : m_new0;
+    const float m_use1 = m_new1 == -INFINITY ? 0.f : m_new1;
+    const float alpha0 = detail::ex2_approx(m_run[0] - m_use0);
+    const float alpha1 = detail::ex2_approx(m_run[1] - m_use1);
+    m_run[0] = m_new0;
+    m_run[1] = m_new1;
+    const float neg_off0 = kLog2Fp8E4m3Max - m_use0;  // P~ max maps to 448
+    const float neg_off1 = kLog2Fp8E4m3Max - m_use1;
+    float sum0 = 0.f, sum1 = 0.f;
+    CUTE_UNROLL
+    for (int j = 0; j < kBlockKV / 8; ++j) {
+      sf[4 * j + 0] = detail::ex2_approx(fmaf(sf[4 * j + 0], c, neg_off0));
+      sf[4 * j + 1] = detail::ex2_approx(fmaf(sf[4 * j + 1], c, neg_off0));
+      sf[4 * j + 2] = detail::ex2_approx(fmaf(sf[4 * j + 2], c, neg_off1));
+      sf[4 * j + 3] = detail::ex2_approx(fmaf(sf[4 * j + 3], c, neg_off1));
+      sum0 += sf[4 * j + 0] + sf[4 * j + 1];
+      sum1 += sf[4 * j + 2] + sf[4 * j + 3];
+    }
+    l_run[0] = l_run[0] * alpha0 + sum0;
+    l_run[1] = l_run[1] * alpha1 + sum1;
+
+    // P~ -> E4M3 A fragment of the PV wgmma (see the file comment for why no shuffle is needed).
+    CUTE_UNROLL
+    for (int cch = 0; cch < kBlockKV / 32; ++cch) {
+      const int j0 = 4 * cch;  // accumulator column groups 4c .. 4c+3 = keys 32c .. 32c+31
+      tOrP32(4 * cch + 0) = detail::pack_e4m3x4(sf[4 * j0 + 0], sf[4 * j0 + 1], sf[4 * j0 + 4], sf[4 * j0 + 5]);
+      tOrP32(4 * cch + 1) = detail::pack_e4m3x4(sf[4 * j0 + 2], sf[4 * j0 + 3], sf[4 * j0 + 6], sf[4 * j0 + 7]);
+      tOrP32(4 * cch + 2) = detail::pack_e4m3x4(sf[4 * j0 + 8], sf[4 * j0 + 9], sf[4 * j0 + 12], sf[4 * j0 + 13]);
+      tOrP32(4 * cch + 3) = detail::pack_e4m3x4(sf[4 * j0 + 10], sf[4 * j0 + 11], sf[4 * j0 + 14], sf[4 * j0 + 15]);
+    }
+
+    // ---- buf = P~ V (fresh f32 accumulator) ----
+    TxBarrier::wait(&ss.bar_v_full[stage], phase);
+    warpgroup_fence_operand(tOrBuf);
+    warpgroup_arrive();
+    mma_pv.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+      cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrBuf);
+      mma_pv.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrBuf);
+    Barrier::arrive(&ss.bar_v_empty[stage]);
+
+    // ---- two-level accumulation on CUDA cores ----
+    CUTE_UNROLL
+    for (int j = 0; j < D / 8; ++j) {
+      tOrO(4 * j + 0) = fmaf(tOrO(4 * j + 0), alpha0, tOrBuf(4 * j + 0));
+      tOrO(4 * j + 1) = fmaf(tOrO(4 * j + 1), alpha0, tOrBuf(4 * j + 1));
+      tOrO(4 * j + 2) = fmaf(tOrO(4 * j + 2), alpha1, tOrBuf(4 * j + 2));
+      tOrO(4 * j + 3) = fmaf(tOrO(4 * j + 3), alpha1, tOrBuf(4 * j + 3));
+    }
+  }
+
+  // ---- epilogue: 1/l, V channel scale, store by strides; LSE ----
+  const float l0 = detail::quad_sum(l_run[0]);
+  const float l1 = detail::quad_sum(l_run[1]);
+  // Fully masked row: l == 0 -> output 0 (NaN in l stays NaN).
+  const float inv_l0 = l0 == 0.f ? 0.f : 1.f / l0;
+  const float inv_l1 = l1 == 0.f ? 0.f : 1.f / l1;
+  const float* vs = a.v_scale + int64_t(bh_kv) * D + 2 * lane_t;
+  using OutT = typename Traits::OutTag::T;
+  OutT* o_head = static_cast<OutT*>(a.o) + int64_t(batch) * a.o_stride_b + int64_t(head) * a.o_stride_h;
+  OutT* o_row0 = o_head + int64_t(grow0) * a.o_stride_s + 2 * lane_t;
+  OutT* o_row1 = o_head + int64_t(grow1) * a.o_stride_s + 2 * lane_t;
+  const bool write0 = grow0 < a.seq_q;
+  const bool write1 = grow1 < a.seq_q;
+  CUTE_UNROLL
+  for (int j = 0; j < D / 8; ++j) {
+    const float2 v2 = *reinterpret_cast<const float2*>(vs + 8 * j);
+    if (write0) {
+      *reinterpret_cast<uint32_t*>(o_row0 + 8 * j) =
+          Traits::OutTag::pack2(tOrO(4 * j + 0) * inv_l0 * v2.x, tOrO(4 * j + 1) * inv_l0 * v2.y);
+    }
+    if (write1) {
+      *reinterpret_cast<uint32_t*>(o_row1 + 8 * j) =
+          Traits::OutTag::pack2(tOrO(4 * j + 2) * inv_l1 * v2.x, tOrO(4 * j + 3) * inv_l1 * v2.y);
+    }
+  }
+  if (a.lse != nullptr && lane_t == 0) {
+    float* lse_head = a.lse + int64_t(batch) * a.lse_stride_b + int64_t(head) * a.lse_stride_h;
+    // sum_j 2^{s_j} = l * 2^m / 448  ->  ln(.) = ln2 * (m + log2 l - log2 448)
+    if (write0) lse_head[grow0] = l0 == 0.f ? -INFINITY : kLn2 * (m_run[0] + __log2f(l0) - kLog2Fp8E4m3Max);
+    if (write1) lse_head[grow1] = l1 == 0.f ? -INFINITY : kLn2 * (m_run[1] + __log2f(l1) - kLog2Fp8E4m3Max);
+  }
+#else
+  SAGE_DEVICE_TRAP_WRONG_ARCH();
+#endif
+}
+
+// ---- host launcher ---------------------------------------------------------------------------------
+template <class Traits>
+cudaError_t launch_attn_fwd_sm90_qk_s8_pv_e4m3(const AttnFwdQkS8PvE4m3Args& a, cudaStream_t stream) {
+  constexpr int D = Traits::kHeadDim;
+  if (a.head_dim != D || a.batch <= 0 || a.heads_q <= 0 || a.heads_kv <= 0 || a.seq_q <= 0 ||
+      a.seq_kv <= 0 || a.heads_q % a.heads_kv != 0 || a.heads_q > 65535 || a.batch > 65535 ||
+      !(a.sm_scale > 0.f) || a.q == nullptr || a.k == nullptr || a.v_t == nullptr ||
+      a.q_scale == nullptr || a.k_scale == nullptr || a.v_scale == nullptr || a.o == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  AttnFwdSm90KernelParams p{};
+  p.a = a;
+  p.scale_log2 = a.sm_scale * kLog2e;
+  p.num_m_blocks = (a.seq_q + Traits::kBlockQ - 1) / Traits::kBlockQ;
+  p.num_n_blocks = (a.seq_kv + Traits::kBlockKV - 1) / Traits::kBlockKV;
+  p.q_scale_groups = int(sm90_q_scale_groups(a.seq_q));
+  p.k_scale_groups = int(sm90_k_scale_groups(a.seq_kv));
+  const uint64_t s_pad = uint64_t(sm90_v_pad(a.seq_kv));
+  const uint64_t bh_q = uint64_t(a.batch) * a.heads_q;
+  const uint64_t bh_kv = uint64_t(a.batch) * a.heads_kv;
+  cudaError_t err;
+  err = encode_tma_3d_u8(&p.tma_q, a.q, D, a.seq_q, bh_q, D, uint64_t(a.seq_q) * D, D,
+                         Traits::kBlockQ, Traits::kSwizzleQK);
+  if (err != cudaSuccess) return err;
+  err = encode_tma_3d_u8(&p.tma_k, a.k, D, a.seq_kv, bh_kv, D, uint64_t(a.seq_kv) * D, D,
+                         Traits::kBlockKV, Traits::kSwizzleQK);
+  if (err != cudaSuccess) return err;
+  err = encode_tma_3d_u8(&p.tma_v, a.v_t, s_pad, D, bh_kv, s_pad, s_pad * D, Traits::kBlockKV, D,
+                         Traits::kSwizzleV);
+  if (err != cudaSuccess) return err;
+
+  auto kernel = attn_fwd_sm90_qk_s8_pv_e4m3_kernel<Traits>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  dim3 grid(p.num_m_blocks, a.heads_q, a.batch);
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace sage::sm90

@@ -1,0 +1,306 @@
+// Bindings of the sm90 family (Hopper wgmma + TMA, warp-specialized): owner H4.
+//   attn_fwd_sm90_qk_s8_pv_e4m3(...)  attention forward over pre-quantized tensors
+//   quant_qkv_sm90_fused(...)         the fused Q/K/V quantization that produces them
+// Every argument is validated before anything is launched; errors name the argument, what was
+// given and what is accepted. Outputs, LSE and workspace are preallocated by the caller.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <sage/sm90/sm90_attn_fwd_qk_s8_pv_e4m3_params.hpp>
+
+#include "sage_core/bindings.hpp"
+#include "sage_core/checks.hpp"
+#include "sage_core/launch.hpp"
+
+namespace nb = nanobind;
+
+namespace sage_core {
+namespace {
+
+using sage::sm90::AttnFwdQkS8PvE4m3Args;
+using sage::sm90::QuantQkvSm90Args;
+
+void check_head_dim(int64_t d, const char* fn) {
+  if (d != 64 && d != 128) {
+    fail_value(std::string(fn) + ": head dim d=" + std::to_string(d) + " is not supported; accepted: 64, 128");
+  }
+}
+
+void check_heads(int64_t h_q, int64_t h_kv, const char* fn) {
+  if (h_kv <= 0 || h_q % h_kv != 0) {
+    fail_value(std::string(fn) + ": q heads (" + std::to_string(h_q) + ") must be a positive multiple of kv heads (" +
+               std::to_string(h_kv) + ")");
+  }
+}
+
+void check_positive(int64_t v, const char* what, const char* fn) {
+  if (v <= 0) fail_value(std::string(fn) + ": " + what + " must be >= 1, got " + std::to_string(v));
+}
+
+// ------------------------------------------------------------------------------------------------
+void attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v_t, Array q_scale, Array k_scale, Array v_scale,
+                                 Array out, std::optional<Array> lse, int64_t seq_kv, float sm_scale,
+                                 bool is_causal, uintptr_t stream) {
+  constexpr const char* fn = "attn_fwd_sm90_qk_s8_pv_e4m3";
+  check_cuda(q, "q");
+  check_dtype(q, "q", {kI8});
+  check_ndim(q, "q", 4);
+  check_contiguous(q, "q");
+  const int64_t b = dim(q, 0), h_q = dim(q, 1), s_q = dim(q, 2), d = dim(q, 3);
+  check_positive(b, "batch", fn);
+  check_positive(h_q, "q heads", fn);
+  check_positive(s_q, "q length", fn);
+  check_head_dim(d, fn);
+  check_positive(seq_kv, "seq_kv", fn);
+
+  check_cuda(k, "k");
+  check_same_device(q, "q", k, "k");
+  check_dtype(k, "k", {kI8});
+  check_ndim(k, "k", 4);
+  const int64_t h_kv = dim(k, 1);
+  check_heads(h_q, h_kv, fn);
+  check_shape(k, "k", {b, h_kv, seq_kv, d});
+  check_contiguous(k, "k");
+
+  const int64_t s_pad = sage::sm90::sm90_v_pad(seq_kv);
+  check_cuda(v_t, "v_t");
+  check_same_device(q, "q", v_t, "v_t");
+  check_dtype(v_t, "v_t", {kU8});
+  check_shape(v_t, "v_t", {b, h_kv, d, s_pad});
+  check_contiguous(v_t, "v_t");
+
+  check_cuda(q_scale, "q_scale");
+  check_same_device(q, "q", q_scale, "q_scale");
+  check_dtype(q_scale, "q_scale", {kF32});
+  check_shape(q_scale, "q_scale", {b, h_q, sage::sm90::sm90_q_scale_groups(s_q)});
+  check_contiguous(q_scale, "q_scale");
+  check_cuda(k_scale, "k_scale");
+  check_same_device(q, "q", k_scale, "k_scale");
+  check_dtype(k_scale, "k_scale", {kF32});
+  check_shape(k_scale, "k_scale", {b, h_kv, sage::sm90::sm90_k_scale_groups(seq_kv)});
+  check_contiguous(k_scale, "k_scale");
+  check_cuda(v_scale, "v_scale");
+  check_same_device(q, "q", v_scale, "v_scale");
+  check_dtype(v_scale, "v_scale", {kF32});
+  check_shape(v_scale, "v_scale", {b, h_kv, d});
+  check_contiguous(v_scale, "v_scale");
+
+  check_cuda(out, "out");
+  check_same_device(q, "q", out, "out");
+  check_dtype(out, "out", {kF16, kBF16});
+  check_shape(out, "out", {b, h_q, s_q, d});
+  check_last_dim_contiguous(out, "out");
+  // The epilogue stores two elements (4 bytes) at a time.
+  check_aligned(out, "out", 4);
+  for (size_t i = 0; i < 3; ++i) {
+    if (stride(out, i) % 2 != 0) {
+      fail_value(std::string(fn) + ": out strides must be even (4-byte aligned rows), got strides " +
+                 strides_str(out));
+    }
+  }
+  check_aligned(q, "q", 16);  // TMA: 16-byte aligned global base
+  check_aligned(k, "k", 16);
+  check_aligned(v_t, "v_t", 16);
+
+  if (lse) {
+    check_cuda(*lse, "lse");
+    check_same_device(q, "q", *lse, "lse");
+    check_dtype(*lse, "lse", {kF32});
+    check_shape(*lse, "lse", {b, h_q, s_q});
+    check_last_dim_contiguous(*lse, "lse");
+  }
+  if (!(sm_scale > 0.f) || !std::isfinite(sm_scale)) {
+    fail_value(std::string(fn) + ": sm_scale must be a finite positive float, got " + std::to_string(sm_scale));
+  }
+  if (b > 65535 || h_q > 65535) {
+    fail_value(std::string(fn) + ": batch and q heads must be <= 65535 (grid limits), got batch=" +
+               std::to_string(b) + ", heads=" + std::to_string(h_q));
+  }
+  if (s_q > (int64_t(1) << 30) || seq_kv > (int64_t(1) << 30)) {
+    fail_value(std::string(fn) + ": sequence lengths must be < 2^30");
+  }
+
+  AttnFwdQkS8PvE4m3Args a;
+  a.q = static_cast<const int8_t*>(q.data());
+  a.k = static_cast<const int8_t*>(k.data());
+  a.v_t = static_cast<const uint8_t*>(v_t.data());
+  a.q_scale = static_cast<const float*>(q_scale.data());
+  a.k_scale = static_cast<const float*>(k_scale.data());
+  a.v_scale = static_cast<const float*>(v_scale.data());
+  a.o = out.data();
+  a.o_stride_b = stride(out, 0);
+  a.o_stride_h = stride(out, 1);
+  a.o_stride_s = stride(out, 2);
+  if (lse) {
+    a.lse = static_cast<float*>(lse->data());
+    a.lse_stride_b = stride(*lse, 0);
+    a.lse_stride_h = stride(*lse, 1);
+  }
+  a.batch = int(b);
+  a.heads_q = int(h_q);
+  a.heads_kv = int(h_kv);
+  a.seq_q = int(s_q);
+  a.seq_kv = int(seq_kv);
+  a.head_dim = int(d);
+  a.sm_scale = sm_scale;
+  a.mask = is_causal ? sage::sm90::MaskKind::kCausal : sage::sm90::MaskKind::kNone;
+  const bool bf16 = same_dtype(out.dtype(), kBF16);
+
+  DeviceGuard guard(q.device_id());
+  cudaError_t err;
+  {
+    nb::gil_scoped_release release;
+    cudaStream_t s = as_stream(stream);
+    if (d == 64) {
+      err = bf16 ? sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim64_bf16(a, s)
+                 : sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim64_f16(a, s);
+    } else {
+      err = bf16 ? sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim128_bf16(a, s)
+                 : sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim128_f16(a, s);
+    }
+  }
+  if (err == cudaErrorNotSupported) {
+    throw std::runtime_error(std::string(fn) +
+                             ": the CUDA driver does not provide cuTensorMapEncodeTiled (no driver, or older than 12.0)");
+  }
+  check_launch(err, fn);
+}
+
+// ------------------------------------------------------------------------------------------------
+void check_input_bhsd(const Array& x, const char* what, const Array& ref) {
+  check_cuda(x, what);
+  check_same_device(ref, "q", x, what);
+  check_dtype(x, what, {kF16, kBF16});
+  if (!same_dtype(x.dtype(), ref.dtype())) {
+    fail_type(std::string("quant_qkv_sm90_fused: q, k and v must have the same dtype; q is ") + dtype_name(ref.dtype()) +
+              ", " + what + " is " + dtype_name(x.dtype()));
+  }
+  check_ndim(x, what, 4);
+  check_last_dim_contiguous(x, what);
+  check_aligned(x, what, 16);
+  for (size_t i = 0; i < 3; ++i) {
+    if (stride(x, i) % 8 != 0) {
+      fail_value(std::string("quant_qkv_sm90_fused: ") + what +
+                 " needs 16-byte aligned rows (strides multiple of 8 elements), got strides " + strides_str(x) +
+                 "; pass a contiguous tensor");
+    }
+  }
+}
+
+void check_out(const Array& x, const char* what, const Array& ref, DType dt, const std::vector<int64_t>& shape) {
+  check_cuda(x, what);
+  check_same_device(ref, "q", x, what);
+  check_dtype(x, what, {dt});
+  check_shape(x, what, shape);
+  check_contiguous(x, what);
+  check_aligned(x, what, 16);
+}
+
+void quant_qkv_sm90_fused(Array q, Array k, Array v, Array q_out, Array q_scale, Array k_out, Array k_scale,
+                          Array v_out, Array v_scale, Array k_mean, bool k_mean_given, Array workspace,
+                          uintptr_t stream) {
+  constexpr const char* fn = "quant_qkv_sm90_fused";
+  check_cuda(q, "q");
+  check_input_bhsd(q, "q", q);
+  check_input_bhsd(k, "k", q);
+  check_input_bhsd(v, "v", q);
+  const int64_t b = dim(q, 0), h_q = dim(q, 1), s_q = dim(q, 2), d = dim(q, 3);
+  const int64_t h_kv = dim(k, 1), s_kv = dim(k, 2);
+  check_positive(b, "batch", fn);
+  check_positive(h_q, "q heads", fn);
+  check_positive(s_q, "q length", fn);
+  check_positive(s_kv, "kv length", fn);
+  check_head_dim(d, fn);
+  check_heads(h_q, h_kv, fn);
+  check_shape(k, "k", {b, h_kv, s_kv, d});
+  check_shape(v, "v", {b, h_kv, s_kv, d});
+  if (b * h_kv > 65535) {
+    fail_value(std::string(fn) + ": batch * kv heads must be <= 65535, got " + std::to_string(b * h_kv));
+  }
+  if (s_q > (int64_t(1) << 30) || s_kv > (int64_t(1) << 30)) fail_value(std::string(fn) + ": sequence lengths must be < 2^30");
+  check_out(q_out, "q_out", q, kI8, {b, h_q, s_q, d});
+  check_out(q_scale, "q_scale", q, kF32, {b, h_q, sage::sm90::sm90_q_scale_groups(s_q)});
+  check_out(k_out, "k_out", q, kI8, {b, h_kv, s_kv, d});
+  check_out(k_scale, "k_scale", q, kF32, {b, h_kv, sage::sm90::sm90_k_scale_groups(s_kv)});
+  check_out(v_out, "v_out", q, kU8, {b, h_kv, d, sage::sm90::sm90_v_pad(s_kv)});
+  check_out(v_scale, "v_scale", q, kF32, {b, h_kv, d});
+  check_out(k_mean, "k_mean", q, kF32, {b, h_kv, d});
+  check_cuda(workspace, "workspace");
+  check_same_device(q, "q", workspace, "workspace");
+  check_dtype(workspace, "workspace", {kF32});
+  check_contiguous(workspace, "workspace");
+  const int64_t ws = sage::sm90::quant_qkv_sm90_workspace_floats(b, h_kv, s_kv, d);
+  int64_t ws_size = 1;
+  for (size_t i = 0; i < workspace.ndim(); ++i) ws_size *= dim(workspace, i);
+  if (ws_size < ws) {
+    fail_value(std::string(fn) + ": workspace needs >= " + std::to_string(ws) + " float32 elements, got " +
+               std::to_string(ws_size));
+  }
+
+  QuantQkvSm90Args a;
+  a.q = q.data();
+  a.k = k.data();
+  a.v = v.data();
+  a.q_stride_b = stride(q, 0), a.q_stride_h = stride(q, 1), a.q_stride_s = stride(q, 2);
+  a.k_stride_b = stride(k, 0), a.k_stride_h = stride(k, 1), a.k_stride_s = stride(k, 2);
+  a.v_stride_b = stride(v, 0), a.v_stride_h = stride(v, 1), a.v_stride_s = stride(v, 2);
+  a.batch = int(b), a.heads_q = int(h_q), a.heads_kv = int(h_kv);
+  a.seq_q = int(s_q), a.seq_kv = int(s_kv), a.head_dim = int(d);
+  a.in_bf16 = same_dtype(q.dtype(), kBF16);
+  a.q_out = static_cast<int8_t*>(q_out.data());
+  a.q_scale = static_cast<float*>(q_scale.data());
+  a.k_out = static_cast<int8_t*>(k_out.data());
+  a.k_scale = static_cast<float*>(k_scale.data());
+  a.v_out = static_cast<uint8_t*>(v_out.data());
+  a.v_scale = static_cast<float*>(v_scale.data());
+  a.k_mean = static_cast<float*>(k_mean.data());
+  a.k_mean_given = k_mean_given;
+  a.workspace = static_cast<float*>(workspace.data());
+
+  DeviceGuard guard(q.device_id());
+  cudaError_t err;
+  {
+    nb::gil_scoped_release release;
+    err = sage::sm90::quant_qkv_sm90_fused(a, as_stream(stream));
+  }
+  check_launch(err, fn);
+}
+
+}  // namespace
+
+void bind_attn_sm90(nb::module_& m) {
+  m.def("attn_fwd_sm90_qk_s8_pv_e4m3", &attn_fwd_sm90_qk_s8_pv_e4m3, nb::arg("q"), nb::arg("k"), nb::arg("v_t"),
+        nb::arg("q_scale"), nb::arg("k_scale"), nb::arg("v_scale"), nb::arg("out"), nb::arg("lse").none(),
+        nb::arg("seq_kv"), nb::arg("sm_scale"), nb::arg("is_causal"), nb::arg("stream"),
+        "Hopper (sm_90a) attention forward, recipe qk_s8_pv_e4m3, over tensors from quant_qkv_sm90_fused.\n\n"
+        "q int8 (b, h_q, s_q, d) contiguous; k int8 (b, h_kv, seq_kv, d) contiguous (smoothed);\n"
+        "v_t uint8 E4M3 (b, h_kv, d, ceil(seq_kv/128)*128), transposed and permuted per 32 tokens\n"
+        "(quant-formats.md 'v_e4m3_t_perm32'); q_scale f32 (b, h_q, ceil(s_q/16)*8);\n"
+        "k_scale f32 (b, h_kv, ceil(seq_kv/128)*4); v_scale f32 (b, h_kv, d).\n"
+        "out fp16/bf16 logical (b, h_q, s_q, d), any even strides with the last dim contiguous\n"
+        "(pass out.transpose(1, 2) of a (b, s, h, d) tensor for bshd). lse: None or f32 (b, h_q, s_q),\n"
+        "natural log of the (smoothed) scores; fully masked rows give 0 output and -inf.\n"
+        "d in {64, 128}; h_q a multiple of h_kv (GQA); is_causal = bottom-right aligned.\n"
+        "stream: raw cudaStream_t as int.");
+  m.def("quant_qkv_sm90_fused", &quant_qkv_sm90_fused, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("q_out"),
+        nb::arg("q_scale"), nb::arg("k_out"), nb::arg("k_scale"), nb::arg("v_out"), nb::arg("v_scale"),
+        nb::arg("k_mean"), nb::arg("k_mean_given"), nb::arg("workspace"), nb::arg("stream"),
+        "Fused quantization for attn_fwd_sm90_qk_s8_pv_e4m3 (3 launches, no host sync).\n\n"
+        "q, k, v: fp16 or bf16 (same dtype), logical (b, h, s, d) with the last dim contiguous and\n"
+        "strides multiple of 8 elements (pass x.transpose(1, 2) for bshd). Outputs (contiguous):\n"
+        "q_out int8 (b, h_q, s_q, d), q_scale f32 (b, h_q, ceil(s_q/16)*8) per-thread;\n"
+        "k_out int8 (b, h_kv, s_kv, d) of K - k_mean, k_scale f32 (b, h_kv, ceil(s_kv/128)*4);\n"
+        "v_out uint8 E4M3 (b, h_kv, d, ceil(s_kv/128)*128) transposed + permuted, v_scale f32 (b, h_kv, d).\n"
+        "k_mean f32 (b, h_kv, d): read if k_mean_given, else written (token mean of K).\n"
+        "workspace f32 with >= 2*b*h_kv*ceil(s_kv/512)*d elements.");
+}
+
+}  // namespace sage_core

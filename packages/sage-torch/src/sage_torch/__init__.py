@@ -1,0 +1,27 @@
+"""sage_torch: PyTorch front end of sage (quantized low-bit attention).
+
+* :func:`attention`: quantized attention, ``recipe="auto"`` picks the device's kernel.
+* :func:`scaled_dot_product_attention`: drop-in for ``F.scaled_dot_product_attention``.
+* :func:`sageattn`: SageAttention-compatible signature.
+* :func:`patch_sdpa`, :mod:`sage_torch.integrations` (transformers, diffusers).
+* :func:`info`: what is installed and what each call would run.
+* ``torch.ops.sage.attention_fwd``: the custom op (torch.compile, CUDA graphs).
+
+Dispatch policy and environment switches: ``sage_torch._dispatch`` / README.md.
+"""
+
+__version__ = "0.1.0"
+
+from ._dispatch import ARCH_DEFAULT_RECIPES, SageDispatchError, SageFallbackWarning
+from ._info import info
+from ._recipes import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, SUPPORTED_LAYOUTS
+from .api import attention, sageattn, scaled_dot_product_attention
+from .backends import register_backend
+from .integrations import SageAttnProcessor, hf_attention_forward, patch_sdpa, register_hf
+
+__all__ = [
+    "attention", "scaled_dot_product_attention", "sageattn", "patch_sdpa", "info",
+    "register_backend", "hf_attention_forward", "register_hf", "SageAttnProcessor",
+    "SageDispatchError", "SageFallbackWarning", "ARCH_DEFAULT_RECIPES",
+    "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "SUPPORTED_LAYOUTS", "__version__",
+]

@@ -1,0 +1,396 @@
+"""The one place that decides what runs: (arch family, recipe, dtype, head_dim) -> backend.
+
+Policy (ARCHITECTURE.md "Runtime dispatch"; documented for users in the package README):
+
+``recipe="auto"`` (after ``SAGE_FORCE_RECIPE`` replaced it, if set)
+    The device's preference list :data:`ARCH_DEFAULT_RECIPES` is tried in order; the first recipe
+    with a registered, available backend for (arch, dtype, head_dim) runs. If none fits (CPU,
+    an arch without kernels, a head dim other than 64/128, kernels not built) PyTorch's SDPA runs
+    with sage semantics and a :class:`SageFallbackWarning` is issued once per reason;
+    strict mode (``strict=True`` or ``SAGE_STRICT=1``) raises :class:`SageDispatchError` instead.
+    With ``emulate=True`` / ``SAGE_FORCE_EMULATION=1`` the device's default recipe is emulated.
+
+``recipe="<name>"`` (a NUMERICS.md recipe)
+    Its kernel runs if the device has one. Otherwise the recipe's *emulation* (sage_quant) runs
+    on any device, with a once-per-reason warning: it has exactly the recipe's numerics, only
+    slowly. Strict mode raises instead. ``emulate=True`` / ``SAGE_FORCE_EMULATION=1`` runs the
+    emulation even where a kernel exists (no warning: it was asked for). A head dim outside
+    64/128 is an error for an explicit recipe. An unknown recipe name is an error.
+
+``recipe="torch"`` / ``SAGE_FORCE_RECIPE=torch`` runs PyTorch's SDPA (sage semantics), silently:
+it was asked for (A/B comparisons).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import threading
+import warnings
+from typing import Any
+
+import torch
+
+from . import _env
+from ._recipes import (FRONT_END_OPTIONS, RECIPE_AUTO, RECIPE_TORCH, SUPPORTED_HEAD_DIMS, dtype_name,
+                       known_recipes)
+from ._torch_fallback import torch_attention
+from .backends import BackendSpec, load_backend_modules, registered_backends, registry_generation
+
+#: Preference list per arch family, first = the table's default recipe. The later entries are
+#: what "auto" uses when the first recipe has no kernel for this dtype/head dim on this device.
+ARCH_DEFAULT_RECIPES: dict[str, tuple[str, ...]] = {
+    "sm80": ("qk_s8_pv_f16",),
+    "sm86": ("qk_s8_pv_f16",),
+    "sm87": ("qk_s8_pv_f16",),
+    "sm89": ("qk_s8_pv_e4m3", "qk_s8_pv_f16"),
+    "sm90": ("qk_s8_pv_e4m3", "qk_s8_pv_f16"),
+    "sm100": ("qk_nvfp4_pv_nvfp4", "qk_s8_pv_e4m3"),
+    "sm103": ("qk_nvfp4_pv_nvfp4", "qk_s8_pv_e4m3"),
+    "sm120": ("qk_nvfp4_pv_nvfp4", "qk_s8_pv_e4m3"),
+    "sm121": ("qk_nvfp4_pv_nvfp4", "qk_s8_pv_e4m3"),
+}
+
+KIND_KERNEL = "kernel"
+KIND_EMULATION = "emulation"
+KIND_TORCH = "torch"
+
+
+class SageFallbackWarning(UserWarning):
+    """sage_torch ran something other than a sage kernel (PyTorch SDPA or a slow emulation)."""
+
+
+class SageDispatchError(RuntimeError):
+    """Strict mode: no sage kernel fits and falling back was forbidden."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What a call runs. ``reason`` says why when it is not the requested kernel."""
+
+    kind: str  # KIND_KERNEL | KIND_EMULATION | KIND_TORCH
+    recipe: str | None
+    backend: BackendSpec | None = None
+    reason: str = ""
+    warn: bool = False  # a fallback the user did not ask for: warn once (or raise when strict)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "recipe": self.recipe,
+                "backend": self.backend.name if self.backend else None, "reason": self.reason}
+
+
+# ----------------------------------------------------------------------------- arch
+
+
+def device_arch(device: torch.device) -> str:
+    """Arch family of a device: ``"sm{major}{minor}"`` for CUDA (``"sm90"``), else the device type.
+
+    torch caches the capability, so this does no CUDA work per call (safe in graph capture).
+    """
+    if device.type != "cuda":
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+# ----------------------------------------------------------------------------- warn once
+
+_warn_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str, stacklevel: int = 4) -> None:
+    """warnings.warn(message) the first time ``key`` is seen in this process."""
+    with _warn_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, SageFallbackWarning, stacklevel=stacklevel)
+
+
+def reset_warnings() -> None:
+    """Forget which fallbacks were already reported (tests, or to see them again)."""
+    with _warn_lock:
+        _warned.clear()
+
+
+# ----------------------------------------------------------------------------- the table
+
+_table_lock = threading.Lock()
+_table_generation = -1
+_table: dict[tuple[str, str, torch.dtype, int], tuple[BackendSpec, ...]] = {}
+_unavailable: dict[str, str] = {}  # backend name -> why it is not in the table
+
+
+def _build_table() -> None:
+    global _table_generation, _table, _unavailable
+    load_backend_modules()
+    with _table_lock:
+        generation = registry_generation()
+        if generation == _table_generation:
+            return
+        table: dict[tuple[str, str, torch.dtype, int], list[BackendSpec]] = {}
+        unavailable: dict[str, str] = {}
+        for spec in registered_backends():
+            try:
+                ok = bool(spec.available())
+                why = "available() returned False"
+            except Exception as exc:  # noqa: BLE001 - one broken backend must not break dispatch
+                ok, why = False, f"available() raised {type(exc).__name__}: {exc}"
+            if not ok:
+                unavailable[spec.name] = why
+                continue
+            for arch in spec.archs:
+                for dtype in spec.dtypes:
+                    for hd in spec.head_dims:
+                        table.setdefault((arch, spec.recipe, dtype, hd), []).append(spec)
+        _table = {key: tuple(specs) for key, specs in table.items()}
+        _unavailable = unavailable
+        _table_generation = generation
+
+
+def refresh() -> None:
+    """Re-evaluate every backend's ``available()`` (e.g. after building sage_core)."""
+    global _table_generation
+    with _table_lock:
+        _table_generation = -1
+    _build_table()
+
+
+def dispatch_table() -> dict[tuple[str, str, torch.dtype, int], tuple[BackendSpec, ...]]:
+    _build_table()
+    return dict(_table)
+
+
+def unavailable_backends() -> dict[str, str]:
+    _build_table()
+    return dict(_unavailable)
+
+
+def lookup(arch: str, recipe: str, dtype: torch.dtype, head_dim: int) -> tuple[BackendSpec, ...]:
+    """Available backends for this key, registration order."""
+    _build_table()
+    return _table.get((arch, recipe, dtype, head_dim), ())
+
+
+# ----------------------------------------------------------------------------- decisions
+
+
+def _resolve_flags(emulate: bool | None, strict: bool | None) -> tuple[bool, bool]:
+    """(emulate, strict): the arguments where given, else the environment."""
+    emulate_flag = _env.env_flag(_env.ENV_FORCE_EMULATION) if emulate is None else bool(emulate)
+    strict_flag = _env.env_flag(_env.ENV_STRICT) if strict is None else bool(strict)
+    return emulate_flag, strict_flag
+
+
+def _first_supported(specs: tuple[BackendSpec, ...], call: dict[str, Any] | None) -> tuple[BackendSpec | None, str]:
+    reasons = []
+    for spec in specs:
+        if spec.supports is None or call is None:
+            return spec, ""
+        why = spec.supports(call["q"], call["k"], call["v"], **call["kwargs"])
+        if why is None:
+            return spec, ""
+        reasons.append(f"{spec.name}: {why}")
+    return None, "; ".join(reasons)
+
+
+def resolve(arch: str, dtype: torch.dtype, head_dim: int, recipe: str = RECIPE_AUTO, *,
+            emulate: bool | None = None, strict: bool | None = None,
+            call: dict[str, Any] | None = None) -> Decision:
+    """Decide what runs for one call (pure: no tensors touched unless ``call`` is given).
+
+    ``call`` = ``{"q", "k", "v", "kwargs"}`` lets backends with a ``supports`` filter veto.
+    Raises ValueError for an unknown recipe or (explicit recipe) unsupported head dim, and
+    SageDispatchError in strict mode when only a fallback is left.
+    """
+    if not isinstance(recipe, str):
+        raise TypeError(f"recipe must be a str, got {type(recipe).__name__}")
+    emulate_flag, strict_flag = _resolve_flags(emulate, strict)
+    requested = recipe
+    source = "recipe="
+    if requested == RECIPE_AUTO:
+        forced = _env.env_forced_recipe()
+        if forced is not None:
+            requested, source = forced, f"{_env.ENV_FORCE_RECIPE}="
+    recipes = known_recipes()
+    if requested == RECIPE_TORCH:  # asked for: PyTorch SDPA with sage semantics, no warning
+        return Decision(KIND_TORCH, None, reason=f"{source}torch")
+    if requested != RECIPE_AUTO and requested not in recipes:
+        raise ValueError(f"unknown {source}{requested!r}; accepted: 'auto', 'torch' or one of {', '.join(recipes)}")
+    key_text = f"{arch}, {dtype_name(dtype)}, head_dim={head_dim}"
+
+    if requested == RECIPE_AUTO:
+        prefs = ARCH_DEFAULT_RECIPES.get(arch, ())
+        if emulate_flag:
+            if not prefs:
+                raise ValueError(f"emulation was requested with recipe='auto' on {arch}, which has no default "
+                                 f"recipe; pass recipe= one of {', '.join(recipes)}")
+            if head_dim not in SUPPORTED_HEAD_DIMS:
+                raise ValueError(f"emulation of {prefs[0]!r}: head_dim={head_dim} is not supported; "
+                                 f"supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
+            return Decision(KIND_EMULATION, prefs[0], reason="emulation requested")
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            why = (f"head_dim={head_dim} is not supported by sage kernels "
+                   f"(supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
+        elif not prefs:
+            why = (f"no sage kernel for device arch {arch!r} (sage kernels target "
+                   f"{', '.join(sorted(ARCH_DEFAULT_RECIPES))})")
+        else:
+            vetoes = []
+            for candidate in prefs:
+                spec, veto = _first_supported(lookup(arch, candidate, dtype, head_dim), call)
+                if spec is not None:
+                    return Decision(KIND_KERNEL, candidate, spec)
+                if veto:
+                    vetoes.append(veto)
+            why = (f"no registered and available kernel for {key_text}, recipes {list(prefs)}"
+                   + (f" ({'; '.join(vetoes)})" if vetoes else "") + "; see sage_torch.info()")
+        if strict_flag:
+            raise SageDispatchError(f"sage_torch strict mode: {why}; not falling back to PyTorch SDPA")
+        return Decision(KIND_TORCH, None, reason=why, warn=True)
+
+    # An explicit recipe.
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"recipe {requested!r}: head_dim={head_dim} is not supported; "
+                         f"supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
+    if emulate_flag:
+        return Decision(KIND_EMULATION, requested, reason="emulation requested")
+    spec, veto = _first_supported(lookup(arch, requested, dtype, head_dim), call)
+    if spec is not None:
+        return Decision(KIND_KERNEL, requested, spec)
+    why = f"no registered and available kernel for recipe {requested!r} on {key_text}" + (f" ({veto})" if veto else "")
+    if strict_flag:
+        raise SageDispatchError(f"sage_torch strict mode: {why}; not falling back to the emulation")
+    return Decision(KIND_EMULATION, requested, reason=why, warn=True)
+
+
+# ----------------------------------------------------------------------------- options
+
+_OPTION_TYPES = {bool: "b", int: "i", float: "f", str: "s", type(None): "n"}
+
+
+def encode_options(options: dict[str, Any]) -> str:
+    """Recipe options -> one string for the custom op schema: a dict literal, keys sorted.
+
+    Written with plain string operations so that torch.compile traces it without a graph break.
+    """
+    parts = []
+    for key in sorted(options):
+        value = options[key]
+        if not (value is None or isinstance(value, (bool, int, float, str))):
+            raise TypeError(f"recipe option {key}={value!r}: only bool, int, float, str or None "
+                            f"values are accepted, got {type(value).__name__}")
+        parts.append(repr(key) + ": " + repr(value))
+    return "{" + ", ".join(parts) + "}" if parts else ""
+
+
+def decode_options(text: str) -> dict[str, Any]:
+    """Inverse of :func:`encode_options` (a dict literal; literal_eval evaluates no code)."""
+    return ast.literal_eval(text) if text else {}
+
+
+def recipe_option_names(recipe: str) -> frozenset[str] | None:
+    """Option names a recipe accepts (``sage_quant.RECIPES[recipe]`` keys); None = not described."""
+    try:
+        import sage_quant
+        table = sage_quant.RECIPES
+    except (ImportError, AttributeError):
+        return None
+    entry = table.get(recipe) if isinstance(table, dict) else None
+    return frozenset(entry) if isinstance(entry, dict) else None
+
+
+def check_options(recipe: str | None, options: dict[str, Any]) -> None:
+    """Unknown recipe options are a TypeError, whatever path runs (so typos never pass silently)."""
+    if not options:
+        return
+    reserved = sorted(set(options) & set(FRONT_END_OPTIONS))
+    if reserved:
+        raise TypeError(f"{reserved} are front-end keywords, not recipe options")
+    if recipe is not None:
+        names = recipe_option_names(recipe)
+        candidates = [recipe]
+    else:
+        candidates = [r for r in known_recipes()]
+        collected = [recipe_option_names(r) for r in candidates]
+        names = None if any(n is None for n in collected) else frozenset().union(*collected)
+    if names is None:
+        return  # sage_quant does not describe them: the backend/emulation validates
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"unknown recipe option(s) {unknown} for recipe(s) {candidates}; "
+                        f"accepted: {sorted(names) or 'none'}")
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+def _check_backend_output(spec: BackendSpec, q: torch.Tensor, o: Any, lse: Any, return_lse: bool,
+                          lse_shape: tuple[int, int, int]) -> None:
+    """Cheap host-side checks (shape/dtype/device only: no sync) that name a misbehaving backend."""
+    if not isinstance(o, torch.Tensor) or o.shape != q.shape or o.dtype != q.dtype or o.device != q.device:
+        got = f"{tuple(o.shape)} {o.dtype} {o.device}" if isinstance(o, torch.Tensor) else type(o).__name__
+        raise RuntimeError(f"backend {spec.name!r} returned o = {got}; expected {tuple(q.shape)} {q.dtype} {q.device}")
+    if return_lse and (not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32
+                       or tuple(lse.shape) != lse_shape or lse.device != q.device):
+        got = f"{tuple(lse.shape)} {lse.dtype} {lse.device}" if isinstance(lse, torch.Tensor) else repr(lse)
+        raise RuntimeError(f"backend {spec.name!r} returned lse = {got}; expected float32 {lse_shape} on {q.device}")
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, is_causal: bool,
+        scale: float | None, recipe: str, return_lse: bool, options: dict[str, Any],
+        emulate: bool | None = None, strict: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decide and execute one validated call. Returns (o in the input layout, lse (b, h_q, s_q) | None)."""
+    if layout == "bhsd":
+        b, h_q, s_q, d = q.shape
+    else:
+        b, s_q, h_q, d = q.shape
+    scale_value = float(scale) if scale is not None else d ** -0.5
+    kwargs = {"layout": layout, "is_causal": is_causal, "scale": scale_value, "return_lse": return_lse}
+    call = {"q": q, "k": k, "v": v, "kwargs": {**kwargs, **options}}
+    decision = resolve(device_arch(q.device), q.dtype, d, recipe, emulate=emulate, strict=strict, call=call)
+    check_options(decision.recipe, options)
+
+    if decision.kind == KIND_KERNEL:
+        spec = decision.backend
+        o, lse = spec.fn(q, k, v, **kwargs, **options)
+        _check_backend_output(spec, q, o, lse, return_lse, (b, h_q, s_q))
+        return o.contiguous(), (lse.contiguous() if return_lse else None)
+
+    if decision.kind == KIND_EMULATION:
+        if decision.warn:
+            warn_once(f"emulation:{decision.reason}",
+                      f"sage_torch: running the EMULATION of recipe {decision.recipe!r} (slow, exact "
+                      f"numerics of the recipe) because {decision.reason}. Set strict=True or "
+                      f"SAGE_STRICT=1 to make this an error.")
+        return _run_emulation(q, k, v, decision.recipe, kwargs, options)
+
+    if decision.warn:
+        ignored = f" Recipe options {sorted(options)} are ignored on this path." if options else ""
+        warn_once(f"torch:{decision.reason}",
+                  f"sage_torch: falling back to torch.nn.functional.scaled_dot_product_attention "
+                  f"(sage semantics kept: bottom-right causal) because {decision.reason}.{ignored} "
+                  f"Set strict=True or SAGE_STRICT=1 to make this an error.")
+    return torch_attention(q, k, v, layout=layout, is_causal=is_causal, scale=scale_value, return_lse=return_lse)
+
+
+def _run_emulation(q, k, v, recipe: str, kwargs: dict[str, Any], options: dict[str, Any]):
+    try:
+        import sage_quant
+    except ImportError as exc:
+        raise ImportError(f"recipe {recipe!r} has no kernel here and its emulation needs sage_quant, "
+                          f"which failed to import: {exc}") from exc
+    result = sage_quant.emulate(q, k, v, recipe, **kwargs, **options)
+    if isinstance(result, tuple):
+        o, lse = result[0], (result[1] if len(result) > 1 else None)
+    else:
+        o, lse = result, None
+    o = o.to(q.dtype).contiguous()
+    if kwargs["return_lse"]:
+        if lse is None:
+            raise RuntimeError(f"sage_quant.emulate({recipe!r}, return_lse=True) returned no LSE")
+        lse = lse.to(torch.float32).contiguous()
+    else:
+        lse = None
+    return o, lse

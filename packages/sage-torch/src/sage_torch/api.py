@@ -1,0 +1,252 @@
+"""The public functions: attention(), the SDPA drop-in and the SageAttention-compatible sageattn()."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from . import _dispatch
+from . import _ops  # noqa: F401 - registers torch.ops.sage.attention_fwd
+from ._recipes import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, SUPPORTED_LAYOUTS, dtype_name
+from ._torch_fallback import TORCH_SDPA
+
+__all__ = ["attention", "scaled_dot_product_attention", "sageattn", "SAGEATTN_ACCEPTED_KWARGS"]
+
+
+def _shape_text(layout: str) -> str:
+    return "(batch, heads, seq, head_dim)" if layout == "bhsd" else "(batch, seq, heads, head_dim)"
+
+
+def _validate(q: Any, k: Any, v: Any, *, layout: Any, is_causal: Any, scale: Any, return_lse: Any) -> None:
+    """Every check the front end owns; raises TypeError/ValueError naming what was given."""
+    if not isinstance(layout, str) or layout not in SUPPORTED_LAYOUTS:
+        raise ValueError(f"layout must be one of {SUPPORTED_LAYOUTS}, got {layout!r}")
+    for name, flag in (("is_causal", is_causal), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be None or a positive finite float, got {scale!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D {_shape_text(layout)} for layout={layout!r}, "
+                             f"got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {dtype_name(t.dtype)}; accepted: "
+                            f"{', '.join(dtype_name(d) for d in SUPPORTED_DTYPES)}")
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides "
+                             f"{tuple(t.stride())}; call .contiguous() first")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {dtype_name(q.dtype)}, "
+                        f"{dtype_name(k.dtype)}, {dtype_name(v.dtype)}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    h_axis, s_axis = (1, 2) if layout == "bhsd" else (2, 1)
+    b, h_q, s_q, d = q.shape[0], q.shape[h_axis], q.shape[s_axis], q.shape[3]
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != b:
+            raise ValueError(f"batch size of {name} ({t.shape[0]}) differs from q's ({b})")
+        if t.shape[3] != d:
+            raise ValueError(f"head_dim of {name} ({t.shape[3]}) differs from q's ({d}); "
+                             f"q, k and v must share one head dim")
+    h_kv, s_kv = k.shape[h_axis], k.shape[s_axis]
+    if v.shape[h_axis] != h_kv or v.shape[s_axis] != s_kv:
+        raise ValueError(f"k and v must have the same heads and length, got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} (layout {layout!r})")
+    for name, size in (("batch", b), ("q heads", h_q), ("kv heads", h_kv), ("q length", s_q),
+                       ("kv length", s_kv), ("head_dim", d)):
+        if size < 1:
+            raise ValueError(f"{name} must be >= 1, got {size} (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if h_q % h_kv:
+        raise ValueError(f"q heads ({h_q}) must be a multiple of kv heads ({h_kv}) (GQA/MQA)")
+
+
+def _check_no_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError("sage_torch.attention is inference-only (it has no backward): run it under "
+                           "torch.no_grad()/torch.inference_mode(), or use sage_train for 8-bit training")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str = "bhsd",
+              is_causal: bool = False, scale: float | None = None, recipe: str = "auto",
+              return_lse: bool = False, **recipe_options: Any):
+    """Quantized attention (forward only).
+
+    Args:
+        q: ``(b, h_q, s_q, d)`` for ``layout="bhsd"`` or ``(b, s_q, h_q, d)`` for ``"bshd"``;
+            float16 or bfloat16; any strides with the last dim contiguous.
+        k, v: same layout, ``h_kv`` heads (``h_q % h_kv == 0``: GQA/MQA, query head i uses kv
+            head ``i // (h_q // h_kv)``), ``s_kv`` tokens, the same ``d``.
+        is_causal: bottom-right aligned causal mask (query i sees keys j <= i + s_kv - s_q);
+            a fully masked row outputs 0 and LSE -inf.
+        scale: softmax scale, default ``1/sqrt(d)``.
+        recipe: ``"auto"`` (the device's default, see ``_dispatch``), a NUMERICS.md recipe name,
+            or ``"torch"`` (PyTorch's SDPA with sage semantics, for A/B comparisons).
+            An explicit recipe without a kernel on this device runs its emulation (slow; warns
+            once; raises in strict mode).
+        return_lse: also return the natural-log LSE, float32 ``(b, h_q, s_q)``.
+        **recipe_options: options of the recipe (names and defaults: ``sage_quant.RECIPES``);
+            an unknown name is a TypeError. Two front-end keywords: ``emulate=True`` runs the
+            emulation even where a kernel exists; ``strict=True`` raises instead of any fallback
+            (both default to ``SAGE_FORCE_EMULATION`` / ``SAGE_STRICT``).
+
+    Returns:
+        ``o`` with q's shape, dtype and layout (contiguous), or ``(o, lse)`` with ``return_lse``.
+    """
+    emulate = recipe_options.pop("emulate", None)
+    strict = recipe_options.pop("strict", None)
+    for name, flag in (("emulate", emulate), ("strict", strict)):
+        if flag is not None and not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool or None, got {type(flag).__name__}")
+    if not isinstance(recipe, str):
+        raise TypeError(f"recipe must be a str, got {type(recipe).__name__}")
+    _validate(q, k, v, layout=layout, is_causal=is_causal, scale=scale, return_lse=return_lse)
+    _check_no_grad(q, k, v)
+    options_text = _dispatch.encode_options(recipe_options)  # also rejects non-literal values
+    scale_arg = None if scale is None else float(scale)
+    if torch.compiler.is_compiling():
+        o, lse = torch.ops.sage.attention_fwd(q, k, v, layout, is_causal, scale_arg, recipe, return_lse,
+                                              options_text, emulate, strict)
+        return (o, lse) if return_lse else o
+    o, lse = _dispatch.run(q, k, v, layout=layout, is_causal=is_causal, scale=scale_arg, recipe=recipe,
+                           return_lse=return_lse, options=recipe_options, emulate=emulate, strict=strict)
+    return (o, lse) if return_lse else o
+
+
+# ----------------------------------------------------------------------------- SDPA drop-in
+
+#: Device types the SDPA drop-in sends to sage (everything else goes to PyTorch's SDPA).
+SDPA_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+
+
+def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+                          ) -> tuple[str | None, bool]:
+    """(why sage cannot run this call, whether to warn) or (None, False) when sage runs it.
+
+    Calls PyTorch itself rejects return warn=False: PyTorch raises its own error.
+    """
+    tensors = (query, key, value)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return "non-tensor inputs", False
+    if not all(t.dim() == 4 for t in tensors):
+        return f"inputs are not 4-D (got {[tuple(t.shape) for t in tensors]})", True
+    if not (query.device == key.device == value.device):
+        return "devices differ", False
+    h_q, h_kv = query.shape[1], key.shape[1]
+    if value.shape[1] != h_kv or (h_q != h_kv and (not enable_gqa or h_q % h_kv)):
+        return "head counts PyTorch rejects", False
+    if attn_mask is not None:
+        return "attn_mask is given (sage supports is_causal masks only)", True
+    if isinstance(dropout_p, torch.Tensor) or dropout_p != 0.0:
+        return f"dropout_p={dropout_p!r} (sage has no dropout)", True
+    if query.device.type not in SDPA_DEVICE_TYPES:
+        return f"tensors on {query.device.type} (sage kernels need CUDA)", True
+    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in SUPPORTED_DTYPES:
+        return (f"dtypes {dtype_name(query.dtype)}/{dtype_name(key.dtype)}/{dtype_name(value.dtype)} "
+                f"(sage needs float16 or bfloat16 throughout)"), True
+    d = query.shape[3]
+    if key.shape[3] != d or value.shape[3] != d:
+        return "q, k, v head dims differ", True
+    if d not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim={d} (sage supports {', '.join(map(str, SUPPORTED_HEAD_DIMS))})", True
+    if not (query.shape[0] == key.shape[0] == value.shape[0]) or key.shape[2] != value.shape[2]:
+        return "batch sizes or key/value lengths differ (broadcasting)", True
+    if any(t.stride(-1) != 1 for t in tensors):
+        return "last dim not contiguous", True
+    if is_causal and query.shape[2] != key.shape[2]:
+        return ("is_causal with q_len != kv_len: PyTorch aligns that mask top-left, sage bottom-right; "
+                "PyTorch's SDPA keeps PyTorch's meaning"), True
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
+        return f"scale={scale!r}", True
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "inputs require grad (sage attention is forward-only; sage_train is the training path)", True
+    return None, False
+
+
+def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *, strict: bool | None):
+    why, warn = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if why is None:
+        return attention(query, key, value, layout="bhsd", is_causal=bool(is_causal), scale=scale, strict=strict)
+    if warn:
+        strict_flag = _dispatch._resolve_flags(None, strict)[1]
+        if strict_flag:
+            raise _dispatch.SageDispatchError(f"sage_torch strict mode: scaled_dot_product_attention cannot "
+                                              f"run this call on sage ({why}); not falling back")
+        if not torch.compiler.is_compiling():  # the result is PyTorch's exactly; keep graphs whole
+            _dispatch.warn_once(f"sdpa:{why}", f"sage_torch.scaled_dot_product_attention: using PyTorch's "
+                                f"SDPA for this call because {why}.")
+    return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                      scale=scale, enable_gqa=enable_gqa)
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same signature/semantics).
+
+    Runs sage (``recipe="auto"``) for 4-D CUDA fp16/bf16 inputs with head dim 64/128, no mask, no
+    dropout, and (when causal) q_len == kv_len. Every other call goes to PyTorch's own SDPA,
+    with a warning once per reason (``SAGE_STRICT=1``: an error instead), so a result never
+    silently changes meaning. Forward only: inputs requiring grad go to PyTorch as well.
+    """
+    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, strict=None)
+
+
+# ----------------------------------------------------------------------------- sageattn
+
+_SAGEATTN_LAYOUTS = {"HND": "bhsd", "NHD": "bshd"}
+#: SageAttention keywords sageattn() accepts, and what they mean here.
+SAGEATTN_ACCEPTED_KWARGS: dict[str, str] = {
+    "smooth_k": "bool, passed as the recipe option smooth_k (K smoothing; default True)",
+    "smooth_v": "False only (sage never smooths V); True raises ValueError",
+    "pv_accum_dtype": "'fp32' or 'fp32+fp32' only (sage always accumulates PV in fp32, two-level for "
+                      "FP8 PV); fp16 accumulation raises ValueError",
+}
+#: SageAttention keywords that raise TypeError, with the reason shown to the user.
+SAGEATTN_REJECTED_KWARGS: dict[str, str] = {
+    "qk_quant_gran": "sage chooses the Q/K scale granularity per recipe; to choose it yourself call "
+                     "sage_torch.attention(..., recipe=..., q_granularity=..., k_granularity=...)",
+    "quantization_backend": "sage quantizes with its own CUDA kernels",
+    "attn_mask": "sage supports is_causal masks only; use torch SDPA for arbitrary masks",
+}
+
+
+def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_layout: str = "HND",
+             is_causal: bool = False, sm_scale: float | None = None, return_lse: bool = False,
+             **kwargs: Any):
+    """SageAttention-compatible entry: ``from sage_torch import sageattn`` replaces
+    ``from sageattention import sageattn``.
+
+    ``tensor_layout="HND"`` is ``(b, h, s, d)``, ``"NHD"`` is ``(b, s, h, d)``. Runs
+    :func:`attention` with ``recipe="auto"``. Accepted extra keywords:
+    :data:`SAGEATTN_ACCEPTED_KWARGS`; the rest raise TypeError (:data:`SAGEATTN_REJECTED_KWARGS`
+    explains the known ones). Returns ``o`` or ``(o, lse)`` (natural log, float32 ``(b, h, s_q)``).
+    """
+    if tensor_layout not in _SAGEATTN_LAYOUTS:
+        raise ValueError(f"tensor_layout must be 'HND' (b, h, s, d) or 'NHD' (b, s, h, d), got {tensor_layout!r}")
+    options: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if name == "smooth_k":
+            if not isinstance(value, bool):
+                raise TypeError(f"smooth_k must be a bool, got {type(value).__name__}")
+            options["smooth_k"] = value
+        elif name == "smooth_v":
+            if value is not False:
+                raise ValueError(f"smooth_v={value!r} is not supported: sage never smooths V (accepted: False)")
+        elif name == "pv_accum_dtype":
+            if value not in ("fp32", "fp32+fp32"):
+                raise ValueError(f"pv_accum_dtype={value!r} is not supported: sage accumulates PV in fp32 "
+                                 f"(accepted: 'fp32', 'fp32+fp32')")
+        elif name in SAGEATTN_REJECTED_KWARGS:
+            raise TypeError(f"sageattn() does not accept {name}=: {SAGEATTN_REJECTED_KWARGS[name]}")
+        else:
+            raise TypeError(f"sageattn() got an unexpected keyword argument {name!r}; accepted extra "
+                            f"keywords: {sorted(SAGEATTN_ACCEPTED_KWARGS)}")
+    return attention(q, k, v, layout=_SAGEATTN_LAYOUTS[tensor_layout], is_causal=is_causal, scale=sm_scale,
+                     recipe="auto", return_lse=return_lse, **options)

@@ -1,0 +1,274 @@
+"""sm80 mma.sync attention kernels (Ampere/Ada; also built for sm_90a) as sage_torch backends.
+
+One function per recipe, ``fn(q, k, v, *, layout, is_causal, scale, return_lse, **options) ->
+(o, lse | None)``: quantize Q, K (and V for the 8-bit PV recipes) with ``sage_quant.ops`` (CUDA
+kernels when compiled in, else the bit-exact references), launch
+``sage_core.attn_fwd_sm80_<recipe>`` on the current stream, add the K-smoothing term back to
+the LSE. Contract: ``sage_torch/backends/README.md``; numerics: NUMERICS.md; kernel:
+``kernels/include/sage/sm80/sm80_attn_fwd_kernel_mma_sync.cuh``.
+
+Kernel facts that options must respect (``supports`` vetoes anything else, with the reason):
+  * the online softmax steps over 64-key tiles: ``kv_block`` must be 64 (also the default here,
+    while ``sage_quant.RECIPES`` defaults e4m3 recipes to the Hopper tile 128);
+  * ``qk_s8_pv_f16`` computes P·V in fp16 (bf16 V is converted to fp16 in shared memory, as the
+    original SageAttention does): ``pv_dtype="fp16"``;
+  * Q smoothing (``smooth_q``) only in ``qk_s4_pv_e4m3``, with ``delta_s="quantized_k"`` and
+    ``q_block`` a multiple of 64; e4m3 recipes: ``pv_accum="two_level"`` and the hardware
+    accumulator (``acc_mantissa_bits`` default).
+
+8-bit V formats (docs/design/quant-formats.md): ``v_s8_t_p32`` / ``v_e4m3_t_p32`` = the per-channel
+``v_s8`` / ``v_e4m3_t`` values, transposed to ``(b, h_kv, d, s_pad)`` (``s_pad = ceil(s/128)*128``,
+zero padded) with the tokens of each 32-token chunk permuted by :data:`PERM32`, so that the
+INT8/E4M3 P fragment built from the S accumulator needs no shuffles.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+import sage_quant
+
+try:  # imported lazily so that the format helpers (PERM32, quant_v_t_p32) work without it
+    import sage_core
+except ImportError as _exc:  # available() reports it; the backends are registered but unavailable
+    sage_core = None
+    _SAGE_CORE_ERROR: Optional[BaseException] = _exc
+else:
+    _SAGE_CORE_ERROR = None
+from sage_quant import ops as _qops
+from sage_quant import reference as _ref
+
+from . import register_backend
+
+__all__ = [
+    "RECIPES",
+    "PERM32",
+    "kKvTile",
+    "kCtaRows",
+    "resolve_options",
+    "unsupported_reason",
+    "quant_v_t_p32",
+    "kernel_names",
+    "attn_qk_s8_pv_f16",
+    "attn_qk_s8_pv_s8",
+    "attn_qk_s8_pv_e4m3",
+    "attn_qk_s4_pv_e4m3",
+]
+
+kKvTile = 64  # keys per online-softmax step of the kernel (kSm80BlockN)
+kCtaRows = 64  # query rows per CTA (kSm80BlockM): Q smoothing blocks must be multiples
+kVChunk = 32  # tokens of one 8-bit k32 MMA: the permutation period of v_*_t_p32
+kVTokenPad = _ref.kVTokenPad  # 128, as v_e4m3_t
+kRowAlignBytes = 16  # cp.async rows
+HEAD_DIMS = (64, 128)
+
+RECIPES = ("qk_s8_pv_f16", "qk_s8_pv_s8", "qk_s8_pv_e4m3", "qk_s4_pv_e4m3")
+_QK_BITS = {"qk_s8_pv_f16": 8, "qk_s8_pv_s8": 8, "qk_s8_pv_e4m3": 8, "qk_s4_pv_e4m3": 4}
+_V_FMT = {"qk_s8_pv_s8": "s8", "qk_s8_pv_e4m3": "e4m3", "qk_s4_pv_e4m3": "e4m3"}
+# Arch families (ARCHITECTURE.md): FP8 mma.sync needs sm_89; sm90 runs these only when forced
+# (the sm90 module registers first and wins for the recipes it has).
+_ARCHS = {
+    "qk_s8_pv_f16": ("sm80", "sm86", "sm89", "sm90"),
+    "qk_s8_pv_s8": ("sm80", "sm86", "sm89", "sm90"),
+    "qk_s8_pv_e4m3": ("sm89", "sm90"),
+    "qk_s4_pv_e4m3": ("sm89", "sm90"),
+}
+
+
+def _perm32() -> tuple[int, ...]:
+    """Slot k = 16h + 4t + 2jj + e of a 32-token chunk holds token 8(2h + jj) + 2t + e.
+
+    The S accumulator gives lane (g, t) keys 8j + 2t + {0, 1}; the 8-bit A fragment of
+    mma.m16n8k32 wants contraction slots 4t..4t+3 and 16+4t..19+4t; filling them with S n-tiles
+    j = 0..3 in order gives this map (see the kernel header).
+    """
+    out = []
+    for k in range(kVChunk):
+        h, t, jj, e = k // 16, (k % 16) // 4, (k % 4) // 2, k % 2
+        out.append(8 * (2 * h + jj) + 2 * t + e)
+    return tuple(out)
+
+
+#: v_*_t_p32: ``v_t[..., c, 32m + k] = V[..., 32m + PERM32[k], c]``.
+PERM32: tuple[int, ...] = _perm32()
+
+
+def kernel_names(recipe: str) -> tuple[str, ...]:
+    """sage_core kernel names (has_kernel) of every configuration of ``recipe``."""
+    return tuple(f"attn_sm80_{recipe}_hdim{d}_{io}" for d in HEAD_DIMS for io in ("f16", "bf16"))
+
+
+def quant_v_t_p32(v: torch.Tensor, fmt: str, layout: str = "bhsd") -> tuple[torch.Tensor, torch.Tensor]:
+    """V per channel in 8 bits, transposed and token-permuted for the sm80 8-bit PV MMA.
+
+    Args:
+        v: ``(b, h, s, d)`` (bhsd) or ``(b, s, h, d)`` (bshd), fp16/bf16.
+        fmt: ``"s8"`` (INT8, scale amax/127, ``quant_v_s8``) or ``"e4m3"`` (E4M3 bits,
+            scale amax/448, ``quant_v_e4m3_t``).
+
+    Returns ``(v_t, v_scale)``: ``v_t`` int8 (s8) or uint8 E4M3 bits (e4m3), contiguous
+    ``(b, h, d, s_pad)``, ``s_pad = ceil(s/128)*128``, zero padding, tokens of each 32-chunk in
+    :data:`PERM32` order; ``v_scale`` float32 ``(b, h, d)``. Values are bit-identical to the
+    shared formats (only their placement differs).
+    """
+    if fmt == "e4m3":
+        v_t, v_scale = _qops.quantize_v_e4m3_t(v, layout=layout)  # (b,h,d,s_pad128) uint8
+    elif fmt == "s8":
+        v_q, v_scale = _qops.quantize_v_s8(v, layout=layout)  # (b,h,s,d) int8
+        b, h, s, d = v_q.shape
+        s_pad = -(-s // kVTokenPad) * kVTokenPad
+        v_t = torch.zeros((b, h, d, s_pad), dtype=torch.int8, device=v_q.device)
+        v_t[:, :, :, :s] = v_q.transpose(2, 3)
+    else:
+        raise ValueError(f"fmt must be 's8' or 'e4m3', got {fmt!r}")
+    s_pad = v_t.shape[-1]
+    perm = torch.tensor(PERM32, dtype=torch.long, device=v_t.device)
+    idx = (torch.arange(0, s_pad, kVChunk, device=v_t.device)[:, None] + perm[None, :]).reshape(-1)
+    return v_t.index_select(-1, idx).contiguous(), v_scale.contiguous()
+
+
+def resolve_options(recipe: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's options with this backend's defaults (kv_block=64) filled in and validated
+    by ``sage_quant.recipe_options`` (TypeError for unknown names, ValueError for bad values)."""
+    opts = dict(options)
+    opts.setdefault("kv_block", kKvTile)
+    return sage_quant.recipe_options(recipe, **opts)
+
+
+def unsupported_reason(recipe: str, opts: dict[str, Any]) -> Optional[str]:
+    """None if the kernel implements these (resolved) options exactly, else why not."""
+    defaults = sage_quant.RECIPES[recipe]
+    if opts["kv_block"] != kKvTile:
+        return (f"the sm80 kernel steps the softmax over {kKvTile}-key tiles: kv_block must be "
+                f"{kKvTile}, got {opts['kv_block']}")
+    if opts["smooth_q"]:
+        if recipe != "qk_s4_pv_e4m3":
+            return "Q smoothing (smooth_q=True) is implemented in the sm80 kernels for qk_s4_pv_e4m3 only"
+        if opts["delta_s"] != "quantized_k":
+            return f"the kernel adds dS from the dequantized K it holds: delta_s must be 'quantized_k', got {opts['delta_s']!r}"
+        if opts["q_block"] % kCtaRows:
+            return f"Q smoothing blocks must be multiples of the CTA's {kCtaRows} rows, got q_block={opts['q_block']}"
+    if recipe == "qk_s8_pv_f16" and opts["pv_dtype"] != "fp16":
+        return f"the sm80 kernel computes P.V in fp16 (bf16 V converted to fp16): pv_dtype must be 'fp16', got {opts['pv_dtype']!r}"
+    if "pv_accum" in opts:
+        if opts["pv_accum"] != "two_level":
+            return f"the sm80 e4m3 kernels accumulate two-level: pv_accum must be 'two_level', got {opts['pv_accum']!r}"
+        if opts["acc_mantissa_bits"] != defaults["acc_mantissa_bits"]:
+            return ("acc_mantissa_bits models the hardware FP8 accumulator (emulation only); the kernel "
+                    f"cannot change it: leave it at {defaults['acc_mantissa_bits']}")
+    return None
+
+
+# Output allocator (tests swap in a NaN-filling one to poison outputs).
+_alloc = torch.empty
+
+
+def _aligned_rows(t: torch.Tensor) -> bool:
+    es = t.element_size()
+    return (t.data_ptr() % kRowAlignBytes == 0
+            and all((st * es) % kRowAlignBytes == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
+
+
+def _run(recipe: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
+         is_causal: bool, scale: float, return_lse: bool, **options: Any):
+    opts = resolve_options(recipe, options)
+    reason = unsupported_reason(recipe, opts)
+    if reason is not None:
+        raise ValueError(f"sm80 backend, recipe {recipe}: {reason}")
+    bits = _QK_BITS[recipe]
+    qb, kb, vb = (_ref.to_bhsd(t, layout) for t in (q, k, v))
+    b, h_q, s_q, d = qb.shape
+    h_kv = kb.shape[1]
+    dev = q.device
+
+    k_mean = _qops.quantize_token_mean(k, layout=layout) if opts["smooth_k"] else None
+    q_mean = None
+    if recipe == "qk_s4_pv_e4m3":
+        q_block = opts["q_block"]
+        if opts["smooth_q"]:
+            q_mean = _qops.quantize_block_mean(q, q_block, layout=layout)
+            q_mean_arg = q_mean
+        else:  # same kernel, dS = 0
+            q_mean_arg = torch.zeros((b, h_q, -(-s_q // q_block), d), dtype=torch.float32, device=dev)
+    q_vals, q_scale = _qops.quantize_int(q, bits=bits, granularity=opts["q_granularity"], role="q",
+                                         block=opts["q_block"], mean=q_mean, mean_block=opts["q_block"],
+                                         layout=layout)
+    k_vals, k_scale = _qops.quantize_int(k, bits=bits, granularity=opts["k_granularity"], role="k",
+                                         block=opts["k_block"], mean=k_mean, layout=layout)
+
+    o = _alloc(q.shape, dtype=q.dtype, device=dev)  # contiguous in the caller's layout
+    ob = _ref.to_bhsd(o, layout)
+    lse = _alloc((b, h_q, s_q), dtype=torch.float32, device=dev) if return_lse else None
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    common = dict(q_granularity=opts["q_granularity"], q_block=int(opts["q_block"]),
+                  k_granularity=opts["k_granularity"], k_block=int(opts["k_block"]),
+                  softmax_scale=float(scale), is_causal=bool(is_causal), stream=stream)
+    if recipe == "qk_s8_pv_f16":
+        if not _aligned_rows(vb):  # the kernel reads V in place with 16-byte cp.async rows
+            vb = vb.contiguous()
+        sage_core.attn_fwd_sm80_qk_s8_pv_f16(q_vals, k_vals, vb, ob, lse, q_scale, k_scale, **common)
+    else:
+        v_t, v_scale = quant_v_t_p32(v, _V_FMT[recipe], layout=layout)
+        if recipe == "qk_s4_pv_e4m3":
+            sage_core.attn_fwd_sm80_qk_s4_pv_e4m3(q_vals, k_vals, v_t, ob, lse, q_scale, k_scale, v_scale,
+                                                  q_mean_arg, q_mean_block=int(opts["q_block"]), **common)
+        else:
+            fn = getattr(sage_core, f"attn_fwd_sm80_{recipe}")
+            fn(q_vals, k_vals, v_t, ob, lse, q_scale, k_scale, v_scale, **common)
+
+    if lse is not None and k_mean is not None:
+        # Softmax ignores the per-row constant q.k_mean; the LSE of the unsmoothed scores needs it.
+        rep = h_q // h_kv
+        km = k_mean.repeat_interleave(rep, dim=1) if rep > 1 else k_mean
+        lse += torch.einsum("bhsd,bhd->bhs", qb.to(torch.float32), km) * float(scale)
+    return o, lse
+
+
+def _make_fn(recipe: str):
+    def fn(q, k, v, *, layout: str, is_causal: bool, scale: float, return_lse: bool, **options):
+        return _run(recipe, q, k, v, layout=layout, is_causal=is_causal, scale=scale,
+                    return_lse=return_lse, **options)
+
+    fn.__name__ = fn.__qualname__ = f"attn_{recipe}"
+    fn.__doc__ = (f"{recipe} on the sm80 mma.sync kernel: (o, lse | None); q, k, v fp16/bf16 CUDA in "
+                  f"``layout`` ('bhsd' or 'bshd'), head dim 64/128; see the module docstring.")
+    return fn
+
+
+def _make_supports(recipe: str):
+    def supports(q, k, v, *, layout, is_causal, scale, return_lse, **options) -> Optional[str]:
+        try:
+            opts = resolve_options(recipe, options)
+        except (TypeError, ValueError) as exc:
+            return str(exc)
+        return unsupported_reason(recipe, opts)
+
+    return supports
+
+
+def _make_available(recipe: str):
+    names = kernel_names(recipe)
+    fn_name = f"attn_fwd_sm80_{recipe}"
+
+    def available() -> bool:
+        if sage_core is None:
+            raise RuntimeError(f"sage_core does not import: {_SAGE_CORE_ERROR}")
+        return hasattr(sage_core, fn_name) and all(sage_core.has_kernel(n) for n in names)
+
+    return available
+
+
+attn_qk_s8_pv_f16 = _make_fn("qk_s8_pv_f16")
+attn_qk_s8_pv_s8 = _make_fn("qk_s8_pv_s8")
+attn_qk_s8_pv_e4m3 = _make_fn("qk_s8_pv_e4m3")
+attn_qk_s4_pv_e4m3 = _make_fn("qk_s4_pv_e4m3")
+_FNS = {"qk_s8_pv_f16": attn_qk_s8_pv_f16, "qk_s8_pv_s8": attn_qk_s8_pv_s8,
+        "qk_s8_pv_e4m3": attn_qk_s8_pv_e4m3, "qk_s4_pv_e4m3": attn_qk_s4_pv_e4m3}
+
+for _recipe in RECIPES:
+    register_backend(f"sm80_{_recipe}", _recipe, archs=_ARCHS[_recipe], head_dims=HEAD_DIMS,
+                     fn=_FNS[_recipe], available=_make_available(_recipe),
+                     dtypes=(torch.float16, torch.bfloat16), supports=_make_supports(_recipe))

@@ -1,0 +1,304 @@
+"""Hopper (sm_90a) backend: recipe ``qk_s8_pv_e4m3`` on wgmma + TMA kernels (sage_core sm90 family).
+
+Pipeline per call (no host synchronization, CUDA-graph capturable):
+
+1. ``sage_core.quant_qkv_sm90_fused``: three launches that produce Q int8 (per-thread scales),
+   K int8 of ``K - k_mean`` (per-thread scales, 128-key tiles), V E4M3 per channel transposed to
+   ``(b, h_kv, d, s_pad)`` with tokens permuted inside every 32-token chunk (format
+   ``v_e4m3_t_perm32`` of docs/design/quant-formats.md, see :func:`v_token_permutation`).
+2. ``sage_core.attn_fwd_sm90_qk_s8_pv_e4m3``: the warp-specialized attention forward.
+3. LSE (if asked): the kernel's LSE of the smoothed scores plus ``q·k_mean·scale``.
+
+The module imports without a GPU (it only needs ``sage_core`` to import); whether the kernels
+are compiled in is answered by :func:`kernels_available`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+import sage_core
+
+from . import register_backend
+
+__all__ = [
+    "RECIPE",
+    "BACKEND_NAME",
+    "HEAD_DIMS",
+    "V_PERM_CHUNK",
+    "v_token_permutation",
+    "v_token_positions",
+    "permute_v_e4m3_t",
+    "unpermute_v_e4m3_t",
+    "kernels_available",
+    "quantize_qkv_sm90",
+    "attention_sm90_qk_s8_pv_e4m3",
+]
+
+RECIPE = "qk_s8_pv_e4m3"
+BACKEND_NAME = "sm90_qk_s8_pv_e4m3"
+HEAD_DIMS = (64, 128)
+V_PERM_CHUNK = 32  # keys of one 8-bit k32 wgmma: the permutation period of v_e4m3_t_perm32
+kBlockKV = 128  # the kernel's KV tile = per-thread K scale block = v_t token padding
+kStatsChunk = 512  # tokens per partial-statistics chunk of the fused quantizer (workspace size)
+
+_ATTN_FN = "attn_fwd_sm90_qk_s8_pv_e4m3"
+_QUANT_FN = "quant_qkv_sm90_fused"
+_KERNEL_NAMES = {
+    (64, torch.float16): "attn_sm90_qk_s8_pv_e4m3_hdim64_f16",
+    (64, torch.bfloat16): "attn_sm90_qk_s8_pv_e4m3_hdim64_bf16",
+    (128, torch.float16): "attn_sm90_qk_s8_pv_e4m3_hdim128_f16",
+    (128, torch.bfloat16): "attn_sm90_qk_s8_pv_e4m3_hdim128_bf16",
+}
+_QUANT_KERNEL_NAME = "quant_sm90_qkv_fused"
+
+# The options of sage_quant.RECIPES["qk_s8_pv_e4m3"] and the only values this kernel implements
+# (None = any value is fine because the kernel's arithmetic does not depend on it).
+_IMPLEMENTED: Dict[str, Any] = {
+    "q_granularity": ("per_thread",),
+    "k_granularity": ("per_thread",),
+    "q_block": None,  # per-thread Q groups are 16-row MMA tiles; q_block only matters for smooth_q
+    "k_block": (None, kBlockKV),
+    "smooth_k": (True, False),
+    "smooth_q": (False,),
+    "delta_s": None,  # only used with smooth_q
+    "kv_block": (kBlockKV,),
+    "pv_accum": ("two_level",),
+    "acc_mantissa_bits": (13,),  # the FP22 accumulator of Hopper's FP8 wgmma
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# the V token permutation (format v_e4m3_t_perm32)
+# ------------------------------------------------------------------------------------------------
+def v_token_permutation(device=None) -> torch.Tensor:
+    """``pi``: LongTensor ``(32,)``; position ``p`` of a 32-token chunk of ``v_t`` holds token ``pi[p]``.
+
+    ``pi(p) = 16*(p//16) + 8*((p%4)//2) + 2*((p%16)//4) + p%2``. Why: in the wgmma s32/f32
+    accumulator, thread ``t = lane % 4`` holds keys ``{2t, 2t+1, 8+2t, 9+2t}`` (+16 for the upper
+    half) of each 32-key chunk, while the 8-bit register A operand of a k32 wgmma gives it logical
+    k ``{4t..4t+3}`` (+16). Storing V's tokens in this order lets each thread feed its own P
+    values to the PV wgmma without shuffles (the contraction order is free).
+    """
+    p = torch.arange(V_PERM_CHUNK, dtype=torch.long, device=device)
+    return 16 * (p // 16) + 8 * ((p % 4) // 2) + 2 * ((p % 16) // 4) + p % 2
+
+
+def v_token_positions(device=None) -> torch.Tensor:
+    """Inverse of :func:`v_token_permutation`: the position of token ``k`` inside its chunk."""
+    pi = v_token_permutation(device)
+    inv = torch.empty_like(pi)
+    inv[pi] = torch.arange(V_PERM_CHUNK, dtype=torch.long, device=pi.device)
+    return inv
+
+
+def _check_v_t(v_t: torch.Tensor) -> None:
+    if not isinstance(v_t, torch.Tensor) or v_t.dim() != 4:
+        raise ValueError(f"v_t must be a 4-D tensor (b, h, d, s_pad), got {getattr(v_t, 'shape', type(v_t))}")
+    if v_t.shape[-1] % V_PERM_CHUNK:
+        raise ValueError(f"v_t token extent must be a multiple of {V_PERM_CHUNK}, got {v_t.shape[-1]}")
+
+
+def permute_v_e4m3_t(v_t: torch.Tensor) -> torch.Tensor:
+    """``v_e4m3_t`` (reference order) -> ``v_e4m3_t_perm32``: ``out[..., 32m + p] = v_t[..., 32m + pi[p]]``."""
+    _check_v_t(v_t)
+    s_pad = v_t.shape[-1]
+    idx = (torch.arange(0, s_pad, V_PERM_CHUNK, device=v_t.device)[:, None]
+           + v_token_permutation(v_t.device)[None, :]).reshape(-1)
+    return v_t.index_select(-1, idx).contiguous()
+
+
+def unpermute_v_e4m3_t(v_t_perm: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`permute_v_e4m3_t`."""
+    _check_v_t(v_t_perm)
+    s_pad = v_t_perm.shape[-1]
+    idx = (torch.arange(0, s_pad, V_PERM_CHUNK, device=v_t_perm.device)[:, None]
+           + v_token_positions(v_t_perm.device)[None, :]).reshape(-1)
+    return v_t_perm.index_select(-1, idx).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------
+# availability
+# ------------------------------------------------------------------------------------------------
+def _has(name: str) -> bool:
+    try:
+        return bool(sage_core.has_kernel(name))
+    except Exception:  # noqa: BLE001  (an old sage_core without has_kernel, ...)
+        return False
+
+
+def kernels_available(head_dim: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether sage_core was built with the sm90 kernels (for one head dim / dtype, or any)."""
+    if not (hasattr(sage_core._C, _ATTN_FN) and hasattr(sage_core._C, _QUANT_FN) and _has(_QUANT_KERNEL_NAME)):
+        return False
+    if head_dim is None and dtype is None:
+        return any(_has(n) for n in _KERNEL_NAMES.values())
+    return any(_has(n) for (d, dt), n in _KERNEL_NAMES.items()
+               if (head_dim is None or d == head_dim) and (dtype is None or dt == dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# quantization
+# ------------------------------------------------------------------------------------------------
+def _bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "bhsd":
+        return x
+    if layout == "bshd":
+        return x.transpose(1, 2)
+    raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
+
+
+def _rows_aligned(x: torch.Tensor) -> bool:
+    # the fused quantizer reads 16-byte vectors of 8 fp16/bf16 values
+    return (x.stride(-1) == 1 and all(s % 8 == 0 for s in x.stride()[:3])
+            and x.data_ptr() % 16 == 0)
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def quantize_qkv_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str = "bhsd",
+                      smooth_k: bool = True, k_mean: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """Quantize Q, K, V for :func:`attention_sm90_qk_s8_pv_e4m3` with the fused CUDA kernel.
+
+    Args:
+        q: ``(b, h_q, s_q, d)`` (``"bhsd"``) or ``(b, s_q, h_q, d)`` (``"bshd"``), fp16/bf16, CUDA.
+        k, v: same layout with ``h_kv`` heads and ``s_kv`` tokens, same dtype.
+        smooth_k: subtract the token mean of K (per batch, kv head, channel) before quantizing.
+        k_mean: optional precomputed float32 ``(b, h_kv, d)`` mean to subtract instead of the
+            kernel's own (used by the bit-exact tests; implies smoothing).
+
+    Returns a dict (all contiguous): ``q`` int8 ``(b, h_q, s_q, d)``, ``q_scale`` f32
+    ``(b, h_q, ceil(s_q/16)*8)``, ``k`` int8 ``(b, h_kv, s_kv, d)``, ``k_scale`` f32
+    ``(b, h_kv, ceil(s_kv/128)*4)``, ``v_t`` uint8 E4M3 ``(b, h_kv, d, ceil(s_kv/128)*128)`` in
+    the permuted ``v_e4m3_t_perm32`` order, ``v_scale`` f32 ``(b, h_kv, d)``, ``k_mean`` f32
+    ``(b, h_kv, d)`` (zeros when ``smooth_k`` is False).
+    """
+    qb, kb, vb = (_bhsd(x, layout) for x in (q, k, v))
+    qb, kb, vb = (x if _rows_aligned(x) else x.contiguous() for x in (qb, kb, vb))
+    b, h_q, s_q, d = qb.shape
+    h_kv, s_kv = kb.shape[1], kb.shape[2]
+    dev = qb.device
+    f32 = torch.float32
+    s_pad = -(-s_kv // kBlockKV) * kBlockKV
+    out = {
+        "q": torch.empty((b, h_q, s_q, d), dtype=torch.int8, device=dev),
+        "q_scale": torch.empty((b, h_q, -(-s_q // 16) * 8), dtype=f32, device=dev),
+        "k": torch.empty((b, h_kv, s_kv, d), dtype=torch.int8, device=dev),
+        "k_scale": torch.empty((b, h_kv, -(-s_kv // kBlockKV) * 4), dtype=f32, device=dev),
+        "v_t": torch.empty((b, h_kv, d, s_pad), dtype=torch.uint8, device=dev),
+        "v_scale": torch.empty((b, h_kv, d), dtype=f32, device=dev),
+    }
+    if k_mean is not None:
+        if tuple(k_mean.shape) != (b, h_kv, d):
+            raise ValueError(f"k_mean must be (b, h_kv, d) = {(b, h_kv, d)}, got {tuple(k_mean.shape)}")
+        km, given = k_mean.to(device=dev, dtype=f32).contiguous(), True
+    elif smooth_k:
+        km, given = torch.empty((b, h_kv, d), dtype=f32, device=dev), False
+    else:
+        km, given = torch.zeros((b, h_kv, d), dtype=f32, device=dev), True
+    workspace = torch.empty((2 * b * h_kv * (-(-s_kv // kStatsChunk)) * d,), dtype=f32, device=dev)
+    sage_core.quant_qkv_sm90_fused(qb, kb, vb, out["q"], out["q_scale"], out["k"], out["k_scale"],
+                                   out["v_t"], out["v_scale"], km, given, workspace, _stream(dev))
+    out["k_mean"] = km
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the backend
+# ------------------------------------------------------------------------------------------------
+def _unsupported_options(options: Dict[str, Any]) -> Optional[str]:
+    for name, value in options.items():
+        if name not in _IMPLEMENTED:
+            return f"option {name!r} is not known to the sm90 {RECIPE} kernel"
+        allowed = _IMPLEMENTED[name]
+        if allowed is not None and value not in allowed:
+            return (f"the sm90 {RECIPE} kernel implements {name} in {allowed}, got {value!r} "
+                    "(use the emulation or another backend for this variant)")
+    return None
+
+
+def _supports(q, k, v, *, layout, is_causal, scale, return_lse, **options) -> Optional[str]:
+    reason = _unsupported_options(options)
+    if reason is not None:
+        return reason
+    d = q.shape[-1]
+    if not kernels_available(d, q.dtype):
+        return f"sage_core was built without the sm90 {RECIPE} kernel for d={d}, {q.dtype}"
+    b = q.shape[0]
+    h_q = q.shape[1] if layout == "bhsd" else q.shape[2]
+    h_kv = k.shape[1] if layout == "bhsd" else k.shape[2]
+    if b > 65535 or h_q > 65535 or b * h_kv > 65535:
+        return f"batch ({b}) / heads ({h_q}) / batch*kv heads ({b * h_kv}) exceed the kernel's grid limit 65535"
+    return None
+
+
+def attention_sm90_qk_s8_pv_e4m3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
+                                 is_causal: bool, scale: float, return_lse: bool,
+                                 **options: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Attention with recipe ``qk_s8_pv_e4m3`` on Hopper (sm_90a).
+
+    Args:
+        q: ``(b, h_q, s_q, d)`` for ``layout="bhsd"``, ``(b, s_q, h_q, d)`` for ``"bshd"``; fp16/bf16,
+            CUDA, last dim contiguous; ``d`` in (64, 128).
+        k, v: same layout, ``h_kv`` heads (``h_q % h_kv == 0``), ``s_kv`` tokens.
+        is_causal: bottom-right aligned causal mask.
+        scale: softmax scale (> 0).
+        return_lse: also return the natural-log LSE ``(b, h_q, s_q)`` float32 of the unsmoothed
+            scores (``-inf`` for fully masked rows).
+        options: ``sage_quant.RECIPES["qk_s8_pv_e4m3"]`` options; values the kernel does not
+            implement raise ``ValueError``.
+
+    Returns:
+        ``(o, lse | None)``: ``o`` has q's shape, dtype and layout (contiguous in that layout).
+    """
+    reason = _unsupported_options(options)
+    if reason is not None:
+        raise ValueError(reason)
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"q must be float16 or bfloat16, got {q.dtype}")
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim {d} is not supported by the sm90 kernel; accepted: {HEAD_DIMS}")
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
+        raise ValueError(f"scale must be a positive float, got {scale!r}")
+    smooth_k = bool(options.get("smooth_k", True))
+
+    qz = quantize_qkv_sm90(q, k, v, layout=layout, smooth_k=smooth_k)
+    qb = _bhsd(q, layout)
+    b, h_q, s_q, _ = qb.shape
+    h_kv, s_kv = qz["k"].shape[1], qz["k"].shape[2]
+    dev = q.device
+    if layout == "bhsd":
+        o = torch.empty((b, h_q, s_q, d), dtype=q.dtype, device=dev)
+        o_bhsd = o
+    else:
+        o = torch.empty((b, s_q, h_q, d), dtype=q.dtype, device=dev)
+        o_bhsd = o.transpose(1, 2)
+    lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=dev) if return_lse else None
+    sage_core.attn_fwd_sm90_qk_s8_pv_e4m3(qz["q"], qz["k"], qz["v_t"], qz["q_scale"], qz["k_scale"],
+                                          qz["v_scale"], o_bhsd, lse, int(s_kv), float(scale),
+                                          bool(is_causal), _stream(dev))
+    if lse is not None and smooth_k:
+        # LSE of the unsmoothed scores: softmax ignored the per-row constant q·k_mean·scale.
+        km = qz["k_mean"]
+        if h_q != h_kv:
+            km = km.repeat_interleave(h_q // h_kv, dim=1)
+        corr = torch.einsum("bhsd,bhd->bhs", qb.to(torch.float32), km) * float(scale)
+        lse = (lse + corr).contiguous()
+    return o, lse
+
+
+register_backend(
+    BACKEND_NAME,
+    RECIPE,
+    archs=("sm90",),
+    head_dims=HEAD_DIMS,
+    fn=attention_sm90_qk_s8_pv_e4m3,
+    available=kernels_available,
+    dtypes=(torch.float16, torch.bfloat16),
+    supports=_supports,
+)

@@ -1,0 +1,97 @@
+"""transformers / diffusers integrations (the libraries are optional) and info()."""
+
+import json
+
+import pytest
+import torch
+
+import sage_torch
+from sage_torch import api
+from sage_torch._torch_fallback import TORCH_SDPA
+from sage_torch_testing import make_qkv
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+
+
+def test_hf_attention_forward_semantics(as_arch, fake_backend, monkeypatch, seed):
+    as_arch("sm90")
+    monkeypatch.setattr(api, "SDPA_DEVICE_TYPES", ("cuda", "cpu"))
+    fn = fake_backend("qk_s8_pv_e4m3", marker=1.0)
+    q, k, v = make_qkv(b=2, h_q=4, h_kv=2, s_q=6, d=64, seed=seed)
+    out, weights = sage_torch.hf_attention_forward(_Module(), q, k, v, None, scaling=0.125)
+    assert weights is None and out.shape == (2, 6, 4, 64) and out.is_contiguous()
+    ref = TORCH_SDPA(q, k, v, is_causal=True, scale=0.125, enable_gqa=True).transpose(1, 2) + 1.0
+    torch.testing.assert_close(out, ref)
+    assert fn.calls[0]["is_causal"] is True
+    # a padding mask goes to PyTorch's SDPA (exact), decoding (s_q == 1) is not causal
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    with pytest.warns(sage_torch.SageFallbackWarning, match="attn_mask"):
+        out, _ = sage_torch.hf_attention_forward(_Module(), q, k, v, mask)
+    torch.testing.assert_close(out, TORCH_SDPA(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2))
+    sage_torch.hf_attention_forward(_Module(), q[:, :, :1], k, v, None)
+    assert fn.calls[-1]["is_causal"] is False
+    with pytest.raises(ValueError, match="output_attentions"):
+        sage_torch.hf_attention_forward(_Module(), q, k, v, None, output_attentions=True)
+
+
+def test_register_hf():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed here")
+    assert sage_torch.register_hf() == "sage"
+    assert transformers.AttentionInterface._global_mapping["sage"] is sage_torch.hf_attention_forward
+
+
+class _FakeDiffusersAttention(torch.nn.Module):
+    """The attributes diffusers' Attention exposes to processors (no diffusers needed)."""
+
+    def __init__(self, dim=128, heads=2, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.to_q, self.to_k, self.to_v = (torch.nn.Linear(dim, dim) for _ in range(3))
+        self.to_out = torch.nn.ModuleList([torch.nn.Linear(dim, dim), torch.nn.Dropout(0.0)])
+        self.spatial_norm = self.group_norm = self.norm_q = self.norm_k = None
+        self.norm_cross = None
+        self.residual_connection = False
+        self.rescale_output_factor = 1.0
+
+
+def _reference_processor(attn, x):
+    b, n, _ = x.shape
+    q, k, v = (f(x).view(b, n, attn.heads, -1).transpose(1, 2) for f in (attn.to_q, attn.to_k, attn.to_v))
+    o = TORCH_SDPA(q, k, v, scale=attn.scale).transpose(1, 2).reshape(b, n, -1)
+    return attn.to_out[1](attn.to_out[0](o))
+
+
+def test_diffusers_processor(as_arch, fake_backend, monkeypatch, seed):
+    as_arch("sm90")
+    monkeypatch.setattr(api, "SDPA_DEVICE_TYPES", ("cuda", "cpu"))
+    fn = fake_backend("qk_s8_pv_e4m3")
+    attn = _FakeDiffusersAttention(seed=seed % 1000).to(torch.bfloat16)
+    x = torch.randn(2, 10, 128, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    with torch.no_grad():
+        out = sage_torch.SageAttnProcessor()(attn, x)
+        ref = _reference_processor(attn, x)
+    torch.testing.assert_close(out, ref)
+    assert len(fn.calls) == 1
+    # 4-D (image) input goes through the same path
+    img = torch.randn(1, 128, 2, 3, generator=torch.Generator().manual_seed(seed + 1)).to(torch.bfloat16)
+    with torch.no_grad():
+        assert sage_torch.SageAttnProcessor()(attn, img).shape == img.shape
+
+
+def test_info_is_json_and_complete(as_arch, fake_backend):
+    fake_backend("qk_s8_pv_e4m3", name="fake_info")
+    info = sage_torch.info()
+    json.dumps(info)
+    for key in ("sage_torch", "torch", "sage_core", "sage_quant", "device", "backend_modules", "backends",
+                "auto_dispatch", "env", "recipes"):
+        assert key in info, key
+    assert set(info["backend_modules"]) >= {"sage_torch.backends.sm90", "sage_torch.backends.sm80"}
+    assert "importable" in info["sage_core"]
+    assert info["auto_dispatch"]["bfloat16"]["head_dim=64"]["kind"] == "torch"  # CPU
+    as_arch("sm90")
+    dec = sage_torch.info()["auto_dispatch"]["bfloat16"]["head_dim=128"]
+    assert dec == {"kind": "kernel", "recipe": "qk_s8_pv_e4m3", "backend": "fake_info", "reason": ""}
