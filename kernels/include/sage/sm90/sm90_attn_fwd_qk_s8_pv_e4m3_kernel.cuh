@@ -336,8 +336,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       mx0 = fmaxf(mx0, fmaxf(sf[4 * j], sf[4 * j + 1]));
       mx1 = fmaxf(mx1, fmaxf(sf[4 * j + 2], sf[4 * j + 3]));
     }
-    mx0 = detail::quad_max(mx0) * c;
-    mx1 = detail::quad_max(mx1) * c;
+    // c differs between the 4 threads of a quad (each owns another K scale group), so scale
+    // before the quad reduction: all 4 must share one running max m.
+    mx0 = detail::quad_max(mx0 * c);
+    mx1 = detail::quad_max(mx1 * c);
     const float m_new0 = fmaxf(m_run[0], mx0);
     const float m_new1 = fmaxf(m_run[1], mx1);
     // A row with no visible key so far keeps m = -inf; use 0 so no (-inf) - (-inf) appears.

@@ -308,7 +308,7 @@ def quant_int(
         xf = xf - _expand_mean(mean, b, h, s, d, mean_block, xf.device)
     qmax = kInt8Max if bits == 8 else kInt4Max
     amax = _group_amax(xf.abs(), granularity, role, block, warp_rows)
-    scale = amax / float(qmax)
+    scale = _ieee_div(amax, float(qmax))
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     idx = scale_group_index(s, granularity, role, block, warp_rows, device=xf.device)
     per_token_scale = scale[:, :, idx, None]  # (b,h,s,1)
@@ -394,9 +394,17 @@ def e4m3_to_float(bits: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float8_e4m3fn).to(torch.float32)
 
 
+
+def _ieee_div(a: torch.Tensor, c: float) -> torch.Tensor:
+    """a / c, correctly rounded on every device. PyTorch's CUDA division by a Python scalar
+    multiplies by the reciprocal (not bit-exact with the kernels' __fdiv_rn); tensor / tensor
+    is a true division on CPU and CUDA alike."""
+    return a / torch.full_like(a, c)
+
+
 def _channel_scale(vf: torch.Tensor, qmax: float) -> torch.Tensor:
     amax = vf.abs().amax(dim=2)  # (b,h,d)
-    scale = amax / qmax
+    scale = _ieee_div(amax, qmax)
     return torch.where(amax == 0, torch.ones_like(scale), scale).contiguous()
 
 
@@ -560,7 +568,7 @@ def _fp4_scales(xg: torch.Tensor, fmt: str):
     """Per-group decoded scale (float32) and its stored byte for groups on the last dim of xg."""
     amax = xg.abs().amax(dim=-1)
     if fmt == "nvfp4":
-        bits = float_to_e4m3(amax / kFp4E2m1Max)
+        bits = float_to_e4m3(_ieee_div(amax, kFp4E2m1Max))
         return e4m3_to_float(bits), bits
     _, ex = torch.frexp(amax)  # amax = mant * 2**ex, mant in [0.5, 1): floor(log2) = ex - 1
     e = (ex.to(torch.int32) - 1 - 2).clamp(-127, 127)

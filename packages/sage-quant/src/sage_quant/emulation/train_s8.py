@@ -29,7 +29,8 @@ Backward (one pass over tiles of ``block_q`` queries × ``block_kv`` keys):
   ``block_q × block_kv`` tile: the contraction of ``dV = Pᵀ dO`` runs over queries, so a per-row
   scale could not be factored out); ``dV_j = Σ_i (P̂_ijᵀ dÔ_i)·s_P,ij·s_dO,i``.
 * ``dP = dO Vᵀ``: ``dp_precision="fp16"`` (the default) keeps it in 16-bit operands (the input's
-  fp16/bf16, fp32 accumulate; emulated as an fp32 matmul of the exactly converted values);
+  fp16/bf16, fp32 accumulate; emulated as a float64 matmul of the exactly converted values,
+  rounded to fp32);
   ``dp_precision="int8"`` (ablation only) uses ``(dÔ V̂ᵀ)·s_dO·s_V`` with the INT8 tensors above.
 * ``D = rowsum(dO ∘ O)`` in fp32 from the stored (input-dtype) ``O``; ``dS = P ∘ (dP - D)`` in fp32,
   quantized INT8 per tile.
@@ -386,7 +387,8 @@ def train_s8_backward(do: torch.Tensor, ctx: TrainS8Context) -> Tuple[torch.Tens
         dvv[:, :, k0:k1] = _tile_sum_at_b(p_int, p_scale_rows, do_int, sdo_tok, bq)
 
         if ctx.dp_precision == "fp16":
-            dp = torch.matmul(do_f, v_hp[:, :, k0:k1].transpose(-1, -2))
+            # 16-bit operands, products exact, fp32 result (float64 here: immune to TF32 settings)
+            dp = torch.matmul(do_f.double(), v_hp[:, :, k0:k1].transpose(-1, -2).double()).float()
         else:
             dp = _imm(do_int, vf[:, :, k0:k1].transpose(-1, -2)) * (sdo_tok[..., None] * sv_blk[:, :, jb, None, None])
         ds = p * (dp - delta[..., None])
