@@ -28,6 +28,7 @@ import torch.nn.functional as F
 TOKENS_BELOW_8K = 32 * 1024  # b·n held at 32k tokens below n = 8k (BENCHMARKING.md)
 HEADS = 32
 ACC_ROWS = 256  # query rows sampled for the float64 check
+FORCED_RECIPES: list[str] = []  # set by --recipes
 
 
 def batch_for(n: int) -> int:
@@ -111,6 +112,12 @@ def sage_impls() -> dict[str, dict]:
         return sage_torch.attention(q, k, v, is_causal=is_causal, recipe="auto")
 
     impls["sage"] = {"e2e": e2e, "split": getattr(mod, "split_for_bench", None)}
+    # Recipes forced onto their own kernels (strict: never the emulation, never a fallback).
+    for recipe in FORCED_RECIPES:
+        def forced(q, k, v, is_causal, recipe=recipe):
+            return sage_torch.attention(q, k, v, is_causal=is_causal, recipe=recipe, strict=True)
+
+        impls[f"sage_{recipe}"] = {"e2e": forced}
     return impls
 
 
@@ -243,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d", type=int, nargs="+", default=[64, 128])
     p.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    p.add_argument("--recipes", nargs="*", default=[],
+                   help="also time these recipes forced onto their kernels (e.g. qk_s8_pv_f16 qk_s8_pv_s8)")
     p.add_argument("--out", default=os.environ.get("SAGE_BENCH_OUT", "bench-out"))
     args = p.parse_args(argv)
+    FORCED_RECIPES[:] = args.recipes
     args.causal = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     if not torch.cuda.is_available():
         cpu_demo()
