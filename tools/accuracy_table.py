@@ -39,6 +39,7 @@ class Runner:
         self.args = args
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         self._cache = {}
+        self._results = {}
 
     def inputs(self, dist: str, d: int, n: int, causal: bool):
         key = (dist, d, n, causal)
@@ -52,6 +53,13 @@ class Runner:
         return self._cache[key]
 
     def run(self, recipe: Optional[str], dist: str, d: int, n: int, causal: bool, **opts) -> Dict[str, float]:
+        key = (recipe, dist, d, n, causal, tuple(sorted(opts.items())))
+        if key in self._results:  # the comparison section re-reads figures; never recompute
+            return self._results[key]
+        self._results[key] = m = self._run(recipe, dist, d, n, causal, **opts)
+        return m
+
+    def _run(self, recipe, dist, d, n, causal, **opts):
         q, k, v, ref = self.inputs(dist, d, n, causal)
         t0 = time.time()
         if recipe is None:  # the plain low-precision baseline: PyTorch SDPA in the input dtype
@@ -122,6 +130,10 @@ ABLATIONS = [
         ("per_block Q (128), per_block K (64) (default)", {}),
         ("per_thread Q, per_thread K (64-key tile)", {"q_granularity": "per_thread", "k_granularity": "per_thread"}),
     ]),
+    ("FP8 P·V: V smoothing (qk_s8_pv_e4m3)", "qk_s8_pv_e4m3", [
+        ("smooth_v=False (V per-channel E4M3 as in SageAttention2)", {"smooth_v": False}),
+        ("smooth_v=True (default: E4M3 of V - mean, mean added in the epilogue)", {}),
+    ]),
     ("FP8 P·V accumulation (qk_s8_pv_e4m3; FP22 = 13 mantissa bits, truncated per 32-key MMA)", "qk_s8_pv_e4m3", [
         ("one_level (FP22 accumulator for all of O)", {"pv_accum": "one_level"}),
         ("two_level (fresh FP22 per 128-key block, FP32 O) (default)", {}),
@@ -187,40 +199,85 @@ def train_s8_rows(r: Runner, lines: List[str]):
     lines.append(f"\nShared settings: {other}\n")
 
 
-PAPERS = """## Comparison with published and reference figures
+def comparison(r: Runner) -> str:
+    """Comparison with published / reference figures; every number is read from this run."""
+    nh, na = r.args.n_headline, r.args.n_ablation
 
-Only figures we are sure of are quoted.
+    def rel(recipe, dist="outlier", n=nh, **o):
+        return r.run(recipe, dist, 128, n, False, **o)["rel_l1"]
+
+    def cos(recipe, dist="outlier", n=nh, **o):
+        return r.run(recipe, dist, 128, n, False, **o)["cos"]
+
+    e4 = "qk_s8_pv_e4m3"
+    g8 = [rel(e4, n=na, q_granularity=q, k_granularity=k) for q, k in
+          (("per_tensor", "per_tensor"), ("per_block", "per_block"), ("per_warp", "per_block"))] + [rel(e4, n=na)]
+    g4 = [rel("qk_s4_pv_e4m3", n=na, q_granularity=q, k_granularity="per_block") for q in ("per_block", "per_warp")]
+    g4 += [rel("qk_s4_pv_e4m3", n=na)]
+    mono = lambda xs: all(a_ > b_ for a_, b_ in zip(xs, xs[1:]))
+    s4_none = rel("qk_s4_pv_e4m3", n=na, smooth_q=False, smooth_k=False)
+    s4_k = rel("qk_s4_pv_e4m3", n=na, smooth_q=False, smooth_k=True)
+    s4_qk = rel("qk_s4_pv_e4m3", n=na)
+    acc1, acc2, accf = (rel(e4, n=na, pv_accum=m) for m in ("one_level", "two_level", "fp32"))
+    nv, mx = rel("qk_nvfp4_pv_nvfp4", n=na), rel("qk_nvfp4_pv_nvfp4", n=na, fmt="mxfp4")
+    direct, two = rel("qk_nvfp4_pv_nvfp4", n=na, p_fp4="direct"), rel("qk_nvfp4_pv_nvfp4", n=na)
+    sdpa = f"sdpa_{r.args.dtype}"
+    f16_pt = dict(q_granularity="per_thread", k_granularity="per_thread")
+    q_smooth_gain = (s4_k - s4_qk) / s4_k
+    near = lambda ours, theirs: abs(ours - theirs) <= 0.1 * theirs  # within 10%
+    e4_off = rel(e4, smooth_v=False)
+    f16_blk, f16_thr = rel("qk_s8_pv_f16"), rel("qk_s8_pv_f16", n=na, **f16_pt)
+    s8s8 = rel("qk_s8_pv_s8")
+    s8s8_worst = s8s8 > max(f16_blk, rel(e4))
+    return f"""## Comparison with published and reference figures
+
+Only figures we are sure of are quoted. Our numbers are read from the tables above: d=128,
+non-causal, outlier inputs unless said; headline n={nh}, ablations n={na}.
 
 * **Reference measurements in NUMERICS.md** (official SageAttention 2.2.0 on one H200, b=1, h=8,
-  n=2048, bf16, same `outlier`/`randn` generators): Hopper `qk_s8_pv_e4m3` outlier d=128 cos 0.999991,
-  rel-L1 0.0041; randn d=128 rel-L1 0.038; `qk_s8_pv_f16` (mma.sync) outlier cos 0.999996,
+  n=2048, d=128, bf16, the same `outlier`/`randn` definitions): Hopper `qk_s8_pv_e4m3` outlier
+  cos 0.999991, rel-L1 0.0041, randn rel-L1 0.038; mma.sync INT8 + FP16 P·V outlier cos 0.999996,
   rel-L1 0.0025; bf16 SDPA outlier cos 0.999999, rel-L1 0.0014, randn rel-L1 0.0022.
-  See the headline table: the emulated `qk_s8_pv_e4m3` reproduces the official kernel's outlier and
-  randn figures, and CPU bf16 SDPA reproduces the GPU SDPA figures, which also validates the input
-  generators. Our `qk_s8_pv_f16` recipe, as NUMERICS.md defines it (SageAttention 1: INT8
-  **per-block** Q/K), is less accurate than the official SageAttention 2.2.0 mma.sync FP16-PV kernel, which
-  quantizes Q/K **per thread**; the granularity ablation shows per-thread INT8 with FP16 P·V
-  closing most of that gap. A kernel meant to match the official figure must use per-thread scales.
-* **SageAttention2** argues (i) per-thread INT8/INT4 scales are as cheap as per-block and more
-  accurate, (ii) Q smoothing is needed for INT4 Q·K, (iii) the FP8 MMA accumulator on Ada/Hopper
-  is FP22 (1 sign, 8 exponent, 13 mantissa bits) so P·V needs two-level accumulation. Our
-  ablations agree in direction on all three: granularity per_tensor → per_block → per_warp →
-  per_thread improves accuracy monotonically; INT4 without smoothing is far worse, Q smoothing
-  helps on top of K smoothing; one-level FP22 accumulation drifts with sequence length while
-  two-level stays at the FP32 figure. The size of the FP22 effect here is a **lower bound**: we
-  truncate the accumulator once per 32-key MMA; hardware that also truncates each product's
-  alignment loses more.
-* **SageAttention3** argues NVFP4 beats MXFP4 (smaller groups, finer E4M3 scales) and that
-  two-level P quantization beats direct FP4 quantization of P. NVFP4 vs MXFP4: we agree. Two-level
-  vs direct P: on the `randn`/`outlier` generators the difference is small, because their softmax
-  rows are not dominated by a few keys; with an attention-sink key (most probabilities tiny,
-  direct quantization gets subnormal E4M3 group scales) two-level P is clearly better (see the
-  unit test `test_fp4_two_level_p_beats_direct_with_attention_sink`).
-* **INT-FlashAttention** (`qk_s8_pv_s8`): fully INT8 with per-token Q/K; its P has a fixed
-  1/127 scale, so small probabilities round to 0: it is less accurate than the FP8-PV recipes on
-  the outlier inputs in our tables (we apply K smoothing to it by default, as NUMERICS.md asks for
-  every INT Q·K).
+  - SDPA in {r.args.dtype} here: outlier cos {cos(None):.6f}, rel-L1 {rel(None):.4f}; randn rel-L1
+    {rel(None, 'randn'):.4f}: the input generators match.
+  - `qk_s8_pv_e4m3` without V smoothing (the official recipe): cos {cos(e4, smooth_v=False):.6f},
+    rel-L1 {e4_off:.4f}; randn rel-L1 {rel(e4, 'randn', smooth_v=False):.4f}:
+    {'**agree**' if near(e4_off, 0.0041) else '**disagree**'} with the official kernel (0.0041 / 0.038). With our default V smoothing: rel-L1 {rel(e4):.4f} on outlier
+    (randn {rel(e4, 'randn'):.4f}, no bias to remove).
+  - `qk_s8_pv_f16` as NUMERICS.md defines it (SageAttention 1: INT8 *per-block* Q 128 / K 64):
+    cos {cos('qk_s8_pv_f16'):.6f}, rel-L1 {f16_blk:.4f}, {'**worse**' if f16_blk > 1.1 * 0.0025 else 'as good as'} than the official FP16-P·V kernel (0.0025);
+    with *per-thread* INT8 scales: cos {cos('qk_s8_pv_f16', n=na, **f16_pt):.6f}, rel-L1
+    {f16_thr:.4f}, which {'**agrees** with it' if near(f16_thr, 0.0025) else 'still **differs**'}. A `qk_s8_pv_f16` kernel that must be
+    "at least as accurate as the original" needs per-thread scales.
+* **SageAttention2** argues (i) finer INT scale granularity is more accurate and per-thread is
+  free, (ii) smoothing is needed for INT4 Q·K, (iii) the FP8 MMA accumulator on Ada/Hopper keeps
+  FP22 (1 sign, 8 exponent, 13 mantissa bits), so P·V needs two-level accumulation.
+  (i) {'**agree**' if mono(g8) and mono(g4) else '**partly disagree**'}: rel-L1 per_tensor → per_block → per_warp → per_thread
+  INT8 {' → '.join(f'{x:.4f}' for x in g8)}; INT4 per_block → per_warp → per_thread
+  {' → '.join(f'{x:.4f}' for x in g4)}. (ii) K smoothing: INT4 rel-L1 {s4_none:.4f} without smoothing,
+  {s4_k:.4f} with K smoothing ({'**agree**' if s4_k < 0.8 * s4_none else '**disagree**'}); adding Q smoothing: {s4_qk:.4f}
+  ({q_smooth_gain * 100:+.1f}% vs K only): {'**agree**' if q_smooth_gain > 0.05 else 'no measurable gain **on our generators**, whose Q outliers are zero-mean scaled channels with no per-block offset for q̄ to remove; the paper case rests on real activations (a `real` input set is not implemented yet)'}.
+  (iii) one-level FP22 {acc1:.4f}, two-level {acc2:.4f}, ideal FP32 {accf:.4f}:
+  {'**agree in direction**' if acc1 > acc2 else '**no effect seen**'} (the gap grows with sequence length: unit test
+  `test_one_level_fp22_accumulation_drifts_two_level_does_not`). Our model truncates the
+  accumulator once per 32-key MMA, a lower bound on the loss of hardware that also truncates
+  when aligning the products.
+* **SageAttention3** argues NVFP4 beats MXFP4 and two-level P quantization beats direct FP4 P.
+  NVFP4 {nv:.4f} vs MXFP4 {mx:.4f}: {'**agree**' if nv < mx else '**disagree**'}. Two-level {two:.4f} vs direct {direct:.4f}:
+  {'**agree in direction**' if two < direct else '**not seen here**'}, {'small' if abs(direct - two) < 0.1 * two else 'large'} on these generators, whose rows are not dominated
+  by a few keys. With an attention-sink key (most probabilities tiny, so direct quantization
+  gets subnormal E4M3 group scales) the gap is about 2x in rel-L1 (unit test
+  `test_fp4_two_level_p_beats_direct_with_attention_sink`).
+* **INT-FlashAttention** (`qk_s8_pv_s8`): P with a fixed 1/127 scale rounds small probabilities
+  to 0 or 1/127{', so it is the least accurate 8-bit recipe here' if s8s8_worst else ''} (outlier rel-L1
+  {s8s8:.4f}). We apply K smoothing by default (NUMERICS.md: always on for INT Q·K); the
+  paper's own kernel does not smooth.
+* **4-bit on `randn`** (`qk_s4_pv_e4m3` cos {cos('qk_s4_pv_e4m3', 'randn'):.4f}, `qk_nvfp4_pv_nvfp4` cos
+  {cos('qk_nvfp4_pv_nvfp4', 'randn'):.4f}) is far below `outlier`: i.i.d. N(0,1) attention averages many
+  small terms, the worst case for 4-bit Q·K; we know of no published figure for these inputs.
 """
+
+
 
 
 def _progress(name, dist, d, causal, m):
@@ -254,7 +311,7 @@ def main(argv=None):
     ablations(r, body)
     if not args.skip_train_s8:
         train_s8_rows(r, body)
-    body.append(PAPERS)
+    body.append(comparison(r))
     dev = args.device
     if dev.startswith("cuda") and torch.cuda.is_available():
         dev = f"{dev} ({torch.cuda.get_device_name(torch.device(dev))})"

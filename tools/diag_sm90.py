@@ -27,7 +27,10 @@ def dequant_ref(qz, q_shape, scale, is_causal):
         i = torch.arange(s_q, device=s.device)[:, None]
         j = torch.arange(s_kv, device=s.device)[None, :]
         s = s.masked_fill(j > i + s_kv - s_q, float("-inf"))
-    return torch.softmax(s, -1) @ vd
+    o = torch.softmax(s, -1) @ vd
+    if qz.get("v_mean") is not None:  # V smoothing: softmax rows sum to 1, the mean comes back whole
+        o = o + qz["v_mean"].double().repeat_interleave(rep, 1)[:, :, None, :]
+    return o
 
 
 def profile(name, err, n):

@@ -86,6 +86,8 @@ def test_options_filter():
         assert "kv_block" in sm80.unsupported_reason(recipe, sm80.resolve_options(recipe, {"kv_block": 128}))
     assert sm80.unsupported_reason("qk_s8_pv_f16", sm80.resolve_options("qk_s8_pv_f16", {"pv_dtype": "bf16"}))
     assert sm80.unsupported_reason("qk_s8_pv_e4m3", sm80.resolve_options("qk_s8_pv_e4m3", {"smooth_q": True}))
+    assert sm80.resolve_options("qk_s8_pv_e4m3", {})["smooth_v"] is False  # backend default
+    assert "smooth_v" in sm80.unsupported_reason("qk_s8_pv_e4m3", sm80.resolve_options("qk_s8_pv_e4m3", {"smooth_v": True}))
     assert sm80.unsupported_reason("qk_s4_pv_e4m3", sm80.resolve_options("qk_s4_pv_e4m3", {"q_block": 96}))
     assert sm80.unsupported_reason("qk_s4_pv_e4m3", sm80.resolve_options("qk_s4_pv_e4m3", {"delta_s": "exact_k"}))
     with pytest.raises(TypeError):

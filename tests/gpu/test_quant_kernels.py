@@ -344,9 +344,9 @@ def test_quant_int_non_finite_groups(seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("d", HEAD_DIMS)
-@pytest.mark.parametrize("fmt", ["e4m3_t", "s8"])
+@pytest.mark.parametrize("fmt", ["e4m3_t", "e4m3_t_smooth", "s8"])
 def test_quant_v(monkeypatch, seed, s, dtype, layout, d, fmt):
-    op = "quant_v_e4m3_t" if fmt == "e4m3_t" else "quant_v_s8"
+    op = "quant_v_s8" if fmt == "s8" else "quant_v_e4m3_t"
     reason = _skip_reason(op)
     if reason:
         pytest.skip(reason)
@@ -357,11 +357,15 @@ def test_quant_v(monkeypatch, seed, s, dtype, layout, d, fmt):
     v[..., 5] = 0  # channel is the last dim in both layouts
     msg = _case(seed=seed, s=s, b=b, h=h, d=d, dtype=dtype, layout=layout, dist=dist, fmt=fmt)
     fn_k, fn_r = getattr(K, op), getattr(R, op)
-    results = run_poisoned(monkeypatch, fn_k, v, layout, msg=msg)
-    want = fn_r(v, layout)
+    extra = {}
+    if fmt == "e4m3_t_smooth":
+        # V smoothing: the (reference) token mean, subtracted before amax and division.
+        extra["mean"] = R.token_mean(v, layout)
+    results = run_poisoned(monkeypatch, fn_k, v, layout, msg=msg, **extra)
+    want = fn_r(v, layout, **extra)
     assert_results_bitwise(results, want, ("values", "scale"), msg)
     assert bool((want[1][:, :, 5] == 1.0).all()), msg
-    if fmt == "e4m3_t":
+    if fmt != "s8":
         assert bool((results[0][0][..., s:] == 0).all()), f"padding not zero; {msg}"
 
 
@@ -371,10 +375,11 @@ def test_quant_v_strided_inputs(monkeypatch, seed, offset, pad):
     if reason:
         pytest.skip(reason)
     v = make_input(1, 2, 1031, 128, torch.float16, "bshd", seed, "outlier", offset=offset, pad=pad)
-    for op in ("quant_v_e4m3_t", "quant_v_s8"):
-        msg = _case(seed=seed, offset=offset, pad=pad, op=op)
-        results = run_poisoned(monkeypatch, getattr(K, op), v, "bshd", msg=msg)
-        assert_results_bitwise(results, getattr(R, op)(v, "bshd"), ("values", "scale"), msg)
+    mean = K.token_mean(v, "bshd")  # the kernel's own mean, passed to both sides
+    for op, extra in (("quant_v_e4m3_t", {}), ("quant_v_e4m3_t", {"mean": mean}), ("quant_v_s8", {})):
+        msg = _case(seed=seed, offset=offset, pad=pad, op=op, smooth=bool(extra))
+        results = run_poisoned(monkeypatch, getattr(K, op), v, "bshd", msg=msg, **extra)
+        assert_results_bitwise(results, getattr(R, op)(v, "bshd", **extra), ("values", "scale"), msg)
 
 
 def test_quant_v_non_finite_channel(seed):

@@ -48,7 +48,7 @@ void check_positive(int64_t v, const char* what, const char* fn) {
 // ------------------------------------------------------------------------------------------------
 void attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v_t, Array q_scale, Array k_scale, Array v_scale,
                                  Array out, std::optional<Array> lse, int64_t seq_kv, float sm_scale,
-                                 bool is_causal, uintptr_t stream) {
+                                 bool is_causal, uintptr_t stream, std::optional<Array> v_mean) {
   constexpr const char* fn = "attn_fwd_sm90_qk_s8_pv_e4m3";
   check_cuda(q, "q");
   check_dtype(q, "q", {kI8});
@@ -92,6 +92,14 @@ void attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v_t, Array q_scale, Arr
   check_dtype(v_scale, "v_scale", {kF32});
   check_shape(v_scale, "v_scale", {b, h_kv, d});
   check_contiguous(v_scale, "v_scale");
+  if (v_mean) {
+    check_cuda(*v_mean, "v_mean");
+    check_same_device(q, "q", *v_mean, "v_mean");
+    check_dtype(*v_mean, "v_mean", {kF32});
+    check_shape(*v_mean, "v_mean", {b, h_kv, d});
+    check_contiguous(*v_mean, "v_mean");
+    check_aligned(*v_mean, "v_mean", 8);  // read as float2
+  }
 
   check_cuda(out, "out");
   check_same_device(q, "q", out, "out");
@@ -135,6 +143,7 @@ void attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v_t, Array q_scale, Arr
   a.q_scale = static_cast<const float*>(q_scale.data());
   a.k_scale = static_cast<const float*>(k_scale.data());
   a.v_scale = static_cast<const float*>(v_scale.data());
+  a.v_mean = v_mean ? static_cast<const float*>(v_mean->data()) : nullptr;
   a.o = out.data();
   a.o_stride_b = stride(out, 0);
   a.o_stride_h = stride(out, 1);
@@ -206,7 +215,7 @@ void check_out(const Array& x, const char* what, const Array& ref, DType dt, con
 
 void quant_qkv_sm90_fused(Array q, Array k, Array v, Array q_out, Array q_scale, Array k_out, Array k_scale,
                           Array v_out, Array v_scale, Array k_mean, bool k_mean_given, Array workspace,
-                          uintptr_t stream) {
+                          uintptr_t stream, std::optional<Array> v_mean, bool v_mean_given) {
   constexpr const char* fn = "quant_qkv_sm90_fused";
   check_cuda(q, "q");
   check_input_bhsd(q, "q", q);
@@ -233,6 +242,11 @@ void quant_qkv_sm90_fused(Array q, Array k, Array v, Array q_out, Array q_scale,
   check_out(v_out, "v_out", q, kU8, {b, h_kv, d, sage::sm90::sm90_v_pad(s_kv)});
   check_out(v_scale, "v_scale", q, kF32, {b, h_kv, d});
   check_out(k_mean, "k_mean", q, kF32, {b, h_kv, d});
+  if (v_mean) {
+    check_out(*v_mean, "v_mean", q, kF32, {b, h_kv, d});
+  } else if (v_mean_given) {
+    fail_value(std::string(fn) + ": v_mean_given=True needs a v_mean tensor, got None");
+  }
   check_cuda(workspace, "workspace");
   check_same_device(q, "q", workspace, "workspace");
   check_dtype(workspace, "workspace", {kF32});
@@ -263,6 +277,8 @@ void quant_qkv_sm90_fused(Array q, Array k, Array v, Array q_out, Array q_scale,
   a.v_scale = static_cast<float*>(v_scale.data());
   a.k_mean = static_cast<float*>(k_mean.data());
   a.k_mean_given = k_mean_given;
+  a.v_mean = v_mean ? static_cast<float*>(v_mean->data()) : nullptr;
+  a.v_mean_given = v_mean_given;
   a.workspace = static_cast<float*>(workspace.data());
 
   DeviceGuard guard(q.device_id());
@@ -280,6 +296,7 @@ void bind_attn_sm90(nb::module_& m) {
   m.def("attn_fwd_sm90_qk_s8_pv_e4m3", &attn_fwd_sm90_qk_s8_pv_e4m3, nb::arg("q"), nb::arg("k"), nb::arg("v_t"),
         nb::arg("q_scale"), nb::arg("k_scale"), nb::arg("v_scale"), nb::arg("out"), nb::arg("lse").none(),
         nb::arg("seq_kv"), nb::arg("sm_scale"), nb::arg("is_causal"), nb::arg("stream"),
+        nb::kw_only(), nb::arg("v_mean").none() = nb::none(),
         "Hopper (sm_90a) attention forward, recipe qk_s8_pv_e4m3, over tensors from quant_qkv_sm90_fused.\n\n"
         "q int8 (b, h_q, s_q, d) contiguous; k int8 (b, h_kv, seq_kv, d) contiguous (smoothed);\n"
         "v_t uint8 E4M3 (b, h_kv, d, ceil(seq_kv/128)*128), transposed and permuted per 32 tokens\n"
@@ -289,10 +306,12 @@ void bind_attn_sm90(nb::module_& m) {
         "(pass out.transpose(1, 2) of a (b, s, h, d) tensor for bshd). lse: None or f32 (b, h_q, s_q),\n"
         "natural log of the (smoothed) scores; fully masked rows give 0 output and -inf.\n"
         "d in {64, 128}; h_q a multiple of h_kv (GQA); is_causal = bottom-right aligned.\n"
-        "stream: raw cudaStream_t as int.");
+        "stream: raw cudaStream_t as int. v_mean (keyword): None or f32 (b, h_kv, d) contiguous, the\n"
+        "V smoothing mean added to every output channel after 1/l and v_scale (rows with l == 0 stay 0).");
   m.def("quant_qkv_sm90_fused", &quant_qkv_sm90_fused, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("q_out"),
         nb::arg("q_scale"), nb::arg("k_out"), nb::arg("k_scale"), nb::arg("v_out"), nb::arg("v_scale"),
-        nb::arg("k_mean"), nb::arg("k_mean_given"), nb::arg("workspace"), nb::arg("stream"),
+        nb::arg("k_mean"), nb::arg("k_mean_given"), nb::arg("workspace"), nb::arg("stream"), nb::kw_only(),
+        nb::arg("v_mean").none() = nb::none(), nb::arg("v_mean_given") = false,
         "Fused quantization for attn_fwd_sm90_qk_s8_pv_e4m3 (3 launches, no host sync).\n\n"
         "q, k, v: fp16 or bf16 (same dtype), logical (b, h, s, d) with the last dim contiguous and\n"
         "strides multiple of 8 elements (pass x.transpose(1, 2) for bshd). Outputs (contiguous):\n"
@@ -300,7 +319,10 @@ void bind_attn_sm90(nb::module_& m) {
         "k_out int8 (b, h_kv, s_kv, d) of K - k_mean, k_scale f32 (b, h_kv, ceil(s_kv/128)*4);\n"
         "v_out uint8 E4M3 (b, h_kv, d, ceil(s_kv/128)*128) transposed + permuted, v_scale f32 (b, h_kv, d).\n"
         "k_mean f32 (b, h_kv, d): read if k_mean_given, else written (token mean of K).\n"
-        "workspace f32 with >= 2*b*h_kv*ceil(s_kv/512)*d elements.");
+        "v_mean (keyword): None = no V smoothing; else f32 (b, h_kv, d) contiguous, read if v_mean_given,\n"
+        "else written (token mean of V); v_out then holds E4M3((V - v_mean) / v_scale) and the attention\n"
+        "kernel must add v_mean back (its v_mean argument).\n"
+        "workspace f32 with >= 4*b*h_kv*ceil(s_kv/512)*d elements.");
 }
 
 }  // namespace sage_core

@@ -208,14 +208,25 @@ q::QuantVParams v_params(const Array& v, const char* fn) {
   return p;
 }
 
-void quant_v_e4m3_t(const Array& v, const Array& values, const Array& scale, uintptr_t stream) {
+void quant_v_e4m3_t(const Array& v, const Array& values, const Array& scale, std::optional<Array> mean,
+                    uintptr_t stream) {
   const char* fn = "quant_v_e4m3_t";
   q::QuantVParams p = v_params(v, fn);
+  if (mean.has_value()) {
+    const Array& m = *mean;
+    check_dtype(m, "quant_v_e4m3_t: mean", {kF32});
+    check_shape(m, "quant_v_e4m3_t: mean (b, h, d)", {p.v.b, p.v.h, p.v.d});
+    check_last_dim_contiguous(m, "quant_v_e4m3_t: mean");
+    p.mean = static_cast<const float*>(m.data());
+    p.mean_stride_b = stride(m, 0);
+    p.mean_stride_h = stride(m, 1);
+  }
   const int64_t s_pad = cdiv(p.v.s, q::kVTokenPad) * q::kVTokenPad;
   if (s_pad > INT32_MAX) fail_value("quant_v_e4m3_t: s too large");
   check_output(values, v, fn, "values (b, h, d, s_pad)", kU8, {p.v.b, p.v.h, p.v.d, s_pad}, kOutAlign);
   check_output(scale, v, fn, "scale", kF32, {p.v.b, p.v.h, p.v.d}, alignof(float));
-  check_cuda_same_device(fn, {{"v", &v}, {"values", &values}, {"scale", &scale}});
+  check_cuda_same_device(fn, {{"v", &v}, {"values", &values}, {"scale", &scale},
+                              {"mean", mean.has_value() ? &*mean : nullptr}});
   p.out = values.data();
   p.scale = static_cast<float*>(scale.data());
   p.s_pad = static_cast<int32_t>(s_pad);
@@ -310,9 +321,10 @@ void bind_quant(nb::module_& m) {
         "per_tensor | per_block | per_warp (q) | per_thread | per_token; role: 'q' | 'k'. "
         "`block` is used by per_block and per_thread K, `warp_rows` by per_warp, `mean_block` by a "
         "4-D mean.");
-  m.def("quant_v_e4m3_t", &quant_v_e4m3_t, "v"_a, "values"_a, "scale"_a, "stream"_a,
+  m.def("quant_v_e4m3_t", &quant_v_e4m3_t, "v"_a, "values"_a, "scale"_a, "mean"_a.none(), "stream"_a,
         "V per-channel FP8 E4M3, transposed. v: logical (b, h, s, d) fp16/bf16; values: uint8 "
-        "(b, h, d, ceil(s/128)*128) (E4M3 bits, padding 0); scale: float32 (b, h, d) = amax/448.");
+        "(b, h, d, ceil(s/128)*128) (E4M3 bits, padding 0); scale: float32 (b, h, d) = amax/448; "
+        "mean: None or the (b, h, d) float32 V smoothing mean (V' = fp32(V) - mean is quantized).");
   m.def("quant_v_s8", &quant_v_s8, "v"_a, "values"_a, "scale"_a, "stream"_a,
         "V per-channel INT8. v: logical (b, h, s, d) fp16/bf16; values: int8 (b, h, s, d); "
         "scale: float32 (b, h, d) = amax/127.");

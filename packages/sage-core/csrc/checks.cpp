@@ -70,6 +70,12 @@ std::string device_str(const Array& a) {
 }
 
 void fail_value(const std::string& msg) { throw nb::value_error(msg.c_str()); }
+
+void fail_dim_index(const Array& a, size_t i) {
+  // shape_str/strides_str only read indices < ndim, so this cannot recurse.
+  fail_value("expected a tensor with more than " + std::to_string(i) + " dimensions, got " +
+             std::to_string(a.ndim()) + "-D with shape " + shape_str(a));
+}
 void fail_type(const std::string& msg) { throw nb::type_error(msg.c_str()); }
 
 void check_cuda(const Array& a, const char* what) {

@@ -45,7 +45,7 @@ def test_cpu_tensors_rejected_with_device_message():
     with pytest.raises(ValueError, match="CUDA tensor"):
         sage_core.block_mean(x, torch.empty(B, H, 1, D), 64, 0)
     with pytest.raises(ValueError, match="CUDA tensor"):
-        sage_core.quant_v_e4m3_t(x, torch.empty(B, H, D, 128, dtype=torch.uint8), torch.empty(B, H, D), 0)
+        sage_core.quant_v_e4m3_t(x, torch.empty(B, H, D, 128, dtype=torch.uint8), torch.empty(B, H, D), None, 0)
     with pytest.raises(ValueError, match="CUDA tensor"):
         sage_core.quant_v_s8(x, torch.empty(B, H, S, D, dtype=torch.int8), torch.empty(B, H, D), 0)
     with pytest.raises(ValueError, match="CUDA tensor"):
@@ -128,7 +128,13 @@ def test_values_shape_checked():
     with pytest.raises(ValueError, match=r"values: expected shape \(1, 2, 5, 8\)"):
         qint(x, torch.empty(B, H, S, D, dtype=torch.uint8), s, bits=4)
     with pytest.raises(ValueError, match=r"values \(b, h, d, s_pad\): expected shape \(1, 2, 16, 128\)"):
-        sage_core.quant_v_e4m3_t(x, torch.empty(B, H, D, S, dtype=torch.uint8), torch.empty(B, H, D), 0)
+        sage_core.quant_v_e4m3_t(x, torch.empty(B, H, D, S, dtype=torch.uint8), torch.empty(B, H, D), None, 0)
+    with pytest.raises(ValueError, match=r"mean \(b, h, d\): expected shape \(1, 2, 16\)"):
+        sage_core.quant_v_e4m3_t(x, torch.empty(B, H, D, 128, dtype=torch.uint8), torch.empty(B, H, D),
+                                 torch.zeros(B, H, 1, D), 0)
+    with pytest.raises(TypeError, match=r"quant_v_e4m3_t: mean: dtype float16"):
+        sage_core.quant_v_e4m3_t(x, torch.empty(B, H, D, 128, dtype=torch.uint8), torch.empty(B, H, D),
+                                 torch.zeros(B, H, D, dtype=torch.float16), 0)
 
 
 def test_mean_shape_checked():

@@ -84,10 +84,10 @@ def _naive_single_block(q, k, v, recipe, scale, opts):
     k_mean = R.token_mean(k).repeat_interleave(rep, 1)
     lse = (m.squeeze(-1) + torch.log2(torch.exp2(s - m).sum(-1))) * math.log(2) + (
         q.float() * k_mean[:, :, None]).sum(-1) * scale
-    return _naive_out(q, k, v, recipe, s, m, rep), lse
+    return _naive_out(q, k, v, recipe, s, m, rep, opts.get("smooth_v", False)), lse
 
 
-def _naive_out(q, k, v, recipe, s, m, rep):
+def _naive_out(q, k, v, recipe, s, m, rep, smooth_v=False):
     if recipe == "qk_s8_pv_f16":
         p = torch.exp2(s - m)
         o = p.half().float() @ v.half().float().repeat_interleave(rep, 1)
@@ -106,10 +106,12 @@ def _naive_out(q, k, v, recipe, s, m, rep):
         vh = R.dequant_fp4(*R.quant_fp4(vt, "nvfp4"), "nvfp4").transpose(2, 3).repeat_interleave(rep, 1)
         return (ph @ vh) * rs / p.sum(-1, keepdim=True)
     p = torch.exp2(s - m + math.log2(448.0))
-    vt, vs = R.quant_v_e4m3_t(v)
+    v_mean = R.token_mean(v) if smooth_v else None  # V smoothing: quantize V - v_mean, add it back
+    vt, vs = R.quant_v_e4m3_t(v, mean=v_mean)
     vq = R.e4m3_to_float(vt[..., : v.shape[2]]).transpose(2, 3).repeat_interleave(rep, 1)
     o = R.e4m3_to_float(R.float_to_e4m3(p)) @ vq
-    return o / p.sum(-1, keepdim=True) * vs.repeat_interleave(rep, 1)[:, :, None]
+    o = o / p.sum(-1, keepdim=True) * vs.repeat_interleave(rep, 1)[:, :, None]
+    return o if v_mean is None else o + v_mean.repeat_interleave(rep, 1)[:, :, None]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -168,7 +170,6 @@ def test_odd_lengths_and_masked_rows(seed, recipe, s_q, s_kv):
     masked = torch.isneginf(ref_lse)
     n_masked = max(0, s_q - s_kv)
     assert int(masked[0, 0].sum()) == n_masked
-    assert torch.all(out.transpose(1, 2)[0, :n_masked] == 0) if n_masked else True
     assert torch.all(out[:, :, :n_masked] == 0)
     assert torch.all(torch.isneginf(lse[masked])) and torch.all(torch.isfinite(lse[~masked]))
     assert torch.isfinite(out).all()

@@ -15,6 +15,7 @@ def test_quantize_wrappers_match_reference_on_cpu(seed):
         a, b = sq.quantize_int(x, **kw), R.quant_int(x, **kw)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert all(torch.equal(a, b) for a, b in zip(sq.quantize_v_e4m3_t(x), R.quant_v_e4m3_t(x)))
+    assert all(torch.equal(a, b) for a, b in zip(sq.quantize_v_e4m3_t(x, mean=m), R.quant_v_e4m3_t(x, mean=m)))
     assert all(torch.equal(a, b) for a, b in zip(sq.quantize_v_s8(x), R.quant_v_s8(x)))
     assert all(torch.equal(a, b) for a, b in zip(sq.quantize_fp4(x, "mxfp4"), R.quant_fp4(x, "mxfp4")))
     assert torch.equal(sq.quantize_block_mean(x, 16), R.block_mean(x, 16))
@@ -48,6 +49,9 @@ def test_quantize_wrappers_on_cuda_are_bit_exact(seed):
         kw_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
         a, b = sq.quantize_int(xc, **kw_cuda), R.quant_int(x, **kw)
         assert torch.equal(a[0].cpu(), b[0]) and torch.equal(a[1].cpu(), b[1]), kw
+    vm = R.token_mean(x)
+    a, b = sq.quantize_v_e4m3_t(xc, mean=vm.cuda()), R.quant_v_e4m3_t(x, mean=vm)
+    assert torch.equal(a[0].cpu(), b[0]) and torch.equal(a[1].cpu(), b[1])
     for fn in (sq.quantize_v_e4m3_t, sq.quantize_v_s8):
         ref_fn = getattr(R, fn.__name__.replace("quantize_", "quant_"))
         assert all(torch.equal(a.cpu(), b) for a, b in zip(fn(xc), ref_fn(x)))

@@ -66,6 +66,10 @@ struct QuantIntParams {
 // s8:     out (b, h, s, d) int8.
 struct QuantVParams {
   InputBHSD v;
+  // Optional V smoothing mean (nullptr = none), (b, h, d) f32: V' = fp32(V) - mean is used for
+  // the amax and the stored values; element (i, j, c) at mean[i*mean_stride_b + j*mean_stride_h + c].
+  const float* mean = nullptr;
+  int64_t mean_stride_b = 0, mean_stride_h = 0;
   void* out = nullptr;
   float* scale = nullptr;
   int32_t s_pad = 0;  // e4m3_t only

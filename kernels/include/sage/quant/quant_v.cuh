@@ -9,6 +9,13 @@
 
 namespace sage::quant {
 
+// Row of the optional V smoothing mean for (i, j); nullptr without one (then nothing is
+// subtracted at all, so the no-mean path is exactly the reference's).
+__device__ __forceinline__ const float* v_mean_row(const QuantVParams& p, int i, int j) {
+  return p.mean == nullptr ? nullptr
+                           : p.mean + static_cast<int64_t>(i) * p.mean_stride_b + static_cast<int64_t>(j) * p.mean_stride_h;
+}
+
 inline constexpr int kVThreads = 256;
 inline constexpr int kVAmaxTokensPerCta = 256;
 inline constexpr int kVTileTokens = kVTokenPad;  // 128: one transposed tile covers the padding
@@ -29,13 +36,19 @@ __global__ void __launch_bounds__(kVThreads) channel_amax_kernel(QuantVParams p,
   const int d = p.v.d;
   for (int c = tid; c < d; c += kVThreads) s_amax_bits[c] = 0u;
   __syncthreads();
+  const float* mean = v_mean_row(p, i, j);
   for (int c = lane * kVec; c < d; c += lanes * kVec) {
     float m[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    float mu[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (mean != nullptr) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) mu[k] = mean[c + k];
+    }
     for (int t = t0 + row; t < t1; t += rows) {
       float v[kVec];
       load8_f32(row_ptr<T>(p.v, i, j, t) + c, vec16, v);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) m[k] = max_nan(m[k], fabsf(v[k]));
+      for (int k = 0; k < kVec; ++k) m[k] = max_nan(m[k], fabsf(mean != nullptr ? __fsub_rn(v[k], mu[k]) : v[k]));
     }
 #pragma unroll
     for (int k = 0; k < kVec; ++k) atomic_max_nonneg(reinterpret_cast<float*>(&s_amax_bits[c + k]), m[k]);
@@ -51,6 +64,7 @@ template <typename T>
 __global__ void __launch_bounds__(kVThreads) quant_v_e4m3_t_kernel(QuantVParams p, bool vec16) {
   __shared__ __align__(16) uint8_t tile[kVTileChannels][kVTileTokens + kVTileRowPad];
   __shared__ float s_scale[kVTileChannels];
+  __shared__ float s_mean[kVTileChannels];
   const int tid = threadIdx.x;
   const int d = p.v.d;
   const int ctiles = (d + kVTileChannels - 1) / kVTileChannels;
@@ -60,8 +74,11 @@ __global__ void __launch_bounds__(kVThreads) quant_v_e4m3_t_kernel(QuantVParams 
   const int64_t bh = static_cast<int64_t>(i) * p.v.h + j;
   const float* amax = p.scale + bh * d;
 
-  for (int c = tid; c < kVTileChannels; c += kVThreads)
+  const float* mean = v_mean_row(p, i, j);
+  for (int c = tid; c < kVTileChannels; c += kVThreads) {
     s_scale[c] = c0 + c < d ? int_scale(amax[c0 + c], kFp8E4m3Max) : 1.f;
+    s_mean[c] = (mean != nullptr && c0 + c < d) ? mean[c0 + c] : 0.f;
+  }
   __syncthreads();
 
   // Read: 8 threads cover 64 channels of one token (coalesced), 32 tokens per pass.
@@ -71,6 +88,10 @@ __global__ void __launch_bounds__(kVThreads) quant_v_e4m3_t_kernel(QuantVParams 
     const int t = t0 + tl, c = c0 + cl;
     float v[kVec] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (t < p.v.s && c < d) load8_f32(row_ptr<T>(p.v, i, j, t) + c, vec16, v);
+    if (mean != nullptr) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) v[k] = __fsub_rn(v[k], s_mean[cl + k]);
+    }
 #pragma unroll
     for (int k = 0; k < kVec; ++k)
       tile[cl + k][tl] = t < p.v.s ? f32_to_e4m3(__fdiv_rn(v[k], s_scale[cl + k])) : uint8_t{0};
@@ -101,16 +122,20 @@ __global__ void __launch_bounds__(kVThreads) quant_v_s8_kernel(QuantVParams p, i
   const int d = p.v.d;
   const int64_t bh = static_cast<int64_t>(i) * p.v.h + j;
   const float* amax = p.scale + bh * d;
+  const float* mean = v_mean_row(p, i, j);
   for (int c = lane * kVec; c < d; c += lanes * kVec) {
-    float sc[kVec];
+    float sc[kVec], mu[kVec];
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) sc[k] = int_scale(amax[c + k], kInt8Max);
+    for (int k = 0; k < kVec; ++k) {
+      sc[k] = int_scale(amax[c + k], kInt8Max);
+      mu[k] = mean != nullptr ? mean[c + k] : 0.f;
+    }
     for (int t = t0 + row; t < t1; t += rows) {
       float v[kVec];
       load8_f32(row_ptr<T>(p.v, i, j, t) + c, vec16, v);
       int q[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) q[k] = quant_int_value(v[k], sc[k], 127);
+      for (int k = 0; k < kVec; ++k) q[k] = quant_int_value(mean != nullptr ? __fsub_rn(v[k], mu[k]) : v[k], sc[k], 127);
       uint2 packed;
       packed.x = (q[0] & 0xFF) | ((q[1] & 0xFF) << 8) | ((q[2] & 0xFF) << 16) | (static_cast<unsigned>(q[3] & 0xFF) << 24);
       packed.y = (q[4] & 0xFF) | ((q[5] & 0xFF) << 8) | ((q[6] & 0xFF) << 16) | (static_cast<unsigned>(q[7] & 0xFF) << 24);

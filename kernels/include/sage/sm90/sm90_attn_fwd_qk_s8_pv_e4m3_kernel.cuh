@@ -3,7 +3,8 @@
 //   P~ = exp2(S*sm_scale*log2e - m + log2(448)) -> E4M3 (RN, satfinite); l sums the fp32 P~
 //   buf = P~ V_e4m3 (fresh fp32 accumulator per KV tile)              wgmma e4m3*e4m3 -> f32, RS
 //   O  = O * exp2(m_old - m_new) + buf                                (two-level accumulation)
-//   out = O * v_scale[channel] / l, LSE = ln2 * (m + log2(l) - log2(448))
+//   out = O * v_scale[channel] / l (+ v_mean[channel] if given, rows with l > 0),
+//   LSE = ln2 * (m + log2(l) - log2(448))
 //
 // Structure (one CTA = 128 query rows of one (batch, head)):
 //   warpgroup 0   producer: one thread issues TMA loads (Q once, then K and V^T tiles into a
@@ -23,6 +24,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <climits>
+
 // Before any CUTLASS header: cutlass/cuda_host_adapter.hpp includes <cudaTypedefs.h> inside
 // namespace cutlass, which would hide the global PFN_* typedefs that driver_api.hpp needs.
 #include "sage/common/arch.hpp"
@@ -37,12 +40,22 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
 
+#ifndef SAGE_SM90_ATTN_OVERLAP
+#define SAGE_SM90_ATTN_OVERLAP 1
+#endif
+#ifndef SAGE_SM90_ATTN_PINGPONG
+#define SAGE_SM90_ATTN_PINGPONG 1
+#endif
+
 namespace sage::sm90 {
 
 inline constexpr float kFp8E4m3Max = 448.f;
 inline constexpr float kLog2Fp8E4m3Max = 8.80735492205760410f;  // log2(448)
 inline constexpr float kLog2e = 1.44269504088896340f;
 inline constexpr float kLn2 = 0.69314718055994531f;
+// Named barrier ids of the consumer ping-pong (one per consumer warpgroup); 0 = __syncthreads,
+// low ids are left to CUTLASS conventions.
+inline constexpr int kPingPongBarrierBase = 8;
 
 // ---- output dtype tags -------------------------------------------------------------------------
 struct OutF16 {
@@ -75,6 +88,12 @@ struct AttnFwdSm90QkS8PvE4m3Traits {
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;  // 24*128 + 240*256 = 64512 <= 65536
   static constexpr int kConsumerThreads = 128 * kNumConsumerWG;
+  // Main-loop schedule (step 2): kOverlap = QK(n) and PV(n-1) in flight together, softmax(n)
+  // between wait<1> and wait<0>; kPingPong = the consumer warpgroups take turns issuing GEMMs
+  // (named barriers). kOverlap = false is the step-1 schedule (kept as the known-good fallback).
+  // Override for A/B runs: -DSAGE_SM90_ATTN_OVERLAP=0 / -DSAGE_SM90_ATTN_PINGPONG=0.
+  static constexpr bool kOverlap = SAGE_SM90_ATTN_OVERLAP != 0;
+  static constexpr bool kPingPong = kOverlap && SAGE_SM90_ATTN_PINGPONG != 0;
 
   // Q/K rows are d bytes: 128 B rows take the 128-byte swizzle, 64 B rows the 64-byte one (the
   // TMA box's inner extent must not exceed the swizzle span). V^T rows are 128 tokens = 128 B.
@@ -112,6 +131,7 @@ struct AttnFwdSm90QkS8PvE4m3Traits {
     uint64_t bar_k_empty[kStages];
     uint64_t bar_v_full[kStages];
     uint64_t bar_v_empty[kStages];
+    float pin[kConsumerThreads];  // write-only slots of detail::pin_before_wgmma_wait
   };
   // + 1024: the dynamic smem base is only guaranteed 16-byte aligned; swizzled TMA/GMMA tiles
   // need 1024-byte alignment, so the kernel rounds the base up.
@@ -149,6 +169,23 @@ __device__ __forceinline__ uint32_t pack_e4m3x4(float x0, float x1, float x2, fl
       : "=r"(out)
       : "f"(x0), "f"(x1), "f"(x2), "f"(x3));
   return out;
+}
+
+// ptxas hoists wgmma.wait_group above independent ALU work (it did so for the whole softmax,
+// which then no longer overlapped the PV wgmma). A shared-memory store is not moved across the
+// wait; storing a value that depends on every EX2 of the tile (the row sums) pins the softmax
+// before it. One STS per thread per tile; the slot is never read.
+__device__ __forceinline__ void pin_before_wgmma_wait(float* slot, float v) {
+  asm volatile("st.shared.f32 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(slot))), "f"(v)
+               : "memory");
+}
+
+// Named barriers over a subset of the CTA's warps (id 0 is __syncthreads).
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
 __device__ __forceinline__ float quad_max(float x) {
@@ -289,14 +326,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // The warpgroup's smallest key limit decides whether a tile needs the element mask.
   const int wg_key_lim = causal ? min(a.seq_kv - 1, wg_row_begin + causal_offset) : a.seq_kv - 1;
 
-  if (n_end > 0) TxBarrier::wait(&ss.bar_q, 0);
-
-  for (int n = 0; n < n_end; ++n) {
-    const int stage = n % kStages;
-    const uint32_t phase = (n / kStages) & 1;
-
-    // ---- S = Q K^T (s32) ----
-    TxBarrier::wait(&ss.bar_k_full[stage], phase);
+  // ---- the pieces of one KV tile ----
+  // S = Q K^T (s32) into tSrS; issued and committed as one wgmma batch, not waited for.
+  auto issue_qk = [&](int stage) {
     warpgroup_fence_operand(tSrS);
     warpgroup_arrive();
     mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
@@ -306,20 +338,30 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       mma_qk.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tSrS);
-    Barrier::arrive(&ss.bar_k_empty[stage]);
-
-    // ---- online softmax on the dequantized scores ----
-    // One scale per thread per tile: c = q_scale * k_scale * sm_scale * log2e. c > 0, so the
-    // max of the raw scores times c is the max of the scaled scores (rounding is monotonic),
-    // and each P~ is one FFMA + one EX2: exp2(raw * c - (m - log2 448)).
-    const float c = qk_scale_log2 * k_scale_head[n * 4];
-    float sf[64];
+  };
+  // buf = P~ V (fresh f32 accumulator) from the E4M3 registers tOrP; committed, not waited for.
+  auto issue_pv = [&](int stage) {
+    warpgroup_fence_operand(tOrBuf);
+    warpgroup_arrive();
+    mma_pv.accumulate_ = GMMA::ScaleOut::Zero;
     CUTE_UNROLL
-    for (int i = 0; i < 64; ++i) sf[i] = static_cast<float>(tSrS(i));
-    const int key_base = n * kBlockKV + 2 * lane_t;
+    for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+      cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrBuf);
+      mma_pv.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+  };
+  // Online softmax of tile n on the finished tSrS: sf = fp32 P~ (in accumulator order), updates
+  // m_run / l_run and returns the O rescale factors exp2(m_old - m_new) of both rows.
+  // One scale per thread per tile: c = q_scale * k_scale * sm_scale * log2e. c > 0, so the
+  // max of the raw scores times c is the max of the scaled scores (rounding is monotonic),
+  // and each P~ is one FFMA + one EX2: exp2(raw * c - (m - log2 448)).
+  auto softmax_tile = [&](int n, float c, float (&sf)[64], float& alpha0, float& alpha1) {
+    float mx0, mx1;  // raw (unscaled) row maxima of this thread's columns
     if (n * kBlockKV + kBlockKV - 1 > wg_key_lim) {  // tile crosses s_kv or the diagonal
+      CUTE_UNROLL
+      for (int i = 0; i < 64; ++i) sf[i] = static_cast<float>(tSrS(i));
+      const int key_base = n * kBlockKV + 2 * lane_t;
       CUTE_UNROLL
       for (int j = 0; j < kBlockKV / 8; ++j) {
         CUTE_UNROLL
@@ -329,12 +371,27 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           if (key > key_lim1) sf[4 * j + 2 + e] = -INFINITY;
         }
       }
-    }
-    float mx0 = -INFINITY, mx1 = -INFINITY;
-    CUTE_UNROLL
-    for (int j = 0; j < kBlockKV / 8; ++j) {
-      mx0 = fmaxf(mx0, fmaxf(sf[4 * j], sf[4 * j + 1]));
-      mx1 = fmaxf(mx1, fmaxf(sf[4 * j + 2], sf[4 * j + 3]));
+      mx0 = -INFINITY;
+      mx1 = -INFINITY;
+      CUTE_UNROLL
+      for (int j = 0; j < kBlockKV / 8; ++j) {
+        mx0 = fmaxf(mx0, fmaxf(sf[4 * j], sf[4 * j + 1]));
+        mx1 = fmaxf(mx1, fmaxf(sf[4 * j + 2], sf[4 * j + 3]));
+      }
+    } else {
+      // Unmasked tile: the max on the s32 accumulator with the 3-input VIMNMX3 (sm_90 DPX), half
+      // the instructions of pairwise FMNMX. Exact: |raw| <= 127*127*d < 2^24 converts exactly
+      // and monotonically, so float(max raw) == max float(raw).
+      int imx0 = INT_MIN, imx1 = INT_MIN;
+      CUTE_UNROLL
+      for (int j = 0; j < kBlockKV / 8; ++j) {
+        imx0 = __vimax3_s32(imx0, tSrS(4 * j), tSrS(4 * j + 1));
+        imx1 = __vimax3_s32(imx1, tSrS(4 * j + 2), tSrS(4 * j + 3));
+      }
+      CUTE_UNROLL
+      for (int i = 0; i < 64; ++i) sf[i] = static_cast<float>(tSrS(i));
+      mx0 = static_cast<float>(imx0);
+      mx1 = static_cast<float>(imx1);
     }
     // c differs between the 4 threads of a quad (each owns another K scale group), so scale
     // before the quad reduction: all 4 must share one running max m.
@@ -345,8 +402,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // A row with no visible key so far keeps m = -inf; use 0 so no (-inf) - (-inf) appears.
     const float m_use0 = m_new0 == -INFINITY ? 0.f : m_new0;
     const float m_use1 = m_new1 == -INFINITY ? 0.f : m_new1;
-    const float alpha0 = detail::ex2_approx(m_run[0] - m_use0);
-    const float alpha1 = detail::ex2_approx(m_run[1] - m_use1);
+    alpha0 = detail::ex2_approx(m_run[0] - m_use0);
+    alpha1 = detail::ex2_approx(m_run[1] - m_use1);
     m_run[0] = m_new0;
     m_run[1] = m_new1;
     const float neg_off0 = kLog2Fp8E4m3Max - m_use0;  // P~ max maps to 448
@@ -363,8 +420,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     l_run[0] = l_run[0] * alpha0 + sum0;
     l_run[1] = l_run[1] * alpha1 + sum1;
-
-    // P~ -> E4M3 A fragment of the PV wgmma (see the file comment for why no shuffle is needed).
+  };
+  // P~ -> E4M3 A fragment of the PV wgmma (see the file comment for why no shuffle is needed).
+  auto pack_p = [&](const float (&sf)[64]) {
     CUTE_UNROLL
     for (int cch = 0; cch < kBlockKV / 32; ++cch) {
       const int j0 = 4 * cch;  // accumulator column groups 4c .. 4c+3 = keys 32c .. 32c+31
@@ -373,29 +431,111 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       tOrP32(4 * cch + 2) = detail::pack_e4m3x4(sf[4 * j0 + 8], sf[4 * j0 + 9], sf[4 * j0 + 12], sf[4 * j0 + 13]);
       tOrP32(4 * cch + 3) = detail::pack_e4m3x4(sf[4 * j0 + 10], sf[4 * j0 + 11], sf[4 * j0 + 14], sf[4 * j0 + 15]);
     }
-
-    // ---- buf = P~ V (fresh f32 accumulator) ----
-    TxBarrier::wait(&ss.bar_v_full[stage], phase);
-    warpgroup_fence_operand(tOrBuf);
-    warpgroup_arrive();
-    mma_pv.accumulate_ = GMMA::ScaleOut::Zero;
-    CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(tOrP); ++kb) {
-      cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrBuf);
-      mma_pv.accumulate_ = GMMA::ScaleOut::One;
-    }
-    warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tOrBuf);
-    Barrier::arrive(&ss.bar_v_empty[stage]);
-
-    // ---- two-level accumulation on CUDA cores ----
+  };
+  // Two-level accumulation on CUDA cores: O = O * alpha + buf.
+  auto accumulate_o = [&](float alpha0, float alpha1) {
     CUTE_UNROLL
     for (int j = 0; j < D / 8; ++j) {
       tOrO(4 * j + 0) = fmaf(tOrO(4 * j + 0), alpha0, tOrBuf(4 * j + 0));
       tOrO(4 * j + 1) = fmaf(tOrO(4 * j + 1), alpha0, tOrBuf(4 * j + 1));
       tOrO(4 * j + 2) = fmaf(tOrO(4 * j + 2), alpha1, tOrBuf(4 * j + 2));
       tOrO(4 * j + 3) = fmaf(tOrO(4 * j + 3), alpha1, tOrBuf(4 * j + 3));
+    }
+  };
+  auto tile_scale = [&](int n) { return qk_scale_log2 * k_scale_head[n * 4]; };
+
+  if (n_end > 0) TxBarrier::wait(&ss.bar_q, 0);
+
+  if constexpr (!Traits::kOverlap) {
+    // Step 1 schedule: QK, wait, softmax, PV, wait, accumulate (the two consumer warpgroups
+    // overlap only by chance).
+    for (int n = 0; n < n_end; ++n) {
+      const int stage = n % kStages;
+      const uint32_t phase = (n / kStages) & 1;
+      const float c = tile_scale(n);
+      TxBarrier::wait(&ss.bar_k_full[stage], phase);
+      issue_qk(stage);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+      Barrier::arrive(&ss.bar_k_empty[stage]);
+      float sf[64], alpha0, alpha1;
+      softmax_tile(n, c, sf, alpha0, alpha1);
+      pack_p(sf);
+      TxBarrier::wait(&ss.bar_v_full[stage], phase);
+      issue_pv(stage);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrBuf);
+      Barrier::arrive(&ss.bar_v_empty[stage]);
+      accumulate_o(alpha0, alpha1);
+    }
+  } else if (n_end > 0) {
+    // Step 2 schedule (FA3-style):
+    //  * intra-warpgroup overlap: QK(n) and PV(n-1) are issued back to back; softmax(n) runs
+    //    while PV(n-1) is on the tensor cores (wait<1> = QK(n) done, PV(n-1) may still run).
+    //  * ping-pong: a warpgroup issues its GEMMs only after the other one has issued its own
+    //    (named barriers), so one warpgroup's softmax overlaps the other's GEMMs.
+    // P(n) is packed only after PV(n-1) has finished reading the P registers.
+    const int pp_own = kPingPongBarrierBase + cw;
+    const int pp_other = kPingPongBarrierBase + (cw ^ 1);
+    float sf[64];
+    float alpha_prev0, alpha_prev1;  // O rescale that goes with buf = PV(n-1)
+    // Consumer warpgroup 0 issues first: warpgroup 1 pre-arrives on its barrier.
+    if constexpr (Traits::kPingPong) {
+      if (cw == 1) detail::named_barrier_arrive(kPingPongBarrierBase, Traits::kConsumerThreads);
+    }
+    {
+      const float c = tile_scale(0);
+      if constexpr (Traits::kPingPong) detail::named_barrier_sync(pp_own, Traits::kConsumerThreads);
+      TxBarrier::wait(&ss.bar_k_full[0], 0);
+      issue_qk(0);
+      if constexpr (Traits::kPingPong) detail::named_barrier_arrive(pp_other, Traits::kConsumerThreads);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+      Barrier::arrive(&ss.bar_k_empty[0]);
+      softmax_tile(0, c, sf, alpha_prev0, alpha_prev1);
+      pack_p(sf);
+    }
+    for (int n = 1; n < n_end; ++n) {
+      const int stage = n % kStages;
+      const uint32_t phase = (n / kStages) & 1;
+      const int stage_prev = (n - 1) % kStages;
+      const uint32_t phase_prev = ((n - 1) / kStages) & 1;
+      const float c = tile_scale(n);
+      if constexpr (Traits::kPingPong) detail::named_barrier_sync(pp_own, Traits::kConsumerThreads);
+      TxBarrier::wait(&ss.bar_k_full[stage], phase);
+      issue_qk(stage);
+      TxBarrier::wait(&ss.bar_v_full[stage_prev], phase_prev);
+      issue_pv(stage_prev);
+      if constexpr (Traits::kPingPong) detail::named_barrier_arrive(pp_other, Traits::kConsumerThreads);
+      warpgroup_wait<1>();  // QK(n) done
+      warpgroup_fence_operand(tSrS);
+      Barrier::arrive(&ss.bar_k_empty[stage]);
+      float alpha0, alpha1;
+      softmax_tile(n, c, sf, alpha0, alpha1);
+      // Pin the softmax before the wait: otherwise the compiler sinks the EX2s below it and
+      // nothing overlaps PV(n-1).
+      detail::pin_before_wgmma_wait(&ss.pin[threadIdx.x - 128], l_run[0] + l_run[1]);
+      warpgroup_wait<0>();  // PV(n-1) done: buf valid, P registers free
+      warpgroup_fence_operand(tOrBuf);
+      Barrier::arrive(&ss.bar_v_empty[stage_prev]);
+      accumulate_o(alpha_prev0, alpha_prev1);
+      pack_p(sf);
+      alpha_prev0 = alpha0;
+      alpha_prev1 = alpha1;
+    }
+    {
+      const int stage_last = (n_end - 1) % kStages;
+      const uint32_t phase_last = ((n_end - 1) / kStages) & 1;
+      TxBarrier::wait(&ss.bar_v_full[stage_last], phase_last);
+      issue_pv(stage_last);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrBuf);
+      Barrier::arrive(&ss.bar_v_empty[stage_last]);
+      accumulate_o(alpha_prev0, alpha_prev1);
+    }
+    // Balance the barriers: warpgroup 1 arrived once more on warpgroup 0's than it synced.
+    if constexpr (Traits::kPingPong) {
+      if (cw == 0) detail::named_barrier_sync(pp_own, Traits::kConsumerThreads);
     }
   }
 
@@ -406,6 +546,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const float inv_l0 = l0 == 0.f ? 0.f : 1.f / l0;
   const float inv_l1 = l1 == 0.f ? 0.f : 1.f / l1;
   const float* vs = a.v_scale + int64_t(bh_kv) * D + 2 * lane_t;
+  // V smoothing: the mean is added after normalization; a fully masked row (l == 0) stays 0.
+  const float* vm = a.v_mean != nullptr ? a.v_mean + int64_t(bh_kv) * D + 2 * lane_t : nullptr;
+  const float has_l0 = l0 == 0.f ? 0.f : 1.f;
+  const float has_l1 = l1 == 0.f ? 0.f : 1.f;
   using OutT = typename Traits::OutTag::T;
   OutT* o_head = static_cast<OutT*>(a.o) + int64_t(batch) * a.o_stride_b + int64_t(head) * a.o_stride_h;
   OutT* o_row0 = o_head + int64_t(grow0) * a.o_stride_s + 2 * lane_t;
@@ -415,13 +559,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   CUTE_UNROLL
   for (int j = 0; j < D / 8; ++j) {
     const float2 v2 = *reinterpret_cast<const float2*>(vs + 8 * j);
+    const float2 m2 = vm != nullptr ? *reinterpret_cast<const float2*>(vm + 8 * j) : make_float2(0.f, 0.f);
     if (write0) {
       *reinterpret_cast<uint32_t*>(o_row0 + 8 * j) =
-          Traits::OutTag::pack2(tOrO(4 * j + 0) * inv_l0 * v2.x, tOrO(4 * j + 1) * inv_l0 * v2.y);
+          Traits::OutTag::pack2(fmaf(m2.x, has_l0, tOrO(4 * j + 0) * inv_l0 * v2.x),
+                                fmaf(m2.y, has_l0, tOrO(4 * j + 1) * inv_l0 * v2.y));
     }
     if (write1) {
       *reinterpret_cast<uint32_t*>(o_row1 + 8 * j) =
-          Traits::OutTag::pack2(tOrO(4 * j + 2) * inv_l1 * v2.x, tOrO(4 * j + 3) * inv_l1 * v2.y);
+          Traits::OutTag::pack2(fmaf(m2.x, has_l1, tOrO(4 * j + 2) * inv_l1 * v2.x),
+                                fmaf(m2.y, has_l1, tOrO(4 * j + 3) * inv_l1 * v2.y));
     }
   }
   if (a.lse != nullptr && lane_t == 0) {

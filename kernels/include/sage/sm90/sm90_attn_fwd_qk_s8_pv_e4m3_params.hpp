@@ -10,6 +10,7 @@
 //   q_scale  f32   (b, h_q,  ceil(s_q/16)*8)
 //   k_scale  f32   (b, h_kv, ceil(s_kv/128)*4)
 //   v_scale  f32   (b, h_kv, d)
+//   v_mean   f32   (b, h_kv, d)  optional (nullptr = none): V smoothing, added to every output row
 //   o        fp16/bf16, logical (b, h_q, s_q, d), element strides given, last dim contiguous
 //   lse      f32   logical (b, h_q, s_q), element strides given (natural log; nullptr = not wanted)
 #pragma once
@@ -40,6 +41,9 @@ struct AttnFwdQkS8PvE4m3Args {
   const float* q_scale = nullptr;
   const float* k_scale = nullptr;
   const float* v_scale = nullptr;
+  // Optional V smoothing (nullptr = none): out = P~ V^ * v_scale / l + v_mean[channel]; rows with
+  // l == 0 (no visible key) stay 0.
+  const float* v_mean = nullptr;
   void* o = nullptr;
   int64_t o_stride_b = 0, o_stride_h = 0, o_stride_s = 0;  // elements
   float* lse = nullptr;                                     // optional
@@ -76,10 +80,12 @@ cudaError_t attn_fwd_sm90_qk_s8_pv_e4m3_hdim128_bf16(const AttnFwdQkS8PvE4m3Args
 // ---- fused quantization of Q, K, V for this kernel ---------------------------------------------
 // Inputs fp16 or bf16 (same dtype for q, k, v), logical (b, h, s, d), element strides, last dim
 // contiguous, every row 16-byte aligned. Three launches on `stream`, no host synchronization:
-//   1. per (b, kv head, 512-token chunk): partial sum of K and amax|V| per channel -> workspace
-//   2. per (b, kv head): k_mean = sum / s_kv (unless given), v_scale = amax / 448 (1 if amax == 0)
-//   3. per 128-token tile: Q int8 per-thread, K int8 per-thread (smoothed), V E4M3 transposed +
-//      permuted (padding tokens written as 0)
+//   1. per (b, kv head, 512-token chunk): partial sum of K, sum / max / min of V per channel
+//   2. per (b, kv head): k_mean = sum / s_kv (unless given); with V smoothing v_mean = sum / s_kv
+//      (unless given); v_scale = max(vmax - v_mean, v_mean - vmin) / 448 (1 if 0; v_mean = 0
+//      without smoothing, i.e. amax|V| / 448)
+//   3. per 128-token tile: Q int8 per-thread, K int8 per-thread (smoothed), V E4M3 of V - v_mean
+//      transposed + permuted (padding tokens written as 0)
 struct QuantQkvSm90Args {
   const void* q = nullptr;
   const void* k = nullptr;
@@ -98,14 +104,16 @@ struct QuantQkvSm90Args {
   float* v_scale = nullptr;      // (b, h_kv, d)
   float* k_mean = nullptr;       // (b, h_kv, d): input if k_mean_given, else written
   bool k_mean_given = false;
-  // workspace, 2 * b * h_kv * ceil(s_kv/512) * d floats (partial sums, then partial amax)
+  float* v_mean = nullptr;       // (b, h_kv, d): nullptr = no V smoothing; input if v_mean_given, else written
+  bool v_mean_given = false;
+  // workspace, 4 * b * h_kv * ceil(s_kv/512) * d floats (partial K sums, V sums, V max, V min)
   float* workspace = nullptr;
 };
 
 cudaError_t quant_qkv_sm90_fused(const QuantQkvSm90Args& a, cudaStream_t stream);
 
 inline int64_t quant_qkv_sm90_workspace_floats(int64_t b, int64_t h_kv, int64_t s_kv, int64_t d) {
-  return 2 * b * h_kv * sm90_stats_chunks(s_kv) * d;
+  return 4 * b * h_kv * sm90_stats_chunks(s_kv) * d;
 }
 
 }  // namespace sage::sm90

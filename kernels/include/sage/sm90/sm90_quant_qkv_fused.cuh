@@ -3,13 +3,18 @@
 //
 // Three launches, no host synchronization, deterministic (fixed reduction orders):
 //   1. kv_stats_partial : grid (ceil(s_kv/512), b*h_kv). Per 512-token chunk and channel: the fp32
-//                         sum of K and the amax of |V| -> workspace.
+//                         sum of K, and the sum, max and min of V -> workspace.
 //   2. kv_stats_finalize: grid (b*h_kv). k_mean = (sum of the chunk sums, in chunk order) / s_kv
-//                         (skipped when the caller gives k_mean); v_scale = amax / 448 (1 if 0).
+//                         (skipped when the caller gives k_mean); V smoothing (v_mean != nullptr):
+//                         v_mean likewise (unless given), else v_mean = 0;
+//                         v_scale = max(vmax - v_mean, v_mean - vmin) / 448 (1 if 0).
+//                         That is exactly amax_t |fl(V - v_mean)|: fp32 subtraction of a constant
+//                         is monotonic, so the extremes of fl(v - m) are fl(vmax - m), fl(vmin - m),
+//                         and negation is exact. Without smoothing it is amax|V| as before.
 //   3. quant_tiles      : one CTA per 128-token tile of Q (per head), of K, or of V:
 //                         Q int8 per-thread groups (t//16)*8 + t%8,
 //                         K int8 per-thread groups (t//128)*4 + (t%8)//2 of K - k_mean,
-//                         V E4M3 per channel, transposed to (d, s_pad) and permuted inside every
+//                         V E4M3 per channel of V - v_mean, transposed to (d, s_pad) and permuted inside every
 //                         32-token chunk (v_e4m3_t_perm32 in quant-formats.md), padding 0.
 // Q/K/V are read once each by pass 3 and K/V once more by pass 1: 5 reads of fp16 and 1.5 bytes
 // written per element, versus separate passes per tensor plus a transpose in the original.
@@ -57,6 +62,14 @@ __device__ __forceinline__ float max_nan(float a, float b) {
   return r;
 }
 
+__device__ __forceinline__ float min_nan(float a, float b) {
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+inline constexpr int kStatsArrays = 4;  // workspace planes: K sum, V sum, V max, V min
+
 // 8 consecutive channels (16 bytes) of one token -> fp32.
 template <class InTag>
 __device__ __forceinline__ void load8(const void* p, float (&x)[8]) {
@@ -96,8 +109,8 @@ template <class InTag, int D>
 __global__ void __launch_bounds__(kThreads)
     kv_stats_partial_kernel(const QuantQkvSm90Args a, int n_chunks) {
   using L = Layout<D>;
-  __shared__ float red_sum[L::kTokensPerPass][D];
-  __shared__ float red_max[L::kTokensPerPass][D];
+  // 4 planes x kTokensPerPass x D floats = 32 KiB for both head dims
+  __shared__ float red[kStatsArrays][L::kTokensPerPass][D];
   const int chunk = blockIdx.x;
   const int bh = blockIdx.y;
   const int b = bh / a.heads_kv, h = bh % a.heads_kv;
@@ -107,9 +120,9 @@ __global__ void __launch_bounds__(kThreads)
                    (int64_t(b) * a.k_stride_b + int64_t(h) * a.k_stride_h + c8 * 8) * 2;
   const char* vp = static_cast<const char*>(a.v) +
                    (int64_t(b) * a.v_stride_b + int64_t(h) * a.v_stride_h + c8 * 8) * 2;
-  float sum[8], amax[8];
+  float ksum[8], vsum[8], vmax[8], vmin[8];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) sum[i] = 0.f, amax[i] = 0.f;
+  for (int i = 0; i < 8; ++i) ksum[i] = 0.f, vsum[i] = 0.f, vmax[i] = -INFINITY, vmin[i] = INFINITY;
   const int t_end = min(a.seq_kv, (chunk + 1) * kSm90StatsChunk);
   for (int t = chunk * kSm90StatsChunk + r; t < t_end; t += L::kTokensPerPass) {
     float xk[8], xv[8];
@@ -117,27 +130,36 @@ __global__ void __launch_bounds__(kThreads)
     load8<InTag>(vp + int64_t(t) * a.v_stride_s * 2, xv);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      sum[i] += xk[i];
-      amax[i] = max_nan(amax[i], fabsf(xv[i]));
+      ksum[i] += xk[i];
+      vsum[i] += xv[i];
+      vmax[i] = max_nan(vmax[i], xv[i]);
+      vmin[i] = min_nan(vmin[i], xv[i]);
     }
   }
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    red_sum[r][c8 * 8 + i] = sum[i];
-    red_max[r][c8 * 8 + i] = amax[i];
+    red[0][r][c8 * 8 + i] = ksum[i];
+    red[1][r][c8 * 8 + i] = vsum[i];
+    red[2][r][c8 * 8 + i] = vmax[i];
+    red[3][r][c8 * 8 + i] = vmin[i];
   }
   __syncthreads();
   if (threadIdx.x < D) {
+    // Rows r without a token in a short chunk hold the neutral values (0, 0, -inf, +inf).
     const int c = threadIdx.x;
-    float s = 0.f, m = 0.f;
+    float ks = 0.f, vs = 0.f, mx = -INFINITY, mn = INFINITY;
     for (int rr = 0; rr < L::kTokensPerPass; ++rr) {
-      s += red_sum[rr][c];
-      m = max_nan(m, red_max[rr][c]);
+      ks += red[0][rr][c];
+      vs += red[1][rr][c];
+      mx = max_nan(mx, red[2][rr][c]);
+      mn = min_nan(mn, red[3][rr][c]);
     }
     const int64_t n_part = int64_t(a.batch) * a.heads_kv * n_chunks * D;
     const int64_t idx = (int64_t(bh) * n_chunks + chunk) * D + c;
-    a.workspace[idx] = s;
-    a.workspace[n_part + idx] = m;
+    a.workspace[idx] = ks;
+    a.workspace[n_part + idx] = vs;
+    a.workspace[2 * n_part + idx] = mx;
+    a.workspace[3 * n_part + idx] = mn;
   }
 }
 
@@ -147,14 +169,29 @@ __global__ void __launch_bounds__(D) kv_stats_finalize_kernel(const QuantQkvSm90
   const int bh = blockIdx.x;
   const int c = threadIdx.x;
   const int64_t n_part = int64_t(a.batch) * a.heads_kv * n_chunks * D;
-  float s = 0.f, m = 0.f;
+  float ks = 0.f, vs = 0.f, mx = -INFINITY, mn = INFINITY;
   for (int ch = 0; ch < n_chunks; ++ch) {
     const int64_t idx = (int64_t(bh) * n_chunks + ch) * D + c;
-    s += a.workspace[idx];
-    m = max_nan(m, a.workspace[n_part + idx]);
+    ks += a.workspace[idx];
+    vs += a.workspace[n_part + idx];
+    mx = max_nan(mx, a.workspace[2 * n_part + idx]);
+    mn = min_nan(mn, a.workspace[3 * n_part + idx]);
   }
-  if (!a.k_mean_given) a.k_mean[int64_t(bh) * D + c] = __fdiv_rn(s, float(a.seq_kv));
-  a.v_scale[int64_t(bh) * D + c] = m == 0.f ? 1.f : __fdiv_rn(m, kE4m3Max);
+  const int64_t o = int64_t(bh) * D + c;
+  if (!a.k_mean_given) a.k_mean[o] = __fdiv_rn(ks, float(a.seq_kv));
+  float vm = 0.f;  // no V smoothing: amax = max(vmax, -vmin) = amax|V|
+  if (a.v_mean != nullptr) {
+    if (a.v_mean_given) {
+      vm = a.v_mean[o];
+    } else {
+      vm = __fdiv_rn(vs, float(a.seq_kv));
+      a.v_mean[o] = vm;
+    }
+  }
+  // amax_t |fl(v - vm)| (see the file comment); every channel has >= 1 token, so mx, mn are finite
+  // or NaN here, never the +-inf initial values.
+  const float amax = max_nan(__fsub_rn(mx, vm), __fsub_rn(vm, mn));
+  a.v_scale[o] = amax == 0.f ? 1.f : __fdiv_rn(amax, kE4m3Max);
 }
 
 // ---- pass 3 ------------------------------------------------------------------------------------
@@ -197,16 +234,21 @@ __global__ void __launch_bounds__(kThreads) quant_tiles_kernel(const QuantQkvSm9
   const int64_t st = role == 0 ? a.q_stride_s : (role == 1 ? a.k_stride_s : a.v_stride_s);
   const char* base = static_cast<const char*>(src) + (int64_t(b) * sb + int64_t(h) * sh + c8 * 8) * 2;
 
-  // Per-channel constants: K smoothing mean or V scale.
-  float chan[8];
+  // Per-channel constants: the smoothing mean to subtract (K: k_mean, V: v_mean or 0) and the
+  // V scale.
+  float mean[8], chan[8];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) chan[i] = 0.f;
+  for (int i = 0; i < 8; ++i) mean[i] = 0.f, chan[i] = 1.f;
   if (role == 1) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) chan[i] = a.k_mean[int64_t(bh) * D + c8 * 8 + i];
+    for (int i = 0; i < 8; ++i) mean[i] = a.k_mean[int64_t(bh) * D + c8 * 8 + i];
   } else if (role == 2) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) chan[i] = a.v_scale[int64_t(bh) * D + c8 * 8 + i];
+    if (a.v_mean != nullptr) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) mean[i] = a.v_mean[int64_t(bh) * D + c8 * 8 + i];
+    }
   }
 
   float x[L::kPasses][8];
@@ -215,9 +257,10 @@ __global__ void __launch_bounds__(kThreads) quant_tiles_kernel(const QuantQkvSm9
     const int t = t0 + p * L::kTokensPerPass + r;
     if (t < seq) {
       load8<InTag>(base + int64_t(t) * st * 2, x[p]);
-      if (role == 1) {
+      if (role != 0) {
+        // x - 0 == x exactly (also for -0 and NaN), so unsmoothed V takes the same path
 #pragma unroll
-        for (int i = 0; i < 8; ++i) x[p][i] = x[p][i] - chan[i];
+        for (int i = 0; i < 8; ++i) x[p][i] = __fsub_rn(x[p][i], mean[i]);
       }
     } else {
 #pragma unroll
@@ -324,7 +367,8 @@ inline cudaError_t quant_qkv_sm90_fused_impl(const QuantQkvSm90Args& a, cudaStre
       !row_ok(a.k, a.k_stride_b, a.k_stride_h, a.k_stride_s) ||
       !row_ok(a.v, a.v_stride_b, a.v_stride_h, a.v_stride_s) || a.q_out == nullptr ||
       a.q_scale == nullptr || a.k_out == nullptr || a.k_scale == nullptr || a.v_out == nullptr ||
-      a.v_scale == nullptr || a.k_mean == nullptr || a.workspace == nullptr) {
+      a.v_scale == nullptr || a.k_mean == nullptr || a.workspace == nullptr ||
+      (a.v_mean_given && a.v_mean == nullptr)) {
     return cudaErrorInvalidValue;
   }
   using namespace quant_detail;

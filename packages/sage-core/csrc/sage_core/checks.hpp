@@ -62,8 +62,18 @@ void check_cuda_same_device(const std::string& fn, std::initializer_list<NamedAr
 [[noreturn]] void fail_value(const std::string& msg);
 [[noreturn]] void fail_type(const std::string& msg);
 
-inline int64_t dim(const Array& a, size_t i) { return static_cast<int64_t>(a.shape(i)); }
-inline int64_t stride(const Array& a, size_t i) { return a.stride(i); }   // in elements
+// Bounds-checked: nb::ndarray::shape(i)/stride(i) read past the DLPack arrays for i >= ndim
+// (undefined behaviour, possibly a crash far from the call). A binding that asks for a dimension
+// before checking ndim gets a ValueError instead.
+[[noreturn]] void fail_dim_index(const Array& a, size_t i);
+inline int64_t dim(const Array& a, size_t i) {
+  if (i >= a.ndim()) fail_dim_index(a, i);
+  return static_cast<int64_t>(a.shape(i));
+}
+inline int64_t stride(const Array& a, size_t i) {   // in elements
+  if (i >= a.ndim()) fail_dim_index(a, i);
+  return a.stride(i);
+}
 inline bool is_aligned(const void* p, size_t bytes) {
   return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
 }

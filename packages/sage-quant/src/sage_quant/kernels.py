@@ -190,15 +190,25 @@ def quant_int(
     return values, scale
 
 
-def quant_v_e4m3_t(v: torch.Tensor, layout: str = "bhsd") -> Tuple[torch.Tensor, torch.Tensor]:
-    """V per-channel E4M3, transposed (see ``reference.quant_v_e4m3_t``): ``(v_t, v_scale)``."""
+def quant_v_e4m3_t(v: torch.Tensor, layout: str = "bhsd",
+                   mean: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """V per-channel E4M3, transposed (see ``reference.quant_v_e4m3_t``): ``(v_t, v_scale)``.
+    ``mean``: optional (b, h, d) V smoothing mean; ``V' = fp32(V) - mean`` is quantized."""
     _require("quant_v_e4m3_t")
     vl = _bhsd_view(v, layout, "v", "quant_v_e4m3_t")
     b, h, s, d = vl.shape
+    mean_arg = None
+    if mean is not None:
+        if not isinstance(mean, torch.Tensor) or not mean.is_floating_point():
+            raise TypeError(f"quant_v_e4m3_t: mean must be None or a float32 tensor, got "
+                            f"{getattr(mean, 'dtype', type(mean).__name__)}")
+        if tuple(mean.shape) != (b, h, d):
+            raise ValueError(f"V mean must be (b, h, d) = {(b, h, d)}, got shape {tuple(mean.shape)}")
+        mean_arg = mean.detach().to(device=vl.device, dtype=torch.float32).contiguous()
     s_pad = -(-s // _ref.kVTokenPad) * _ref.kVTokenPad
     values = _alloc((b, h, d, s_pad), dtype=torch.uint8, device=vl.device)
     scale = _alloc((b, h, d), dtype=torch.float32, device=vl.device)
-    _core.quant_v_e4m3_t(vl, values, scale, _stream(vl))
+    _core.quant_v_e4m3_t(vl, values, scale, mean_arg, _stream(vl))
     return values, scale
 
 

@@ -408,15 +408,24 @@ def _channel_scale(vf: torch.Tensor, qmax: float) -> torch.Tensor:
     return torch.where(amax == 0, torch.ones_like(scale), scale).contiguous()
 
 
-def quant_v_e4m3_t(v: torch.Tensor, layout: str = "bhsd") -> Tuple[torch.Tensor, torch.Tensor]:
+def quant_v_e4m3_t(v: torch.Tensor, layout: str = "bhsd",
+                   mean: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """V per-channel E4M3, transposed for K-major 8-bit B operands.
 
     Returns ``(v_t, v_scale)``: ``v_t`` uint8 E4M3 bits ``(b, h, d, s_pad)``,
     ``s_pad = ceil(s/128)*128``, padding 0; ``v_scale`` float32 ``(b, h, d)`` = amax/448
     (1.0 for an all-zero channel). ``v_t[..., c, t] = E4M3(V[..., t, c] / v_scale[c])``.
+
+    ``mean``: optional float32 ``(b, h, d)`` V smoothing mean (``token_mean(v)``). With it, V is
+    replaced by ``V' = fp32(V) - mean`` (one fp32 subtraction) before the amax and the division;
+    the consumer adds ``mean`` back to the attention output (softmax rows sum to 1).
     """
     vf = _f32_bhsd(v, layout, "v")
     b, h, s, d = vf.shape
+    if mean is not None:
+        if isinstance(mean, torch.Tensor) and mean.dim() != 3:
+            raise ValueError(f"V mean must be (b, h, d) = {(b, h, d)}, got shape {tuple(mean.shape)}")
+        vf = vf - _expand_mean(mean, b, h, s, d, None, vf.device)
     scale = _channel_scale(vf, kFp8E4m3Max)
     codes = float_to_e4m3(vf / scale[:, :, None, :])  # (b,h,s,d)
     s_pad = -(-s // kVTokenPad) * kVTokenPad

@@ -10,8 +10,10 @@ the kernel dataflow:
 * online softmax over KV blocks of ``kv_block`` keys: running row max ``m``, ``P̃ = exp2(S - m +
   offset)`` (offset ``log2(448)`` for FP8 P), row sum ``l`` accumulated from the float32 P̃
   *before* P̃ is quantized, ``O = O·exp2(m_old - m_new) + P̂ V̂``.
-* epilogue: ``O / l`` times V's per-channel scale; LSE = ``(m + log2 l - offset)·ln 2`` plus
-  ``q·k_mean·scale`` when K was smoothed (so it is the LSE of the unsmoothed scores).
+* epilogue: ``O / l`` times V's per-channel scale, plus ``v_mean`` when V was smoothed
+  (``smooth_v``: rows of the softmax sum to 1, so ``softmax(S)·(V - v̄) + v̄`` is exact; fully
+  masked rows stay 0); LSE = ``(m + log2 l - offset)·ln 2`` plus ``q·k_mean·scale`` when K was
+  smoothed (so it is the LSE of the unsmoothed scores).
 
 All work is vectorized over batch, heads and query rows; the only Python loop is over KV blocks
 (and over the 32-key MMA chunks when an FP22 accumulator is emulated).
@@ -64,6 +66,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
         **_INT_QK_COMMON,
         "q_granularity": "per_thread",
         "k_granularity": "per_thread",
+        # V smoothing: E4M3's 3 mantissa bits quantize V - v_mean, not a per-channel bias
+        "smooth_v": True,
         "kv_block": 128,
         "pv_accum": "two_level",
         "acc_mantissa_bits": kFp22MantissaBits,
@@ -125,7 +129,7 @@ def recipe_options(recipe: str, **options) -> Dict[str, Any]:
 
     pos_int("kv_block", 16)
     pos_int("q_block")
-    for name in ("smooth_k", "smooth_q"):
+    for name in ("smooth_k", "smooth_q", "smooth_v"):
         if name in opts:
             boolean(name)
     if "delta_s" in opts:
@@ -258,7 +262,7 @@ def _mma_fp22_accumulate(acc, p, v, chunk, bits):
     return acc
 
 
-def _prepare_pv(recipe, v, opts, rep):
+def _prepare_pv(recipe, v, opts, rep, v_mean=None):
     s_kv = v.shape[2]
     if recipe == "qk_s8_pv_f16":
         pv_dtype = torch.float16 if opts["pv_dtype"] == "fp16" else torch.bfloat16
@@ -271,7 +275,7 @@ def _prepare_pv(recipe, v, opts, rep):
         return 0.0, block, None
 
     if recipe in ("qk_s8_pv_e4m3", "qk_s4_pv_e4m3"):
-        v_t, v_scale = R.quant_v_e4m3_t(v)
+        v_t, v_scale = R.quant_v_e4m3_t(v, mean=v_mean)  # V - v_mean when smoothing V
         v_q = _expand_kv(R.e4m3_to_float(v_t[:, :, :, :s_kv]).transpose(2, 3), rep)  # (b,h,s,d)
         mode, bits = opts["pv_accum"], opts["acc_mantissa_bits"]
 
@@ -360,6 +364,8 @@ def emulate(
             k_block: K per_block block (64) / per_thread key tile (default ``kv_block``).
             smooth_k: subtract the per-(b, kv-head, channel) token mean of K.
             smooth_q: subtract the per-``q_block`` mean of Q and add ``ΔS = q̄ K̂ᵀ`` back.
+            smooth_v (qk_s8_pv_e4m3, default True): quantize ``V - v_mean`` (per-(b, kv-head,
+                channel) token mean) to E4M3 and add ``v_mean`` to the normalized output.
             delta_s: K used by that GEMV: ``"quantized_k"`` (dequantized smoothed K, what the
                 kernel holds) or ``"exact_k"`` (float32 smoothed K).
             kv_block: keys per online-softmax step (a multiple of 16).
@@ -403,7 +409,8 @@ def emulate(
         s_fn, k_mean = _prepare_int_qk(q_l, k_l, opts, bits, scale_log2, rep)
     else:
         s_fn, k_mean = _prepare_fp4_qk(q_l, k_l, opts, scale_log2, rep)
-    offset, pv_block, out_scale = _prepare_pv(recipe, v_l, opts, rep)
+    v_mean = R.token_mean(v_l) if opts.get("smooth_v", False) else None
+    offset, pv_block, out_scale = _prepare_pv(recipe, v_l, opts, rep, v_mean)
 
     dev = q_l.device
     f32 = torch.float32
@@ -428,6 +435,8 @@ def emulate(
     out = o / l[..., None]
     if out_scale is not None:
         out = out * out_scale[:, :, None, :]
+    if v_mean is not None:
+        out = out + _expand_kv(v_mean, rep)[:, :, None, :]
     out = torch.where((l == 0)[..., None], torch.zeros_like(out), out)  # fully masked rows
     out = out.to(q.dtype)
     if layout == "bshd":

@@ -135,6 +135,10 @@ def resolve_options(recipe: str, options: dict[str, Any]) -> dict[str, Any]:
     by ``sage_quant.recipe_options`` (TypeError for unknown names, ValueError for bad values)."""
     opts = dict(options)
     opts.setdefault("kv_block", kKvTile)
+    if "smooth_v" in sage_quant.RECIPES[recipe]:
+        # The sm80 epilogue has no V-mean term yet: this backend's default is no V smoothing
+        # (asking for it explicitly is refused below, never silently ignored).
+        opts.setdefault("smooth_v", False)
     return sage_quant.recipe_options(recipe, **opts)
 
 
@@ -151,6 +155,9 @@ def unsupported_reason(recipe: str, opts: dict[str, Any]) -> Optional[str]:
             return f"the kernel adds dS from the dequantized K it holds: delta_s must be 'quantized_k', got {opts['delta_s']!r}"
         if opts["q_block"] % kCtaRows:
             return f"Q smoothing blocks must be multiples of the CTA's {kCtaRows} rows, got q_block={opts['q_block']}"
+    if opts.get("smooth_v"):
+        return ("V smoothing (smooth_v=True) is implemented by the sm90 kernel only; the sm80 "
+                f"{recipe} kernel needs smooth_v=False")
     if recipe == "qk_s8_pv_f16" and opts["pv_dtype"] != "fp16":
         return f"the sm80 kernel computes P.V in fp16 (bf16 V converted to fp16): pv_dtype must be 'fp16', got {opts['pv_dtype']!r}"
     if "pv_accum" in opts:

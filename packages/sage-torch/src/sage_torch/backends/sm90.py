@@ -35,6 +35,7 @@ __all__ = [
     "kernels_available",
     "quantize_qkv_sm90",
     "attention_sm90_qk_s8_pv_e4m3",
+    "split_for_bench",
 ]
 
 RECIPE = "qk_s8_pv_e4m3"
@@ -43,6 +44,7 @@ HEAD_DIMS = (64, 128)
 V_PERM_CHUNK = 32  # keys of one 8-bit k32 wgmma: the permutation period of v_e4m3_t_perm32
 kBlockKV = 128  # the kernel's KV tile = per-thread K scale block = v_t token padding
 kStatsChunk = 512  # tokens per partial-statistics chunk of the fused quantizer (workspace size)
+kStatsPlanes = 4  # workspace planes of the fused quantizer: K sum, V sum, V max, V min
 
 _ATTN_FN = "attn_fwd_sm90_qk_s8_pv_e4m3"
 _QUANT_FN = "quant_qkv_sm90_fused"
@@ -62,6 +64,7 @@ _IMPLEMENTED: Dict[str, Any] = {
     "q_block": None,  # per-thread Q groups are 16-row MMA tiles; q_block only matters for smooth_q
     "k_block": (None, kBlockKV),
     "smooth_k": (True, False),
+    "smooth_v": (True, False),  # V smoothing: quantizer subtracts v_mean, the epilogue adds it back
     "smooth_q": (False,),
     "delta_s": None,  # only used with smooth_q
     "kv_block": (kBlockKV,),
@@ -160,8 +163,19 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def _mean_arg(mean: torch.Tensor, name: str, shape: Tuple[int, int, int], dev) -> torch.Tensor:
+    """A caller's (b, h_kv, d) mean as the contiguous, 16-byte aligned float32 tensor the kernel reads."""
+    if not isinstance(mean, torch.Tensor):
+        raise TypeError(f"{name} must be None or a torch.Tensor, got {type(mean).__name__}")
+    if tuple(mean.shape) != shape:
+        raise ValueError(f"{name} must be (b, h_kv, d) = {shape}, got {tuple(mean.shape)}")
+    m = mean.to(device=dev, dtype=torch.float32).contiguous()
+    return m if m.data_ptr() % 16 == 0 else m.clone()
+
+
 def quantize_qkv_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str = "bhsd",
-                      smooth_k: bool = True, k_mean: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                      smooth_k: bool = True, k_mean: Optional[torch.Tensor] = None,
+                      smooth_v: bool = True, v_mean: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Quantize Q, K, V for :func:`attention_sm90_qk_s8_pv_e4m3` with the fused CUDA kernel.
 
     Args:
@@ -170,13 +184,21 @@ def quantize_qkv_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layo
         smooth_k: subtract the token mean of K (per batch, kv head, channel) before quantizing.
         k_mean: optional precomputed float32 ``(b, h_kv, d)`` mean to subtract instead of the
             kernel's own (used by the bit-exact tests; implies smoothing).
+        smooth_v: V smoothing: quantize ``V - v_mean`` (token mean per batch, kv head, channel);
+            the attention kernel adds ``v_mean`` back (rows of a softmax sum to 1).
+        v_mean: optional precomputed float32 ``(b, h_kv, d)`` V mean (bit-exact tests; implies
+            smoothing).
 
     Returns a dict (all contiguous): ``q`` int8 ``(b, h_q, s_q, d)``, ``q_scale`` f32
     ``(b, h_q, ceil(s_q/16)*8)``, ``k`` int8 ``(b, h_kv, s_kv, d)``, ``k_scale`` f32
     ``(b, h_kv, ceil(s_kv/128)*4)``, ``v_t`` uint8 E4M3 ``(b, h_kv, d, ceil(s_kv/128)*128)`` in
     the permuted ``v_e4m3_t_perm32`` order, ``v_scale`` f32 ``(b, h_kv, d)``, ``k_mean`` f32
-    ``(b, h_kv, d)`` (zeros when ``smooth_k`` is False).
+    ``(b, h_kv, d)`` (zeros when ``smooth_k`` is False), and with V smoothing ``v_mean`` f32
+    ``(b, h_kv, d)`` (the key is absent without it; pass ``out.get("v_mean")`` to the kernel).
     """
+    for name, val in (("smooth_k", smooth_k), ("smooth_v", smooth_v)):
+        if not isinstance(val, bool):
+            raise ValueError(f"{name} must be True or False, got {val!r}")
     qb, kb, vb = (_bhsd(x, layout) for x in (q, k, v))
     qb, kb, vb = (x if _rows_aligned(x) else x.contiguous() for x in (qb, kb, vb))
     b, h_q, s_q, d = qb.shape
@@ -193,17 +215,25 @@ def quantize_qkv_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layo
         "v_scale": torch.empty((b, h_kv, d), dtype=f32, device=dev),
     }
     if k_mean is not None:
-        if tuple(k_mean.shape) != (b, h_kv, d):
-            raise ValueError(f"k_mean must be (b, h_kv, d) = {(b, h_kv, d)}, got {tuple(k_mean.shape)}")
-        km, given = k_mean.to(device=dev, dtype=f32).contiguous(), True
+        km, given = _mean_arg(k_mean, "k_mean", (b, h_kv, d), dev), True
     elif smooth_k:
         km, given = torch.empty((b, h_kv, d), dtype=f32, device=dev), False
     else:
         km, given = torch.zeros((b, h_kv, d), dtype=f32, device=dev), True
-    workspace = torch.empty((2 * b * h_kv * (-(-s_kv // kStatsChunk)) * d,), dtype=f32, device=dev)
+    if v_mean is not None:
+        vm, v_given = _mean_arg(v_mean, "v_mean", (b, h_kv, d), dev), True
+    elif smooth_v:
+        vm, v_given = torch.empty((b, h_kv, d), dtype=f32, device=dev), False
+    else:
+        vm, v_given = None, False
+    # 4 planes of per-chunk partials: K sum, V sum, V max, V min
+    workspace = torch.empty((kStatsPlanes * b * h_kv * (-(-s_kv // kStatsChunk)) * d,), dtype=f32, device=dev)
+    extra = {} if vm is None else {"v_mean": vm, "v_mean_given": v_given}
     sage_core.quant_qkv_sm90_fused(qb, kb, vb, out["q"], out["q_scale"], out["k"], out["k_scale"],
-                                   out["v_t"], out["v_scale"], km, given, workspace, _stream(dev))
+                                   out["v_t"], out["v_scale"], km, given, workspace, _stream(dev), **extra)
     out["k_mean"] = km
+    if vm is not None:
+        out["v_mean"] = vm
     return out
 
 
@@ -236,6 +266,27 @@ def _supports(q, k, v, *, layout, is_causal, scale, return_lse, **options) -> Op
     return None
 
 
+def _alloc_out(q: torch.Tensor, layout: str, b: int, h_q: int, s_q: int, d: int):
+    """Output in q's layout (contiguous in it) and its (b, h, s, d) view for the kernel."""
+    if layout == "bhsd":
+        o = torch.empty((b, h_q, s_q, d), dtype=q.dtype, device=q.device)
+        return o, o
+    o = torch.empty((b, s_q, h_q, d), dtype=q.dtype, device=q.device)
+    return o, o.transpose(1, 2)
+
+
+def _launch_attn(qz: Dict[str, torch.Tensor], o_bhsd: torch.Tensor, lse: Optional[torch.Tensor],
+                 scale: float, is_causal: bool) -> None:
+    """The attention kernel alone over the quantizer's outputs (v_mean: V smoothing, if present)."""
+    s_kv = qz["k"].shape[2]
+    v_mean = qz.get("v_mean")
+    # keyword only when present: a sage_core built before v_mean existed still runs unsmoothed V
+    extra = {} if v_mean is None else {"v_mean": v_mean}
+    sage_core.attn_fwd_sm90_qk_s8_pv_e4m3(qz["q"], qz["k"], qz["v_t"], qz["q_scale"], qz["k_scale"],
+                                          qz["v_scale"], o_bhsd, lse, int(s_kv), scale, is_causal,
+                                          _stream(o_bhsd.device), **extra)
+
+
 def attention_sm90_qk_s8_pv_e4m3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
                                  is_causal: bool, scale: float, return_lse: bool,
                                  **options: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -266,30 +317,53 @@ def attention_sm90_qk_s8_pv_e4m3(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
         raise ValueError(f"scale must be a positive float, got {scale!r}")
     smooth_k = bool(options.get("smooth_k", True))
+    smooth_v = bool(options.get("smooth_v", True))  # V smoothing: qz["v_mean"] is added back by the epilogue
 
-    qz = quantize_qkv_sm90(q, k, v, layout=layout, smooth_k=smooth_k)
+    qz = quantize_qkv_sm90(q, k, v, layout=layout, smooth_k=smooth_k, smooth_v=smooth_v)
     qb = _bhsd(q, layout)
     b, h_q, s_q, _ = qb.shape
-    h_kv, s_kv = qz["k"].shape[1], qz["k"].shape[2]
-    dev = q.device
-    if layout == "bhsd":
-        o = torch.empty((b, h_q, s_q, d), dtype=q.dtype, device=dev)
-        o_bhsd = o
-    else:
-        o = torch.empty((b, s_q, h_q, d), dtype=q.dtype, device=dev)
-        o_bhsd = o.transpose(1, 2)
-    lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=dev) if return_lse else None
-    sage_core.attn_fwd_sm90_qk_s8_pv_e4m3(qz["q"], qz["k"], qz["v_t"], qz["q_scale"], qz["k_scale"],
-                                          qz["v_scale"], o_bhsd, lse, int(s_kv), float(scale),
-                                          bool(is_causal), _stream(dev))
+    o, o_bhsd = _alloc_out(q, layout, b, h_q, s_q, d)
+    lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device) if return_lse else None
+    _launch_attn(qz, o_bhsd, lse, float(scale), bool(is_causal))
     if lse is not None and smooth_k:
         # LSE of the unsmoothed scores: softmax ignored the per-row constant q·k_mean·scale.
         km = qz["k_mean"]
+        h_kv = km.shape[1]
         if h_q != h_kv:
             km = km.repeat_interleave(h_q // h_kv, dim=1)
         corr = torch.einsum("bhsd,bhd->bhs", qb.to(torch.float32), km) * float(scale)
         lse = (lse + corr).contiguous()
     return o, lse
+
+
+def split_for_bench(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool,
+                    layout: str = "bhsd", scale: Optional[float] = None):
+    """Split one call into quantization (done now) and the attention kernel (returned).
+
+    For ``python -m sage_torch.bench``'s kernel-only column. Returns ``(prepared, kernel_fn)``:
+    ``prepared`` holds the quantized tensors (``quantize_qkv_sm90``'s dict, default options) and a
+    preallocated output; ``kernel_fn(prepared)`` launches only the attention kernel (no
+    allocation, no LSE) on the current stream and returns the output in q's layout.
+    """
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"q must be float16 or bfloat16, got {q.dtype}")
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim {d} is not supported by the sm90 kernel; accepted: {HEAD_DIMS}")
+    if scale is None:
+        scale = d ** -0.5
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
+        raise ValueError(f"scale must be a positive float, got {scale!r}")
+    qz = quantize_qkv_sm90(q, k, v, layout=layout)
+    b, h_q, s_q, _ = _bhsd(q, layout).shape
+    o, o_bhsd = _alloc_out(q, layout, b, h_q, s_q, d)
+    prepared = {"qz": qz, "o": o, "o_bhsd": o_bhsd, "scale": float(scale), "is_causal": bool(is_causal)}
+
+    def kernel_fn(pr: Dict[str, Any]) -> torch.Tensor:
+        _launch_attn(pr["qz"], pr["o_bhsd"], None, pr["scale"], pr["is_causal"])
+        return pr["o"]
+
+    return prepared, kernel_fn
 
 
 register_backend(
