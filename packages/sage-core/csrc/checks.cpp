@@ -1,6 +1,5 @@
 #include "sage_core/checks.hpp"
 
-#include <sstream>
 
 namespace sage_core {
 
@@ -25,19 +24,17 @@ std::string dtype_name(DType t) {
   return s;
 }
 
+// Error messages are built with std::to_string, never iostreams: on the GPU machine (GCC 13,
+// nvcc-compiled TUs in the same module, hidden visibility) `ostream << long` resolved to a copy
+// of libstdc++'s num_put whose locale facet id was never registered, and segfaulted.
 std::string shape_str(const std::vector<int64_t>& shape) {
-  std::ostringstream os;
-  os << "(";
+  std::string s = "(";
   for (size_t i = 0; i < shape.size(); ++i) {
-    if (i) os << ", ";
-    if (shape[i] < 0)
-      os << "*";
-    else
-      os << shape[i];
+    if (i) s += ", ";
+    s += shape[i] < 0 ? std::string("*") : std::to_string(shape[i]);
   }
-  if (shape.size() == 1) os << ",";
-  os << ")";
-  return os.str();
+  if (shape.size() == 1) s += ",";
+  return s + ")";
 }
 
 std::string shape_str(const Array& a) {
@@ -49,11 +46,9 @@ std::string shape_str(const Array& a) {
 std::string strides_str(const Array& a) {
   std::vector<int64_t> s(a.ndim());
   for (size_t i = 0; i < a.ndim(); ++i) s[i] = stride(a, i);
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << ")";
-  return os.str();
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + ")";
 }
 
 std::string device_str(const Array& a) {
