@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <type_traits>
 
 // Before any CUTLASS header: cutlass/cuda_host_adapter.hpp includes <cudaTypedefs.h> inside
 // namespace cutlass, which would hide the global PFN_* typedefs that driver_api.hpp needs.
@@ -45,6 +46,20 @@
 #endif
 #ifndef SAGE_SM90_ATTN_PINGPONG
 #define SAGE_SM90_ATTN_PINGPONG 1
+#endif
+// Step 3 (H11): how many of the 16 four-score groups of a tile row pair take exp2 on the FMA pipe
+// (polynomial) instead of MUFU.EX2 in unmasked tiles (0 = all MUFU), and that polynomial's degree
+// (5: rel. error 2.1e-7, like ex2.approx; 4: 2.7e-6, one FFMA less).
+#ifndef SAGE_SM90_ATTN_EXP2_POLY_GROUPS
+#define SAGE_SM90_ATTN_EXP2_POLY_GROUPS 4
+#endif
+// Step 3 (H11): int32 -> float of the scores by the magic-number add (IADD on the ALU pipe)
+// instead of I2FP in unmasked tiles; see Traits::kMagicI2F for the rounding consequence.
+#ifndef SAGE_SM90_ATTN_MAGIC_I2F
+#define SAGE_SM90_ATTN_MAGIC_I2F 1
+#endif
+#ifndef SAGE_SM90_ATTN_EXP2_POLY_DEGREE
+#define SAGE_SM90_ATTN_EXP2_POLY_DEGREE 5
 #endif
 
 namespace sage::sm90 {
@@ -94,6 +109,26 @@ struct AttnFwdSm90QkS8PvE4m3Traits {
   // Override for A/B runs: -DSAGE_SM90_ATTN_OVERLAP=0 / -DSAGE_SM90_ATTN_PINGPONG=0.
   static constexpr bool kOverlap = SAGE_SM90_ATTN_OVERLAP != 0;
   static constexpr bool kPingPong = kOverlap && SAGE_SM90_ATTN_PINGPONG != 0;
+  // MUFU.EX2 (16/clk/SM) and instruction issue are co-bottlenecks of the softmax: groups of 4
+  // scores (out of 16 per tile and thread) evaluated with exp2_poly() cost ~10 issue slots each
+  // instead of 1 issue slot + 8 MUFU clocks. Spread evenly over the tile; masked tiles use MUFU
+  // only (exp2(-inf) must be exactly 0 there). Tune with -DSAGE_SM90_ATTN_EXP2_POLY_GROUPS=k.
+  static constexpr int kExp2PolyGroups = SAGE_SM90_ATTN_EXP2_POLY_GROUPS;
+  static constexpr int kExp2PolyDegree = SAGE_SM90_ATTN_EXP2_POLY_DEGREE;
+  static_assert(kExp2PolyGroups >= 0 && kExp2PolyGroups <= 16, "0..16 groups");
+  static_assert(kExp2PolyDegree == 4 || kExp2PolyDegree == 5, "degree 4 or 5");
+  // Magic-number conversion: for |S| < 2^22, bits(S + 0x4B400000) is the float 1.5*2^23 + S
+  // exactly; the exp argument becomes fma(M + S, c, off - M*c). The row max stays exact (integer
+  // VIMNMX3). The one rounding of off - M*c (per row and tile) shifts that row segment's exp
+  // argument by <= 0.75*c, i.e. less than one unit of the integer score: P~ changes by a common
+  // factor (1 +- 0.52*c) for the thread's 32 keys of that row (c ~ 1e-4 for randn inputs).
+  // |S| <= 127*127*128 = 2064512 < 2^22 holds for d <= 128.
+  static constexpr bool kMagicI2F = SAGE_SM90_ATTN_MAGIC_I2F != 0;
+  static_assert(127 * 127 * kHeadDim_ < (1 << 22), "magic-number conversion range");
+  // Group j (of 16) takes the polynomial: Bresenham spread so MUFU and FMA work interleave.
+  static constexpr bool exp2_group_is_poly(int j) {
+    return (j + 1) * kExp2PolyGroups / 16 > j * kExp2PolyGroups / 16;
+  }
 
   // Q/K rows are d bytes: 128 B rows take the 128-byte swizzle, 64 B rows the 64-byte one (the
   // TMA box's inner extent must not exceed the swizzle span). V^T rows are 128 tokens = 128 B.
@@ -156,6 +191,40 @@ __device__ __forceinline__ float ex2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+// exp2 on the FMA pipe (Cody-Waite): x = j + f, j = round(x), f in [-1/2, 1/2];
+// 2^x = p(f) * 2^j with p a relative-error minimax polynomial of 2^f (fitted in float64 with
+// Lawson iterations, checked in float32 Horner: max rel. error 2.1e-7 at degree 5, 2.7e-6 at
+// degree 4, vs ex2.approx's ~2^-22). 2^j goes in by an integer add on the exponent field:
+// t = x + 1.5*2^23 holds j in its low mantissa bits, so (bits(t) << 23) == j << 23 (mod 2^32).
+// x is clamped to -125 so the exponent never wraps (2^-125 instead of ~0: only for scores
+// >125 binades below the row max, it rounds to E4M3 0 and adds < 1e-37 to l; callers use MUFU
+// where x may be -inf, i.e. masked tiles, so rows without visible keys keep l == 0 exactly).
+// Cost: FMNMX + 3 FADD + deg FFMA + 1 LEA/IMAD, all off the MUFU pipe.
+inline constexpr float kExp2PolyMinArg = -125.f;
+inline constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23: x + M rounds x to an integer
+inline constexpr int kRoundMagicBits = 0x4B400000;  // bits of kRoundMagic
+
+template <int kDegree>
+__device__ __forceinline__ float exp2_poly(float x) {
+  x = fmaxf(x, kExp2PolyMinArg);
+  const float t = x + kRoundMagic;
+  const float f = x - (t - kRoundMagic);  // exact (Sterbenz)
+  float p;
+  if constexpr (kDegree == 5) {
+    p = fmaf(0x1.5c08e6p-10f, f, 0x1.3d0c54p-7f);
+    p = fmaf(p, f, 0x1.c6b6e4p-5f);
+    p = fmaf(p, f, 0x1.ebf918p-3f);
+    p = fmaf(p, f, 0x1.62e428p-1f);
+    p = fmaf(p, f, 0x1.000002p+0f);
+  } else {
+    p = fmaf(0x1.3997d6p-7f, f, 0x1.ca1442p-5f);
+    p = fmaf(p, f, 0x1.ec06dap-3f);
+    p = fmaf(p, f, 0x1.62e0dcp-1f);
+    p = fmaf(p, f, 0x1.ffffe8p-1f);
+  }
+  return __uint_as_float(__float_as_uint(p) + (__float_as_uint(t) << 23));
 }
 
 // Four floats -> four E4M3 bytes (x0 in the lowest byte), RN + satfinite.
@@ -358,7 +427,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // and each P~ is one FFMA + one EX2: exp2(raw * c - (m - log2 448)).
   auto softmax_tile = [&](int n, float c, float (&sf)[64], float& alpha0, float& alpha1) {
     float mx0, mx1;  // raw (unscaled) row maxima of this thread's columns
-    if (n * kBlockKV + kBlockKV - 1 > wg_key_lim) {  // tile crosses s_kv or the diagonal
+    const bool masked = n * kBlockKV + kBlockKV - 1 > wg_key_lim;  // crosses s_kv or the diagonal
+    if (masked) {
       CUTE_UNROLL
       for (int i = 0; i < 64; ++i) sf[i] = static_cast<float>(tSrS(i));
       const int key_base = n * kBlockKV + 2 * lane_t;
@@ -388,8 +458,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         imx0 = __vimax3_s32(imx0, tSrS(4 * j), tSrS(4 * j + 1));
         imx1 = __vimax3_s32(imx1, tSrS(4 * j + 2), tSrS(4 * j + 3));
       }
-      CUTE_UNROLL
-      for (int i = 0; i < 64; ++i) sf[i] = static_cast<float>(tSrS(i));
+      if constexpr (Traits::kMagicI2F) {
+        CUTE_UNROLL
+        for (int i = 0; i < 64; ++i) sf[i] = __int_as_float(tSrS(i) + detail::kRoundMagicBits);  // M + S
+      } else {
+        CUTE_UNROLL
+        for (int i = 0; i < 64; ++i) sf[i] = static_cast<float>(tSrS(i));
+      }
       mx0 = static_cast<float>(imx0);
       mx1 = static_cast<float>(imx1);
     }
@@ -406,17 +481,35 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     alpha1 = detail::ex2_approx(m_run[1] - m_use1);
     m_run[0] = m_new0;
     m_run[1] = m_new1;
-    const float neg_off0 = kLog2Fp8E4m3Max - m_use0;  // P~ max maps to 448
-    const float neg_off1 = kLog2Fp8E4m3Max - m_use1;
+    // P~ max maps to 448. With the magic conversion sf holds M + S: subtract M*c here.
+    const float magic = Traits::kMagicI2F && !masked ? detail::kRoundMagic : 0.f;
+    const float neg_off0 = fmaf(-magic, c, kLog2Fp8E4m3Max - m_use0);
+    const float neg_off1 = fmaf(-magic, c, kLog2Fp8E4m3Max - m_use1);
     float sum0 = 0.f, sum1 = 0.f;
-    CUTE_UNROLL
-    for (int j = 0; j < kBlockKV / 8; ++j) {
-      sf[4 * j + 0] = detail::ex2_approx(fmaf(sf[4 * j + 0], c, neg_off0));
-      sf[4 * j + 1] = detail::ex2_approx(fmaf(sf[4 * j + 1], c, neg_off0));
-      sf[4 * j + 2] = detail::ex2_approx(fmaf(sf[4 * j + 2], c, neg_off1));
-      sf[4 * j + 3] = detail::ex2_approx(fmaf(sf[4 * j + 3], c, neg_off1));
-      sum0 += sf[4 * j + 0] + sf[4 * j + 1];
-      sum1 += sf[4 * j + 2] + sf[4 * j + 3];
+    // kPoly = false: every exp2 on MUFU (masked tiles: -inf must give exactly 0).
+    auto exp_tile = [&](auto use_poly) {
+      CUTE_UNROLL
+      for (int j = 0; j < kBlockKV / 8; ++j) {
+        if (decltype(use_poly)::value && Traits::exp2_group_is_poly(j)) {
+          constexpr int kDeg = Traits::kExp2PolyDegree;
+          sf[4 * j + 0] = detail::exp2_poly<kDeg>(fmaf(sf[4 * j + 0], c, neg_off0));
+          sf[4 * j + 1] = detail::exp2_poly<kDeg>(fmaf(sf[4 * j + 1], c, neg_off0));
+          sf[4 * j + 2] = detail::exp2_poly<kDeg>(fmaf(sf[4 * j + 2], c, neg_off1));
+          sf[4 * j + 3] = detail::exp2_poly<kDeg>(fmaf(sf[4 * j + 3], c, neg_off1));
+        } else {
+          sf[4 * j + 0] = detail::ex2_approx(fmaf(sf[4 * j + 0], c, neg_off0));
+          sf[4 * j + 1] = detail::ex2_approx(fmaf(sf[4 * j + 1], c, neg_off0));
+          sf[4 * j + 2] = detail::ex2_approx(fmaf(sf[4 * j + 2], c, neg_off1));
+          sf[4 * j + 3] = detail::ex2_approx(fmaf(sf[4 * j + 3], c, neg_off1));
+        }
+        sum0 += sf[4 * j + 0] + sf[4 * j + 1];
+        sum1 += sf[4 * j + 2] + sf[4 * j + 3];
+      }
+    };
+    if (masked || Traits::kExp2PolyGroups == 0) {
+      exp_tile(std::false_type{});
+    } else {
+      exp_tile(std::true_type{});
     }
     l_run[0] = l_run[0] * alpha0 + sum0;
     l_run[1] = l_run[1] * alpha1 + sum1;
