@@ -3,13 +3,70 @@
     ncu --clock-control none --set full -k regex:attn --launch-skip 2 --launch-count 1 \
         python tools/profile_sm90.py --n 8192
     compute-sanitizer --tool memcheck python tools/profile_sm90.py --n 300 --b 1 --h 2 --causal
+
+--quant-only: time the fused Q/K/V quantizer alone (CUDA events, median of --reps calls after
+warm-up) and print its time and effective bandwidth. Two timings: the whole Python call
+(``quantize_qkv_sm90``: allocation + binding + 3 launches) and the kernels alone
+(``sage_core.quant_qkv_sm90_fused`` on preallocated outputs). Bytes counted: Q, K, V read once and
+the int8 Q, K and E4M3 V^T written (the floor), plus, for the "actual" figure, K and V read a
+second time by the statistics pass (K only without a given k_mean, which is the default).
+
+    python tools/profile_sm90.py --quant-only --b 32 --n 1024      # 1k, 32k tokens x 32 heads
+    python tools/profile_sm90.py --quant-only --b 8 --n 4096
+    ncu --set full -k regex:quant_detail python tools/profile_sm90.py --quant-only --reps 1
 """
 
 import argparse
+import statistics
 
 import torch
 
+import sage_core
 from sage_torch.backends import sm90
+
+
+def _time_ms(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def quant_only(a, q, k, v) -> None:
+    layout = "bhsd"
+    smooth_v = not a.no_smooth_v
+    qz = sm90.quantize_qkv_sm90(q, k, v, layout=layout, smooth_v=smooth_v)
+    km = qz["k_mean"]
+    vm = qz.get("v_mean")
+    n_ws = sm90.kStatsPlanes * a.b * a.h * (-(-a.n // sm90.kStatsChunk)) * a.d
+    ws = torch.empty((n_ws,), dtype=torch.float32, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    extra = {} if vm is None else {"v_mean": vm, "v_mean_given": False}
+
+    def kernels_only():
+        sage_core.quant_qkv_sm90_fused(q, k, v, qz["q"], qz["q_scale"], qz["k"], qz["k_scale"], qz["v_t"],
+                                       qz["v_scale"], km, False, ws, stream, **extra)
+
+    def whole_call():
+        sm90.quantize_qkv_sm90(q, k, v, layout=layout, smooth_v=smooth_v)
+
+    elems = a.b * a.h * a.n * a.d
+    floor_bytes = 3 * elems * q.element_size() + 3 * elems  # read Q, K, V; write int8 Q, K, e4m3 V^T
+    actual_bytes = floor_bytes + 2 * elems * q.element_size()  # stats pass re-reads K and V
+    t_k = _time_ms(kernels_only, a.reps)
+    t_w = _time_ms(whole_call, a.reps)
+    print(f"quantizer b={a.b} h={a.h} n={a.n} d={a.d} {q.dtype} smooth_v={smooth_v} (median of {a.reps})")
+    for name, t in (("kernels only", t_k), ("python call", t_w)):
+        print(f"  {name:13s} {t * 1e3:9.1f} us   floor {floor_bytes / t / 1e6:7.0f} GB/s   "
+              f"actual {actual_bytes / t / 1e6:7.0f} GB/s")
+    print(f"  floor bytes {floor_bytes / 1e6:.0f} MB, actual bytes {actual_bytes / 1e6:.0f} MB")
 
 
 def main() -> None:
@@ -20,10 +77,18 @@ def main() -> None:
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--quant-only", action="store_true", help="time the fused quantizer alone")
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions (--quant-only)")
+    p.add_argument("--no-smooth-v", action="store_true", help="--quant-only without V smoothing")
+    p.add_argument("--fp16", action="store_true", help="fp16 inputs (default bf16)")
     a = p.parse_args()
+    dtype = torch.float16 if a.fp16 else torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(a.b, a.h, a.n, a.d, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = (torch.randn(a.b, a.h, a.n, a.d, device="cuda", dtype=dtype, generator=g)
                for _ in range(3))
+    if a.quant_only:
+        quant_only(a, q, k, v)
+        return
     for _ in range(a.iters):
         o, _ = sm90.attention_sm90_qk_s8_pv_e4m3(q, k, v, layout="bhsd", is_causal=a.causal,
                                                  scale=a.d ** -0.5, return_lse=False)

@@ -262,8 +262,9 @@ def test_truncate_mantissa():
 
 def test_one_level_fp22_accumulation_drifts_two_level_does_not(seed):
     q, k, v = _qkv(seed, "outlier", s_q=128, s_kv=1024, h_q=4, h_kv=4)
-    ideal = sq.emulate(q, k, v, "qk_s8_pv_e4m3", pv_accum="fp32")
-    dev = {m: sq.rel_l1(sq.emulate(q, k, v, "qk_s8_pv_e4m3", pv_accum=m), ideal)
+    # smooth_v=False: V keeps its per-channel bias, O accumulates large same-sign sums (SA2 setting)
+    ideal = sq.emulate(q, k, v, "qk_s8_pv_e4m3", pv_accum="fp32", smooth_v=False)
+    dev = {m: sq.rel_l1(sq.emulate(q, k, v, "qk_s8_pv_e4m3", pv_accum=m, smooth_v=False), ideal)
            for m in ("one_level", "two_level")}
     # one FP22 accumulator over 32 MMAs loses far more than 8 fresh ones (measured ~7x)
     assert dev["one_level"] > 3 * dev["two_level"], dev
@@ -275,11 +276,12 @@ def test_fp4_two_level_p_beats_direct_with_attention_sink(seed):
     # a sink key that dominates every row: the other probabilities are small, so directly
     # quantized P gets tiny (subnormal E4M3) group scales; two-level P rescales each block first
     q[..., 0] = 4.0
+    k[:, :, 1:, 0] = 0.0  # no other key may compete through channel 0 (outlier K has a bias there)
     k[:, :, 0, 0] = 12.0
     ref = sq.reference_attention(q, k, v)
     two = sq.rel_l1(sq.emulate(q, k, v, "qk_nvfp4_pv_nvfp4"), ref)
     direct = sq.rel_l1(sq.emulate(q, k, v, "qk_nvfp4_pv_nvfp4", p_fp4="direct"), ref)
-    assert direct > 1.3 * two, (direct, two)
+    assert direct > 1.3 * two, (direct, two)  # measured 1.6x..2x over 40 seeds
 
 
 def test_reference_attention_matches_sdpa(seed):

@@ -2,26 +2,43 @@
 // (sm90_attn_fwd_qk_s8_pv_e4m3_kernel.cuh). Plain CUDA (no wgmma); built with the sm90 family.
 //
 // Three launches, no host synchronization, deterministic (fixed reduction orders):
-//   1. kv_stats_partial : grid (ceil(s_kv/512), b*h_kv). Per 512-token chunk and channel: the fp32
-//                         sum of K, and the sum, max and min of V -> workspace.
-//   2. kv_stats_finalize: grid (b*h_kv). k_mean = (sum of the chunk sums, in chunk order) / s_kv
+//   A. stats_and_q      : grid [n_stats stats CTAs | q_jobs Q-tile CTAs]. Q needs no statistics, so
+//                         its tiles are quantized in the same launch as the K/V statistics and the
+//                         two overlap (the Q traffic hides under the stats pass, not after it).
+//                         Stats CTA = (b, kv head, 512-token chunk): fp32 sum of K (not even read
+//                         when k_mean is given), sum / max / min of V per channel -> workspace.
+//                         Q tile CTA = 128 tokens of one (b, q head): int8 per-thread groups
+//                         (t//16)*8 + t%8.
+//   F. kv_stats_finalize: grid (b*h_kv). k_mean = (sum of the chunk sums, in chunk order) / s_kv
 //                         (skipped when the caller gives k_mean); V smoothing (v_mean != nullptr):
 //                         v_mean likewise (unless given), else v_mean = 0;
 //                         v_scale = max(vmax - v_mean, v_mean - vmin) / 448 (1 if 0).
 //                         That is exactly amax_t |fl(V - v_mean)|: fp32 subtraction of a constant
 //                         is monotonic, so the extremes of fl(v - m) are fl(vmax - m), fl(vmin - m),
 //                         and negation is exact. Without smoothing it is amax|V| as before.
-//   3. quant_tiles      : one CTA per 128-token tile of Q (per head), of K, or of V:
-//                         Q int8 per-thread groups (t//16)*8 + t%8,
+//   B. kv_tiles         : one CTA per 128-token tile of V or of K:
 //                         K int8 per-thread groups (t//128)*4 + (t%8)//2 of K - k_mean,
-//                         V E4M3 per channel of V - v_mean, transposed to (d, s_pad) and permuted inside every
-//                         32-token chunk (v_e4m3_t_perm32 in quant-formats.md), padding 0.
-// Q/K/V are read once each by pass 3 and K/V once more by pass 1: 5 reads of fp16 and 1.5 bytes
-// written per element, versus separate passes per tensor plus a transpose in the original.
+//                         V E4M3 per channel of V - v_mean, transposed to (d, s_pad) and permuted
+//                         inside every 32-token chunk (v_e4m3_t_perm32 in quant-formats.md), padding 0.
+// Bytes per element: Q 2 read + 1 written; K and V 2 + 2 read (stats, tiles) + 1 written.
+//
+// Bandwidth: every input access is a 16-byte ld.global.nc (no L1 allocation), a warp reads whole
+// 128-byte lines; V^T leaves through a conflict-free swizzled smem transpose as 16-byte stores;
+// Q/K as 8-byte stores (a warp writes 256 contiguous bytes). Tiles keep their input packed
+// (fp16/bf16) in registers and convert it twice (amax pass, quantize pass): fewer registers,
+// more CTAs per SM, more bytes in flight.
 //
 // Arithmetic is exactly the contract (docs/design/quant-formats.md): fp32 from the exact input,
-// one fp32 subtraction for smoothing, IEEE division (__fdiv_rn), round-half-even, clamp to 127;
+// one fp32 subtraction for smoothing, IEEE division, round-half-even, clamp to 127;
 // E4M3 by cvt.rn.satfinite. Max is NaN-propagating so a non-finite group gets a non-finite scale.
+// Division without __fdiv_rn's per-element cost: a scale s is shared by a whole group, so each
+// thread takes y = rcp.rn(s) once and per element q0 = x*y and two corrections
+// q <- fma(fma(-s, q, x), y, q). With y = RN(1/s) and q faithful, the last correction returns
+// RN(x / s) (Markstein's theorem): bit for bit the IEEE quotient. Used only for s in [2^-64, 2^64]
+// (no intermediate under/overflow where a quotient can reach a nonzero code; quotients below 2^-30
+// give code 0 either way; E4M3 takes the sign of x, as IEEE division does for +-0). Any other s
+// (tiny, huge, inf, NaN) takes __fdiv_rn. Checked on the CPU with fmaf against x / s: 0 mismatches
+// over 4.6e8 quotients, several binades exhaustively (the helper's check program, see the perf doc).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -40,8 +57,14 @@ inline constexpr int kThreads = 256;
 inline constexpr int kTile = 128;          // tokens per quantization tile (= attention KV tile)
 inline constexpr float kInt8Max = 127.f;
 inline constexpr float kE4m3Max = 448.f;
-inline constexpr int kPermChunk = 32;      // V token permutation period (one k32 wgmma)
-inline constexpr int kVRowPitch = kTile + 4;  // smem transpose row pitch (bytes), fewer bank conflicts
+inline constexpr int kStatsArrays = 4;     // workspace planes: K sum, V sum, V max, V min
+inline constexpr int kWarps = kThreads / 32;
+inline constexpr int kStatsUnroll = 4;     // tokens per thread in flight in the stats loop (x2 for K+V)
+// Scales inside [kFastDivMin, kFastDivMax] use the reciprocal + 2 corrections division.
+inline constexpr float kFastDivMin = 0x1p-64f;
+inline constexpr float kFastDivMax = 0x1p64f;
+// x + 1.5 * 2^23 rounds x (|x| < 2^22) to an integer, half to even, in the low mantissa bits.
+inline constexpr float kRoundMagic = 12582912.f;
 
 struct InF16 {
   using T = __half;
@@ -68,12 +91,18 @@ __device__ __forceinline__ float min_nan(float a, float b) {
   return r;
 }
 
-inline constexpr int kStatsArrays = 4;  // workspace planes: K sum, V sum, V max, V min
+// 16 bytes of read-once input: non-coherent path, no L1 allocation (nothing is re-read by the CTA).
+__device__ __forceinline__ uint4 ldg_stream16(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
 
-// 8 consecutive channels (16 bytes) of one token -> fp32.
+// 8 packed fp16/bf16 (one 16-byte vector) -> fp32, exact.
 template <class InTag>
-__device__ __forceinline__ void load8(const void* p, float (&x)[8]) {
-  const uint4 w = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ void cvt8(const uint4& w, float (&x)[8]) {
   float2 f;
   f = InTag::to_f2(w.x); x[0] = f.x; x[1] = f.y;
   f = InTag::to_f2(w.y); x[2] = f.x; x[3] = f.y;
@@ -83,6 +112,7 @@ __device__ __forceinline__ void load8(const void* p, float (&x)[8]) {
 
 __device__ __forceinline__ float int8_scale(float amax) { return amax == 0.f ? 1.f : __fdiv_rn(amax, kInt8Max); }
 
+// The contract's int8 code through __fdiv_rn (slow path: scales outside the fast-division range).
 __device__ __forceinline__ int quant_s8(float x, float s) {
   const float y = __fdiv_rn(x, s);
   if (y != y) return 0;  // NaN: the reference picks 0 (values of a non-finite group are unspecified)
@@ -90,32 +120,96 @@ __device__ __forceinline__ int quant_s8(float x, float s) {
   return q > 127 ? 127 : (q < -127 ? -127 : q);
 }
 
-// Position of token k (0..31) inside its 32-token chunk of v_t (inverse of the permutation
-// pi(p) = 16*(p/16) + 8*((p%4)/2) + 2*((p%16)/4) + p%2 documented in quant-formats.md).
-__device__ __forceinline__ int v_perm_pos(int k) {
-  const int half = k >> 4, r = k & 15;
-  return 16 * half + 4 * ((r & 7) >> 1) + 2 * (r >> 3) + (r & 1);
+__device__ __forceinline__ bool fast_div_ok(float s) { return s >= kFastDivMin && s <= kFastDivMax; }
+
+// RN(x / s) given y = RN(1/s) and s in [kFastDivMin, kFastDivMax], |x / s| >= 2^-30 (see the file
+// comment). Explicit __fmul_rn / __fmaf_rn: no contraction may change the rounding steps.
+__device__ __forceinline__ float div_rn_fast(float x, float s, float y) {
+  float q = __fmul_rn(x, y);
+  q = __fmaf_rn(__fmaf_rn(-s, q, x), y, q);
+  return __fmaf_rn(__fmaf_rn(-s, q, x), y, q);
 }
 
+// Four int8 codes, each in the low byte of its word -> one word (c0 in the lowest byte).
+__device__ __forceinline__ uint32_t pack_low_bytes(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+  return __byte_perm(__byte_perm(c0, c1, 0x0040), __byte_perm(c2, c3, 0x0040), 0x5410);
+}
+
+// Eight int8 codes of x / s (s > 0 or non-finite) as 8 bytes.
+__device__ __forceinline__ uint2 quant8_s8(const float (&x)[8], float s, float y, bool fast) {
+  uint32_t c[8];
+  if (fast) {
+    // |x / s| <= 127 * (1 + 2^-23) here (|x| <= amax of the group, s = RN(amax / 127)): no clamp
+#pragma unroll
+    for (int i = 0; i < 8; ++i) c[i] = __float_as_uint(__fadd_rn(div_rn_fast(x[i], s, y), kRoundMagic));
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) c[i] = uint32_t(quant_s8(x[i], s));
+  }
+  return make_uint2(pack_low_bytes(c[0], c[1], c[2], c[3]), pack_low_bytes(c[4], c[5], c[6], c[7]));
+}
+
+// Four floats -> four E4M3 bytes (x0 in the lowest byte), RN + satfinite.
+// cvt.*.e4m3x2.f32 d, a, b puts a in the upper and b in the lower byte of d.
+__device__ __forceinline__ uint32_t pack_e4m3x4(float x0, float x1, float x2, float x3) {
+  uint32_t out;
+  asm("{\n\t.reg .b16 lo, hi;\n\t"
+      "cvt.rn.satfinite.e4m3x2.f32 lo, %2, %1;\n\t"
+      "cvt.rn.satfinite.e4m3x2.f32 hi, %4, %3;\n\t"
+      "mov.b32 %0, {lo, hi};\n\t}"
+      : "=r"(out)
+      : "f"(x0), "f"(x1), "f"(x2), "f"(x3));
+  return out;
+}
+
+// Per-thread token layout of the stats and Q/K passes: kThreadsPerToken adjacent lanes read one
+// token (16 bytes each), a warp covers whole tokens.
 template <int D>
 struct Layout {
   static constexpr int kThreadsPerToken = D / 8;                       // 16 B of input each
   static constexpr int kTokensPerPass = kThreads / kThreadsPerToken;   // 16 (d=128) / 32 (d=64)
   static constexpr int kPasses = kTile / kTokensPerPass;               // 8 / 4
+  static constexpr int kTokensPerWarp = 32 / kThreadsPerToken;         // 2 / 4
 };
 
-// ---- pass 1 ------------------------------------------------------------------------------------
+// Shared memory of the fused kernels (one role per CTA, so the roles share one buffer).
+template <int D>
+struct SmemStats {
+  float red[kStatsArrays][kWarps][D];  // per-warp partials, reduced in warp order (deterministic)
+};
+struct SmemQK {
+  float tok_amax[kTile];
+  float grp_amax[4];
+};
+template <int D>
+struct SmemV {
+  // Transposed E4M3 tile: D channel rows of 32 words (128 tokens in permuted order). Word w of
+  // channel c sits at column w ^ (4 * ((c / 8) % 8)): conflict-free 4-byte stores by the
+  // (channel, quad) layout of v_tile and conflict-free 16-byte loads by rows (the XOR moves whole
+  // 16-byte blocks, so a block's words stay in order).
+  uint32_t v_tr[D][32];
+};
+template <int D>
+union SmemA {
+  SmemStats<D> stats;
+  SmemQK qk;
+};
+template <int D>
+union SmemB {
+  SmemV<D> v;
+  SmemQK qk;
+};
+
+// ---- stats (pass A, stats CTAs) ----------------------------------------------------------------
 template <class InTag, int D>
-__global__ void __launch_bounds__(kThreads)
-    kv_stats_partial_kernel(const QuantQkvSm90Args a, int n_chunks) {
+__device__ __forceinline__ void kv_stats_chunk(const QuantQkvSm90Args& a, int n_chunks, int job, SmemStats<D>& sm) {
   using L = Layout<D>;
-  // 4 planes x kTokensPerPass x D floats = 32 KiB for both head dims
-  __shared__ float red[kStatsArrays][L::kTokensPerPass][D];
-  const int chunk = blockIdx.x;
-  const int bh = blockIdx.y;
+  const int chunk = job % n_chunks;
+  const int bh = job / n_chunks;
   const int b = bh / a.heads_kv, h = bh % a.heads_kv;
   const int c8 = threadIdx.x % L::kThreadsPerToken;
   const int r = threadIdx.x / L::kThreadsPerToken;
+  const bool want_k = !a.k_mean_given;  // a given k_mean: K is not read at all
   const char* kp = static_cast<const char*>(a.k) +
                    (int64_t(b) * a.k_stride_b + int64_t(h) * a.k_stride_h + c8 * 8) * 2;
   const char* vp = static_cast<const char*>(a.v) +
@@ -124,35 +218,69 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int i = 0; i < 8; ++i) ksum[i] = 0.f, vsum[i] = 0.f, vmax[i] = -INFINITY, vmin[i] = INFINITY;
   const int t_end = min(a.seq_kv, (chunk + 1) * kSm90StatsChunk);
-  for (int t = chunk * kSm90StatsChunk + r; t < t_end; t += L::kTokensPerPass) {
-    float xk[8], xv[8];
-    load8<InTag>(kp + int64_t(t) * a.k_stride_s * 2, xk);
-    load8<InTag>(vp + int64_t(t) * a.v_stride_s * 2, xv);
+  // kStatsUnroll tokens per thread per step, all loads issued before any use.
+  for (int t = chunk * kSm90StatsChunk + r; t < t_end; t += kStatsUnroll * L::kTokensPerPass) {
+    uint4 wk[kStatsUnroll], wv[kStatsUnroll];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      ksum[i] += xk[i];
-      vsum[i] += xv[i];
-      vmax[i] = max_nan(vmax[i], xv[i]);
-      vmin[i] = min_nan(vmin[i], xv[i]);
+    for (int u = 0; u < kStatsUnroll; ++u) {
+      const int tt = t + u * L::kTokensPerPass;
+      if (tt < t_end) {
+        if (want_k) wk[u] = ldg_stream16(kp + int64_t(tt) * a.k_stride_s * 2);
+        wv[u] = ldg_stream16(vp + int64_t(tt) * a.v_stride_s * 2);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kStatsUnroll; ++u) {
+      if (t + u * L::kTokensPerPass < t_end) {
+        float xv[8];
+        cvt8<InTag>(wv[u], xv);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          vsum[i] += xv[i];
+          vmax[i] = max_nan(vmax[i], xv[i]);
+          vmin[i] = min_nan(vmin[i], xv[i]);
+        }
+        if (want_k) {
+          float xk[8];
+          cvt8<InTag>(wk[u], xk);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) ksum[i] += xk[i];
+        }
+      }
     }
   }
+  // Reduce the token rows of a warp (lanes differing in the bits above c8), fixed order.
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    red[0][r][c8 * 8 + i] = ksum[i];
-    red[1][r][c8 * 8 + i] = vsum[i];
-    red[2][r][c8 * 8 + i] = vmax[i];
-    red[3][r][c8 * 8 + i] = vmin[i];
+  for (int off = L::kThreadsPerToken; off < 32; off *= 2) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      ksum[i] += __shfl_xor_sync(0xffffffffu, ksum[i], off);
+      vsum[i] += __shfl_xor_sync(0xffffffffu, vsum[i], off);
+      vmax[i] = max_nan(vmax[i], __shfl_xor_sync(0xffffffffu, vmax[i], off));
+      vmin[i] = min_nan(vmin[i], __shfl_xor_sync(0xffffffffu, vmin[i], off));
+    }
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane < L::kThreadsPerToken) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      sm.red[0][warp][c8 * 8 + i] = ksum[i];
+      sm.red[1][warp][c8 * 8 + i] = vsum[i];
+      sm.red[2][warp][c8 * 8 + i] = vmax[i];
+      sm.red[3][warp][c8 * 8 + i] = vmin[i];
+    }
   }
   __syncthreads();
   if (threadIdx.x < D) {
-    // Rows r without a token in a short chunk hold the neutral values (0, 0, -inf, +inf).
+    // Rows without a token in a short chunk hold the neutral values (0, 0, -inf, +inf).
     const int c = threadIdx.x;
     float ks = 0.f, vs = 0.f, mx = -INFINITY, mn = INFINITY;
-    for (int rr = 0; rr < L::kTokensPerPass; ++rr) {
-      ks += red[0][rr][c];
-      vs += red[1][rr][c];
-      mx = max_nan(mx, red[2][rr][c]);
-      mn = min_nan(mn, red[3][rr][c]);
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      ks += sm.red[0][w][c];
+      vs += sm.red[1][w][c];
+      mx = max_nan(mx, sm.red[2][w][c]);
+      mn = min_nan(mn, sm.red[3][w][c]);
     }
     const int64_t n_part = int64_t(a.batch) * a.heads_kv * n_chunks * D;
     const int64_t idx = (int64_t(bh) * n_chunks + chunk) * D + c;
@@ -163,7 +291,244 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- pass 2 ------------------------------------------------------------------------------------
+// ---- Q / K tiles (pass A: Q, pass B: K) --------------------------------------------------------
+// Per-token amax of |x| over the D channels (the kThreadsPerToken lanes of a token are adjacent).
+template <int D>
+__device__ __forceinline__ float token_amax(const float (&x)[8]) {
+  float m = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) m = max_nan(m, fabsf(x[i]));
+#pragma unroll
+  for (int off = Layout<D>::kThreadsPerToken / 2; off > 0; off /= 2) {
+    m = max_nan(m, __shfl_xor_sync(0xffffffffu, m, off));
+  }
+  return m;
+}
+
+// kIsK: K (subtract k_mean, groups over the 128-token tile); else Q (16-row MMA-tile groups).
+template <class InTag, int D, bool kIsK>
+__device__ __forceinline__ void qk_tile(const QuantQkvSm90Args& a, int job, SmemQK& sm) {
+  using L = Layout<D>;
+  const int c8 = threadIdx.x % L::kThreadsPerToken;
+  const int r = threadIdx.x / L::kThreadsPerToken;
+  const int heads = kIsK ? a.heads_kv : a.heads_q;
+  const int seq = kIsK ? a.seq_kv : a.seq_q;
+  const int n_tiles = (seq + kTile - 1) / kTile;
+  const int tile = job % n_tiles;
+  const int bh = job / n_tiles;
+  const int b = bh / heads, h = bh % heads;
+  const int t0 = tile * kTile;
+  const void* src = kIsK ? a.k : a.q;
+  const int64_t sb = kIsK ? a.k_stride_b : a.q_stride_b;
+  const int64_t sh = kIsK ? a.k_stride_h : a.q_stride_h;
+  const int64_t st = kIsK ? a.k_stride_s : a.q_stride_s;
+  const char* base = static_cast<const char*>(src) + (int64_t(b) * sb + int64_t(h) * sh + c8 * 8) * 2;
+
+  // All loads first (kPasses x 16 bytes per thread in flight), kept packed.
+  uint4 w[L::kPasses];
+#pragma unroll
+  for (int p = 0; p < L::kPasses; ++p) {
+    const int t = t0 + p * L::kTokensPerPass + r;
+    w[p] = t < seq ? ldg_stream16(base + int64_t(t) * st * 2) : make_uint4(0u, 0u, 0u, 0u);
+  }
+  float mean[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) mean[i] = 0.f;
+  if (kIsK) {
+    const float4* mp = reinterpret_cast<const float4*>(a.k_mean + int64_t(bh) * D + c8 * 8);
+    const float4 m0 = mp[0], m1 = mp[1];
+    mean[0] = m0.x, mean[1] = m0.y, mean[2] = m0.z, mean[3] = m0.w;
+    mean[4] = m1.x, mean[5] = m1.y, mean[6] = m1.z, mean[7] = m1.w;
+  }
+  auto load_x = [&](int p, float (&x)[8]) {
+    cvt8<InTag>(w[p], x);
+    if (kIsK) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) x[i] = __fsub_rn(x[i], mean[i]);
+    }
+  };
+
+#pragma unroll
+  for (int p = 0; p < L::kPasses; ++p) {
+    float x[8];
+    load_x(p, x);
+    float m = token_amax<D>(x);
+    if (t0 + p * L::kTokensPerPass + r >= seq) m = 0.f;  // padding tokens never change an amax
+    if (c8 == 0) sm.tok_amax[p * L::kTokensPerPass + r] = m;
+  }
+  __syncthreads();
+  if (kIsK) {
+    if (threadIdx.x < 4) {
+      // K group j of this tile: tokens 8i + 2j + e, i < 16, e < 2
+      const int j = threadIdx.x;
+      float m = 0.f;
+      for (int i = 0; i < kTile / 8; ++i) {
+        m = max_nan(m, max_nan(sm.tok_amax[8 * i + 2 * j], sm.tok_amax[8 * i + 2 * j + 1]));
+      }
+      sm.grp_amax[j] = m;
+      a.k_scale[int64_t(bh) * sm90_k_scale_groups(a.seq_kv) + tile * 4 + j] = int8_scale(m);
+    }
+    __syncthreads();
+  }
+
+  // Hide the packed input from the optimizer so it converts again here instead of keeping all
+  // kPasses x 8 fp32 values of the amax pass alive across the barrier (that costs 2x the registers).
+#pragma unroll
+  for (int p = 0; p < L::kPasses; ++p) {
+    asm volatile("" : "+r"(w[p].x), "+r"(w[p].y), "+r"(w[p].z), "+r"(w[p].w));
+  }
+  int8_t* out = (kIsK ? a.k_out : a.q_out) + (int64_t(bh) * seq + t0) * D + c8 * 8;
+  // K: a thread's tokens are all r (mod 8), i.e. one group: one scale, one reciprocal.
+  float s = 0.f, y = 0.f;
+  bool fast = false;
+  if (kIsK) {
+    s = int8_scale(sm.grp_amax[(r % 8) / 2]);
+    fast = fast_div_ok(s);
+    y = __frcp_rn(s);
+  }
+  const int64_t q_groups = sm90_q_scale_groups(a.seq_q);
+#pragma unroll
+  for (int p = 0; p < L::kPasses; ++p) {
+    const int tt = p * L::kTokensPerPass + r;
+    if (!kIsK) {
+      // Q group of token tt: rows tt and tt ^ 8 of its 16-row block
+      s = int8_scale(max_nan(sm.tok_amax[tt], sm.tok_amax[tt ^ 8]));
+      fast = fast_div_ok(s);
+      y = __frcp_rn(s);
+      const int64_t g = int64_t(t0 + tt) / 16 * 8 + tt % 8;
+      if (c8 == 0 && (tt & 8) == 0 && g < q_groups) a.q_scale[int64_t(bh) * q_groups + g] = s;
+    }
+    if (t0 + tt < seq) {
+      float x[8];
+      load_x(p, x);
+      *reinterpret_cast<uint2*>(out + int64_t(tt) * D) = quant8_s8(x, s, y, fast);
+    }
+  }
+}
+
+// ---- V tile (pass B) ---------------------------------------------------------------------------
+// Thread layout: a "quad" q (0..31) is the 4 tokens {T, T+1, T+8, T+9}, T = 16(q/4) + 2(q%4), that
+// v_e4m3_t_perm32 stores at positions 4q..4q+3 (pi(4q + e) = T + {0, 1, 8, 9}[e]): one 32-bit word
+// per channel. A thread owns kQuads quads x 8 channels (c8); a warp covers 8 c8 (a 128-byte half
+// row at d=128) x 4 quads, so each 16-byte load instruction of a warp reads 4 whole 128-byte lines.
+template <class InTag, int D>
+__device__ __forceinline__ void v_tile(const QuantQkvSm90Args& a, int job, SmemV<D>& sm) {
+  constexpr int kHalves = D / 64;                   // c8 groups of 8 (128-byte half rows)
+  constexpr int kQuadStride = 32 / kHalves;         // quads covered by all warps of one half
+  constexpr int kQuads = kHalves;                   // quads per thread
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int c8 = 8 * (warp % kHalves) + (lane & 7);
+  const int quad0 = 4 * (warp / kHalves) + (lane >> 3);
+
+  const int n_tiles = (a.seq_kv + kTile - 1) / kTile;
+  const int tile = job % n_tiles;
+  const int bh = job / n_tiles;
+  const int b = bh / a.heads_kv, h = bh % a.heads_kv;
+  const int t0 = tile * kTile;
+  const char* base = static_cast<const char*>(a.v) +
+                     (int64_t(b) * a.v_stride_b + int64_t(h) * a.v_stride_h + c8 * 8) * 2;
+
+  uint4 w[kQuads][4];
+#pragma unroll
+  for (int j = 0; j < kQuads; ++j) {
+    const int q = quad0 + j * kQuadStride;
+    const int tq = 16 * (q >> 2) + 2 * (q & 3);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = t0 + tq + (e & 1) + 8 * (e >> 1);
+      w[j][e] = t < a.seq_kv ? ldg_stream16(base + int64_t(t) * a.v_stride_s * 2) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  // Per-channel constants: v_mean (0 without smoothing: x - 0 == x exactly, also -0 and NaN),
+  // v_scale and its reciprocal.
+  float mean[8], sc[8], rc[8];
+  bool fast = true;
+  {
+    const float4* sp = reinterpret_cast<const float4*>(a.v_scale + int64_t(bh) * D + c8 * 8);
+    const float4 s0 = sp[0], s1 = sp[1];
+    sc[0] = s0.x, sc[1] = s0.y, sc[2] = s0.z, sc[3] = s0.w;
+    sc[4] = s1.x, sc[5] = s1.y, sc[6] = s1.z, sc[7] = s1.w;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      fast = fast && fast_div_ok(sc[i]);
+      rc[i] = __frcp_rn(sc[i]);
+      mean[i] = 0.f;
+    }
+    if (a.v_mean != nullptr) {
+      const float4* mp = reinterpret_cast<const float4*>(a.v_mean + int64_t(bh) * D + c8 * 8);
+      const float4 m0 = mp[0], m1 = mp[1];
+      mean[0] = m0.x, mean[1] = m0.y, mean[2] = m0.z, mean[3] = m0.w;
+      mean[4] = m1.x, mean[5] = m1.y, mean[6] = m1.z, mean[7] = m1.w;
+    }
+  }
+
+#pragma unroll
+  for (int j = 0; j < kQuads; ++j) {
+    const int q = quad0 + j * kQuadStride;
+    const int tq = t0 + 16 * (q >> 2) + 2 * (q & 3);
+    // padding tokens are code 0 even if a scale is non-finite
+    uint32_t keep = 0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) keep |= (tq + (e & 1) + 8 * (e >> 1) < a.seq_kv ? 0xffu : 0u) << (8 * e);
+    const int col = q ^ (4 * (c8 & 7));
+    // Channel pair by channel pair: only 4 tokens x 2 channels live in fp32 (registers: the packed
+    // input, the per-channel constants and little else).
+#pragma unroll
+    for (int i2 = 0; i2 < 4; ++i2) {
+      float x[4][2];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const uint32_t wv = i2 == 0 ? w[j][e].x : (i2 == 1 ? w[j][e].y : (i2 == 2 ? w[j][e].z : w[j][e].w));
+        const float2 f = InTag::to_f2(wv);
+        x[e][0] = f.x;
+        x[e][1] = f.y;
+      }
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int i = 2 * i2 + k;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float d = __fsub_rn(x[e][k], mean[i]);
+          if (fast) {
+            // IEEE division gives +-0 the sign of d; the corrections may turn -0 into +0
+            const float qv = div_rn_fast(d, sc[i], rc[i]);
+            x[e][k] = __uint_as_float((__float_as_uint(qv) & 0x7fffffffu) | (__float_as_uint(d) & 0x80000000u));
+          } else {
+            x[e][k] = __fdiv_rn(d, sc[i]);
+          }
+        }
+        sm.v_tr[c8 * 8 + i][col] = pack_e4m3x4(x[0][k], x[1][k], x[2][k], x[3][k]) & keep;
+      }
+    }
+  }
+  __syncthreads();
+  // 16-byte stores: 8 threads per 128-byte channel row of the tile.
+  const int64_t s_pad = sm90_v_pad(a.seq_kv);
+  uint8_t* out = a.v_out + int64_t(bh) * D * s_pad + t0;
+#pragma unroll
+  for (int pass = 0; pass < D / (kThreads / 8); ++pass) {
+    const int c = pass * (kThreads / 8) + threadIdx.x / 8;
+    const int m = threadIdx.x % 8;
+    const uint4 v = *reinterpret_cast<const uint4*>(&sm.v_tr[c][4 * (m ^ ((c / 8) & 7))]);
+    *reinterpret_cast<uint4*>(out + int64_t(c) * s_pad + 16 * m) = v;
+  }
+}
+
+// ---- kernels -----------------------------------------------------------------------------------
+// Pass A: [n_stats K/V statistics CTAs | Q tiles]. Stats CTAs (larger) come first.
+template <class InTag, int D>
+__global__ void __launch_bounds__(kThreads, 3)
+    stats_and_q_kernel(const QuantQkvSm90Args a, int n_chunks, int n_stats) {
+  __shared__ __align__(16) SmemA<D> sm;
+  const int job = blockIdx.x;
+  if (job < n_stats) {
+    kv_stats_chunk<InTag, D>(a, n_chunks, job, sm.stats);
+  } else {
+    qk_tile<InTag, D, false>(a, job - n_stats, sm.qk);
+  }
+}
+
+// Pass F.
 template <int D>
 __global__ void __launch_bounds__(D) kv_stats_finalize_kernel(const QuantQkvSm90Args a, int n_chunks) {
   const int bh = blockIdx.x;
@@ -194,160 +559,29 @@ __global__ void __launch_bounds__(D) kv_stats_finalize_kernel(const QuantQkvSm90
   a.v_scale[o] = amax == 0.f ? 1.f : __fdiv_rn(amax, kE4m3Max);
 }
 
-// ---- pass 3 ------------------------------------------------------------------------------------
-// Per-token amax of |x| over the D channels (the kThreadsPerToken lanes of a token are adjacent).
-template <int D>
-__device__ __forceinline__ float token_amax(const float (&x)[8]) {
-  float m = 0.f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) m = max_nan(m, fabsf(x[i]));
-#pragma unroll
-  for (int off = Layout<D>::kThreadsPerToken / 2; off > 0; off /= 2) {
-    m = max_nan(m, __shfl_xor_sync(0xffffffffu, m, off));
-  }
-  return m;
-}
-
+// Pass B: [V tiles | K tiles].
 template <class InTag, int D>
-__global__ void __launch_bounds__(kThreads) quant_tiles_kernel(const QuantQkvSm90Args a, int q_jobs, int kv_jobs) {
-  using L = Layout<D>;
-  __shared__ float tok_amax[kTile];
-  __shared__ float grp_amax[4];
-  __shared__ __align__(16) uint8_t v_tr[D * kVRowPitch];
-
-  const int c8 = threadIdx.x % L::kThreadsPerToken;
-  const int r = threadIdx.x / L::kThreadsPerToken;
-  int job = blockIdx.x;
-  const int role = job < q_jobs ? 0 : (job < q_jobs + kv_jobs ? 1 : 2);  // Q, K, V
-  job -= role == 0 ? 0 : (role == 1 ? q_jobs : q_jobs + kv_jobs);
-
-  const int heads = role == 0 ? a.heads_q : a.heads_kv;
-  const int seq = role == 0 ? a.seq_q : a.seq_kv;
-  const int n_tiles = (seq + kTile - 1) / kTile;
-  const int tile = job % n_tiles;
-  const int bh = job / n_tiles;
-  const int b = bh / heads, h = bh % heads;
-  const int t0 = tile * kTile;
-  const void* src = role == 0 ? a.q : (role == 1 ? a.k : a.v);
-  const int64_t sb = role == 0 ? a.q_stride_b : (role == 1 ? a.k_stride_b : a.v_stride_b);
-  const int64_t sh = role == 0 ? a.q_stride_h : (role == 1 ? a.k_stride_h : a.v_stride_h);
-  const int64_t st = role == 0 ? a.q_stride_s : (role == 1 ? a.k_stride_s : a.v_stride_s);
-  const char* base = static_cast<const char*>(src) + (int64_t(b) * sb + int64_t(h) * sh + c8 * 8) * 2;
-
-  // Per-channel constants: the smoothing mean to subtract (K: k_mean, V: v_mean or 0) and the
-  // V scale.
-  float mean[8], chan[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) mean[i] = 0.f, chan[i] = 1.f;
-  if (role == 1) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) mean[i] = a.k_mean[int64_t(bh) * D + c8 * 8 + i];
-  } else if (role == 2) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) chan[i] = a.v_scale[int64_t(bh) * D + c8 * 8 + i];
-    if (a.v_mean != nullptr) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) mean[i] = a.v_mean[int64_t(bh) * D + c8 * 8 + i];
-    }
-  }
-
-  float x[L::kPasses][8];
-#pragma unroll
-  for (int p = 0; p < L::kPasses; ++p) {
-    const int t = t0 + p * L::kTokensPerPass + r;
-    if (t < seq) {
-      load8<InTag>(base + int64_t(t) * st * 2, x[p]);
-      if (role != 0) {
-        // x - 0 == x exactly (also for -0 and NaN), so unsmoothed V takes the same path
-#pragma unroll
-        for (int i = 0; i < 8; ++i) x[p][i] = __fsub_rn(x[p][i], mean[i]);
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) x[p][i] = 0.f;  // padding tokens: 0 (never changes an amax)
-    }
-  }
-
-  if (role == 2) {
-    // ---- V: E4M3 per channel, transpose + permute through shared memory ----
-#pragma unroll
-    for (int p = 0; p < L::kPasses; ++p) {
-      const int tt = p * L::kTokensPerPass + r;
-      const int pos = (tt & ~(kPermChunk - 1)) | v_perm_pos(tt & (kPermChunk - 1));
-      const bool valid = t0 + tt < seq;  // padding is code 0 even if a scale is non-finite
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        v_tr[(c8 * 8 + i) * kVRowPitch + pos] =
-            valid ? __nv_cvt_float_to_fp8(__fdiv_rn(x[p][i], chan[i]), __NV_SATFINITE, __NV_E4M3) : 0;
-      }
-    }
-    __syncthreads();
-    const int64_t s_pad = sm90_v_pad(a.seq_kv);
-    uint8_t* out = a.v_out + int64_t(bh) * D * s_pad + t0;
-    for (int w = threadIdx.x; w < D * (kTile / 4); w += kThreads) {
-      const int c = w / (kTile / 4), word = w % (kTile / 4);
-      *reinterpret_cast<uint32_t*>(out + int64_t(c) * s_pad + 4 * word) =
-          *reinterpret_cast<const uint32_t*>(&v_tr[c * kVRowPitch + 4 * word]);
-    }
-    return;
-  }
-
-  // ---- Q / K: per-token amax -> per-thread group amax -> int8 ----
-#pragma unroll
-  for (int p = 0; p < L::kPasses; ++p) {
-    const float m = token_amax<D>(x[p]);
-    if (c8 == 0) tok_amax[p * L::kTokensPerPass + r] = m;
-  }
-  __syncthreads();
-  if (role == 1 && threadIdx.x < 4) {
-    // K group j of this tile: tokens 8i + 2j + e, i < 16, e < 2
-    const int j = threadIdx.x;
-    float m = 0.f;
-    for (int i = 0; i < kTile / 8; ++i) {
-      m = max_nan(m, max_nan(tok_amax[8 * i + 2 * j], tok_amax[8 * i + 2 * j + 1]));
-    }
-    grp_amax[j] = m;
-    a.k_scale[int64_t(bh) * sm90_k_scale_groups(a.seq_kv) + tile * 4 + j] = int8_scale(m);
-  }
-  __syncthreads();
-
-  int8_t* out = (role == 0 ? a.q_out : a.k_out) + (int64_t(bh) * seq + t0) * D + c8 * 8;
-  const int64_t q_groups = sm90_q_scale_groups(a.seq_q);
-#pragma unroll
-  for (int p = 0; p < L::kPasses; ++p) {
-    const int tt = p * L::kTokensPerPass + r;
-    float s;
-    if (role == 0) {
-      // Q group of token tt: rows tt and tt ^ 8 of its 16-row block
-      s = int8_scale(max_nan(tok_amax[tt], tok_amax[tt ^ 8]));
-      const int64_t g = int64_t(t0 + tt) / 16 * 8 + tt % 8;
-      if (c8 == 0 && (tt & 8) == 0 && g < q_groups) a.q_scale[int64_t(bh) * q_groups + g] = s;
-    } else {
-      s = int8_scale(grp_amax[(tt % 8) / 2]);
-    }
-    if (t0 + tt < seq) {
-      uint32_t lo = 0, hi = 0;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        lo |= uint32_t(uint8_t(int8_t(quant_s8(x[p][i], s)))) << (8 * i);
-        hi |= uint32_t(uint8_t(int8_t(quant_s8(x[p][4 + i], s)))) << (8 * i);
-      }
-      *reinterpret_cast<uint2*>(out + int64_t(tt) * D) = make_uint2(lo, hi);
-    }
+__global__ void __launch_bounds__(kThreads, 3) kv_tiles_kernel(const QuantQkvSm90Args a, int kv_jobs) {
+  __shared__ __align__(16) SmemB<D> sm;
+  const int job = blockIdx.x;
+  if (job < kv_jobs) {
+    v_tile<InTag, D>(a, job, sm.v);
+  } else {
+    qk_tile<InTag, D, true>(a, job - kv_jobs, sm.qk);
   }
 }
 
 template <class InTag, int D>
 cudaError_t launch_quant_qkv_sm90(const QuantQkvSm90Args& a, cudaStream_t stream) {
-  const int n_chunks = int(sm90_stats_chunks(a.seq_kv));
-  const int bh_kv = a.batch * a.heads_kv;
-  kv_stats_partial_kernel<InTag, D><<<dim3(n_chunks, bh_kv), kThreads, 0, stream>>>(a, n_chunks);
-  kv_stats_finalize_kernel<D><<<bh_kv, D, 0, stream>>>(a, n_chunks);
+  const int64_t n_chunks = sm90_stats_chunks(a.seq_kv);
+  const int64_t bh_kv = int64_t(a.batch) * a.heads_kv;
+  const int64_t n_stats = n_chunks * bh_kv;
   const int64_t q_jobs = int64_t(a.batch) * a.heads_q * ((a.seq_q + kTile - 1) / kTile);
-  const int64_t kv_jobs = int64_t(bh_kv) * ((a.seq_kv + kTile - 1) / kTile);
-  const int64_t jobs = q_jobs + 2 * kv_jobs;
-  if (jobs > 0x7fffffff) return cudaErrorInvalidValue;
-  quant_tiles_kernel<InTag, D><<<unsigned(jobs), kThreads, 0, stream>>>(a, int(q_jobs), int(kv_jobs));
+  const int64_t kv_jobs = bh_kv * ((a.seq_kv + kTile - 1) / kTile);
+  if (n_stats + q_jobs > 0x7fffffff || 2 * kv_jobs > 0x7fffffff) return cudaErrorInvalidValue;
+  stats_and_q_kernel<InTag, D><<<unsigned(n_stats + q_jobs), kThreads, 0, stream>>>(a, int(n_chunks), int(n_stats));
+  kv_stats_finalize_kernel<D><<<unsigned(bh_kv), D, 0, stream>>>(a, int(n_chunks));
+  kv_tiles_kernel<InTag, D><<<unsigned(2 * kv_jobs), kThreads, 0, stream>>>(a, int(kv_jobs));
   return cudaGetLastError();
 }
 
@@ -360,15 +594,18 @@ inline cudaError_t quant_qkv_sm90_fused_impl(const QuantQkvSm90Args& a, cudaStre
     return p != nullptr && (reinterpret_cast<uintptr_t>(p) % 16) == 0 && sb % 8 == 0 && sh % 8 == 0 &&
            ss % 8 == 0;
   };
+  auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; };
   if (a.batch <= 0 || a.heads_q <= 0 || a.heads_kv <= 0 || a.seq_q <= 0 || a.seq_kv <= 0 ||
-      a.heads_q % a.heads_kv != 0 || a.batch * int64_t(a.heads_kv) > 65535 ||
-      !(a.head_dim == 64 || a.head_dim == 128) ||
+      a.heads_q % a.heads_kv != 0 || !(a.head_dim == 64 || a.head_dim == 128) ||
       !row_ok(a.q, a.q_stride_b, a.q_stride_h, a.q_stride_s) ||
       !row_ok(a.k, a.k_stride_b, a.k_stride_h, a.k_stride_s) ||
       !row_ok(a.v, a.v_stride_b, a.v_stride_h, a.v_stride_s) || a.q_out == nullptr ||
       a.q_scale == nullptr || a.k_out == nullptr || a.k_scale == nullptr || a.v_out == nullptr ||
       a.v_scale == nullptr || a.k_mean == nullptr || a.workspace == nullptr ||
-      (a.v_mean_given && a.v_mean == nullptr)) {
+      (a.v_mean_given && a.v_mean == nullptr) ||
+      // float4 reads of k_mean / v_mean / v_scale rows, 8-byte Q/K stores, 16-byte V^T stores
+      !aligned16(a.k_mean) || !aligned16(a.v_scale) || (a.v_mean != nullptr && !aligned16(a.v_mean)) ||
+      !aligned16(a.q_out) || !aligned16(a.k_out) || !aligned16(a.v_out)) {
     return cudaErrorInvalidValue;
   }
   using namespace quant_detail;

@@ -173,6 +173,23 @@ def _mean_arg(mean: torch.Tensor, name: str, shape: Tuple[int, int, int], dev) -
     return m if m.data_ptr() % 16 == 0 else m.clone()
 
 
+_ITEMSIZE = {torch.int8: 1, torch.uint8: 1, torch.float32: 4}
+_CARVE_ALIGN = 256  # bytes; what the caching allocator gives a fresh tensor
+
+
+def _carve(specs, dev) -> Dict[str, torch.Tensor]:
+    """``{name: tensor}`` for ``specs = [(name, dtype, shape), ...]``: contiguous views of one uint8 buffer."""
+    offs, total = [], 0
+    for _, dt, shape in specs:
+        n = _ITEMSIZE[dt]
+        for e in shape:
+            n *= e
+        offs.append((total, n))
+        total += -(-n // _CARVE_ALIGN) * _CARVE_ALIGN
+    buf = torch.empty((max(total, 1),), dtype=torch.uint8, device=dev)
+    return {name: buf[o:o + n].view(dt).view(shape) for (name, dt, shape), (o, n) in zip(specs, offs)}
+
+
 def quantize_qkv_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str = "bhsd",
                       smooth_k: bool = True, k_mean: Optional[torch.Tensor] = None,
                       smooth_v: bool = True, v_mean: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
@@ -206,28 +223,36 @@ def quantize_qkv_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layo
     dev = qb.device
     f32 = torch.float32
     s_pad = -(-s_kv // kBlockKV) * kBlockKV
-    out = {
-        "q": torch.empty((b, h_q, s_q, d), dtype=torch.int8, device=dev),
-        "q_scale": torch.empty((b, h_q, -(-s_q // 16) * 8), dtype=f32, device=dev),
-        "k": torch.empty((b, h_kv, s_kv, d), dtype=torch.int8, device=dev),
-        "k_scale": torch.empty((b, h_kv, -(-s_kv // kBlockKV) * 4), dtype=f32, device=dev),
-        "v_t": torch.empty((b, h_kv, d, s_pad), dtype=torch.uint8, device=dev),
-        "v_scale": torch.empty((b, h_kv, d), dtype=f32, device=dev),
-    }
+    own_km = k_mean is None and smooth_k
+    own_vm = v_mean is None and smooth_v
+    # One allocation carved into every output and the workspace (one allocator call instead of
+    # up to nine; the pieces start at 256-byte boundaries, the kernels need 16).
+    n_ws = kStatsPlanes * b * h_kv * (-(-s_kv // kStatsChunk)) * d
+    specs = [("q", torch.int8, (b, h_q, s_q, d)),
+             ("q_scale", f32, (b, h_q, -(-s_q // 16) * 8)),
+             ("k", torch.int8, (b, h_kv, s_kv, d)),
+             ("k_scale", f32, (b, h_kv, -(-s_kv // kBlockKV) * 4)),
+             ("v_t", torch.uint8, (b, h_kv, d, s_pad)),
+             ("v_scale", f32, (b, h_kv, d)),
+             ("_ws", f32, (n_ws,))]
+    if own_km:
+        specs.append(("k_mean", f32, (b, h_kv, d)))
+    if own_vm:
+        specs.append(("v_mean", f32, (b, h_kv, d)))
+    out = _carve(specs, dev)
+    workspace = out.pop("_ws")
     if k_mean is not None:
         km, given = _mean_arg(k_mean, "k_mean", (b, h_kv, d), dev), True
     elif smooth_k:
-        km, given = torch.empty((b, h_kv, d), dtype=f32, device=dev), False
+        km, given = out.pop("k_mean"), False
     else:
         km, given = torch.zeros((b, h_kv, d), dtype=f32, device=dev), True
     if v_mean is not None:
         vm, v_given = _mean_arg(v_mean, "v_mean", (b, h_kv, d), dev), True
     elif smooth_v:
-        vm, v_given = torch.empty((b, h_kv, d), dtype=f32, device=dev), False
+        vm, v_given = out.pop("v_mean"), False
     else:
         vm, v_given = None, False
-    # 4 planes of per-chunk partials: K sum, V sum, V max, V min
-    workspace = torch.empty((kStatsPlanes * b * h_kv * (-(-s_kv // kStatsChunk)) * d,), dtype=f32, device=dev)
     extra = {} if vm is None else {"v_mean": vm, "v_mean_given": v_given}
     sage_core.quant_qkv_sm90_fused(qb, kb, vb, out["q"], out["q_scale"], out["k"], out["k_scale"],
                                    out["v_t"], out["v_scale"], km, given, workspace, _stream(dev), **extra)
