@@ -12,11 +12,20 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 SAGE_NOX_SYSTEM=1
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/device.txt"
 t0=$(date +%s)
-python3 -m nox -s "test(arch='sm90')" -- ${SAGE_PYTEST_ARGS:-} 2>&1 | tee "$OUT/test.log"
-test_rc=${PIPESTATUS[0]}
+timeout ${SAGE_TEST_TIMEOUT:-330} python3 -m nox -s "test(arch='sm90')" -- ${SAGE_PYTEST_ARGS:-} > "$OUT/test.log" 2>&1
+test_rc=$?
+grep -E "^(FAILED|ERROR)" "$OUT/test.log" | head -20
 echo "[gpu_round] tests rc=$test_rc in $(( $(date +%s) - t0 )) s"
 if [ "${SAGE_SKIP_BENCH:-0}" != "1" ]; then
-  python3 -m sage_torch.bench --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
+  timeout ${SAGE_BENCH_TIMEOUT:-240} python3 -m sage_torch.bench --out "$OUT/bench" "$@" > "$OUT/bench.log" 2>&1
+  grep -v '^{' "$OUT/bench.log" | tail -60
+fi
+if [ "${SAGE_SANITIZE:-0}" = "1" ]; then  # memcheck + racecheck of the sm90 kernels on a small case
+  for tool in memcheck racecheck; do
+    timeout 120 compute-sanitizer --tool $tool --print-limit 5 python3 tools/profile_sm90.py \
+      --b 1 --h 2 --n 300 --causal --iters 1 > "$OUT/sanitize.log" 2>&1
+    echo "[gpu_round] $tool rc=$? $(grep 'ERROR SUMMARY' "$OUT/sanitize.log" | tail -1)"
+  done
 fi
 grep -E "passed|failed|error" "$OUT/test.log" | tail -3
 exit $test_rc
