@@ -124,7 +124,9 @@ def test_cuda_matches_cpu_emulation(seed):
     do = torch.randn(2, 8, 300, 128, generator=g).bfloat16()
     outs = {}
     for dev in ("cpu", "cuda"):
-        xs = [x.to(dev).requires_grad_() for x in (q, k, v)]
+        # detach: q.to('cpu') is q itself, so without it the CPU pass would make q require grad
+        # and q.to('cuda') a non-leaf whose .grad stays None
+        xs = [x.detach().to(dev).requires_grad_() for x in (q, k, v)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             o = sage_train.attention(*xs, is_causal=True)

@@ -101,6 +101,19 @@ def kernel_names(recipe: str) -> tuple[str, ...]:
     return tuple(f"attn_sm80_{recipe}_hdim{d}_{io}" for d in HEAD_DIMS for io in ("f16", "bf16"))
 
 
+_PERM32_CACHE: dict = {}
+
+
+def _perm32_on(device: torch.device) -> torch.Tensor:
+    """PERM32 as a device tensor, made once per device: building it from a Python list is a
+    host-to-device copy, which syncs and cannot be captured in a CUDA graph."""
+    key = (device.type, device.index)
+    t = _PERM32_CACHE.get(key)
+    if t is None:
+        t = _PERM32_CACHE[key] = torch.tensor(PERM32, dtype=torch.long, device=device)
+    return t
+
+
 def quant_v_t_p32(v: torch.Tensor, fmt: str, layout: str = "bhsd") -> tuple[torch.Tensor, torch.Tensor]:
     """V per channel in 8 bits, transposed and token-permuted for the sm80 8-bit PV MMA.
 
@@ -125,7 +138,7 @@ def quant_v_t_p32(v: torch.Tensor, fmt: str, layout: str = "bhsd") -> tuple[torc
     else:
         raise ValueError(f"fmt must be 's8' or 'e4m3', got {fmt!r}")
     s_pad = v_t.shape[-1]
-    perm = torch.tensor(PERM32, dtype=torch.long, device=v_t.device)
+    perm = _perm32_on(v_t.device)
     idx = (torch.arange(0, s_pad, kVChunk, device=v_t.device)[:, None] + perm[None, :]).reshape(-1)
     return v_t.index_select(-1, idx).contiguous(), v_scale.contiguous()
 
