@@ -174,7 +174,7 @@ def train_s8_rows(r: Runner, lines: List[str]):
     lines.append("## train_s8 backward: dP in 16 bits vs INT8 (from `sage_quant.emulation.train_s8`)\n")
     try:
         mod = importlib.import_module("sage_quant.emulation.train_s8")
-        fn = getattr(mod, "ablation_rows")
+        fn = mod.ablation_rows
     except (ImportError, AttributeError) as exc:
         lines.append(f"_Skipped: `sage_quant.emulation.train_s8.ablation_rows` is not available ({exc})._\n")
         return
@@ -225,7 +225,6 @@ def comparison(r: Runner) -> str:
     acc1_sv, acc2_sv = (rel(e4, n=na, pv_accum=m) for m in ("one_level", "two_level"))
     nv, mx = rel("qk_nvfp4_pv_nvfp4", n=na), rel("qk_nvfp4_pv_nvfp4", n=na, fmt="mxfp4")
     direct, two = rel("qk_nvfp4_pv_nvfp4", n=na, p_fp4="direct"), rel("qk_nvfp4_pv_nvfp4", n=na)
-    sdpa = f"sdpa_{r.args.dtype}"
     f16_pb = dict(q_granularity="per_block", k_granularity="per_block")
     q_smooth_gain = (s4_k - s4_qk) / s4_k
     near = lambda ours, theirs: abs(ours - theirs) <= 0.1 * theirs  # within 10%
@@ -336,7 +335,7 @@ def main(argv=None):
         f"- inputs: `sage_quant.make_qkv(dist, seed={kSeed})`, q/k/v heads equal, n_q = n_kv; "
         "`randn`: i.i.d. N(0,1); `outlier`: K = N(0,1) + 4·per-channel bias, a few Q channels ×6, "
         "V with a per-channel bias (see `sage_quant/inputs.py`)",
-        f"- recipe defaults: " + "; ".join(f"`{k}` {v}" for k, v in sq.RECIPES.items()),
+        "- recipe defaults: " + "; ".join(f"`{k}` {v}" for k, v in sq.RECIPES.items()),
         f"- wall time: {time.time() - t_start:.0f} s",
         "",
     ]

@@ -3,7 +3,6 @@
 O = softmax(S)·(V - v̄) + v̄ exactly (softmax rows sum to 1), so only the quantization of V
 changes: E4M3's 3 mantissa bits are spent on V - v̄ instead of on a per-channel bias.
 """
-import math
 
 import pytest
 import torch

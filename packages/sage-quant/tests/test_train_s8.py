@@ -180,7 +180,7 @@ def _naive_train_s8(q, k, v, do, *, is_causal, bq, bkv, dp_precision):
 
             def scores(ii, jj):
                 (i0, i1), (j0, j1) = qt[ii], kt[jj]
-                s2 = mm(Q[ii][0], K[jj][0].T) * (Q[ii][1] * K[jj][1]) * c2
+                s2 = mm(Q[ii][0], K[jj][0].T) * (Q[ii][1] * K[jj][1]) * c2  # noqa: B023 (late binding intended)
                 if is_causal:
                     ok = torch.arange(j0, j1)[None, :] <= torch.arange(i0, i1)[:, None] + (skv - sq)
                     s2 = s2.masked_fill(~ok, -math.inf)

@@ -61,6 +61,29 @@
 #ifndef SAGE_SM90_ATTN_EXP2_POLY_DEGREE
 #define SAGE_SM90_ATTN_EXP2_POLY_DEGREE 5
 #endif
+// Step 4 (H12): independent partial accumulators per row for the softmax row max (MAX_CHAINS)
+// and row sum (SUM_CHAINS); 1 = one serial chain per row, as in steps 1-3. Breaks the 16-deep
+// VIMNMX3 / FMNMX and 16-deep FADD dependency chains; only the fp32 summation order of l changes.
+#ifndef SAGE_SM90_ATTN_MAX_CHAINS
+#define SAGE_SM90_ATTN_MAX_CHAINS 4
+#endif
+#ifndef SAGE_SM90_ATTN_SUM_CHAINS
+#define SAGE_SM90_ATTN_SUM_CHAINS 4
+#endif
+// Step 4 (H12): load the per-tile K scale of tile n+1 during tile n (1) instead of at the top of
+// tile n (0), so its global-load latency is never on the softmax's critical path.
+#ifndef SAGE_SM90_ATTN_PREFETCH_KSCALE
+#define SAGE_SM90_ATTN_PREFETCH_KSCALE 1
+#endif
+// Step 4 (H12): how the softmax is kept before wgmma.wait_group<0> (see pin_before_wgmma_wait):
+// 0 = one STS of l_run per thread per tile (steps 2-4 default);
+// 1 = empty volatile asm on l_run (no instruction): ptxas then hoists the wait above all the
+//     EX2s (checked in SASS, step 4): no overlap at all. Kept only to document that.
+// (Tried in step 4: storing this tile's row sums instead of l_run, so the alpha EX2 is not an
+// input of the store: no gain, in-order issue stalls on the l update FFMA anyway, and 8 B spill.)
+#ifndef SAGE_SM90_ATTN_PIN_KIND
+#define SAGE_SM90_ATTN_PIN_KIND 0
+#endif
 
 namespace sage::sm90 {
 
@@ -126,6 +149,14 @@ struct AttnFwdSm90QkS8PvE4m3Traits {
   static constexpr bool kMagicI2F = SAGE_SM90_ATTN_MAGIC_I2F != 0;
   static_assert(127 * 127 * kHeadDim_ < (1 << 22), "magic-number conversion range");
   // Group j (of 16) takes the polynomial: Bresenham spread so MUFU and FMA work interleave.
+  // Step 4: partial accumulators per row for the row max / row sum (divides the 16 groups).
+  static constexpr int kMaxChains = SAGE_SM90_ATTN_MAX_CHAINS;
+  static constexpr int kSumChains = SAGE_SM90_ATTN_SUM_CHAINS;
+  static_assert(kMaxChains == 1 || kMaxChains == 2 || kMaxChains == 4 || kMaxChains == 8, "1, 2, 4 or 8 chains");
+  static_assert(kSumChains == 1 || kSumChains == 2 || kSumChains == 4 || kSumChains == 8, "1, 2, 4 or 8 chains");
+  static constexpr bool kPrefetchKScale = SAGE_SM90_ATTN_PREFETCH_KSCALE != 0;
+  static constexpr int kPinKind = SAGE_SM90_ATTN_PIN_KIND;
+  static_assert(kPinKind == 0 || kPinKind == 1, "pin kind 0 (STS of l) or 1 (asm, breaks overlap)");
   static constexpr bool exp2_group_is_poly(int j) {
     return (j + 1) * kExp2PolyGroups / 16 > j * kExp2PolyGroups / 16;
   }
@@ -426,6 +457,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // max of the raw scores times c is the max of the scaled scores (rounding is monotonic),
   // and each P~ is one FFMA + one EX2: exp2(raw * c - (m - log2 448)).
   auto softmax_tile = [&](int n, float c, float (&sf)[64], float& alpha0, float& alpha1) {
+    constexpr int kChains = Traits::kMaxChains;
+    constexpr int kSChains = Traits::kSumChains;
     float mx0, mx1;  // raw (unscaled) row maxima of this thread's columns
     const bool masked = n * kBlockKV + kBlockKV - 1 > wg_key_lim;  // crosses s_kv or the diagonal
     if (masked) {
@@ -441,22 +474,53 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           if (key > key_lim1) sf[4 * j + 2 + e] = -INFINITY;
         }
       }
-      mx0 = -INFINITY;
-      mx1 = -INFINITY;
+      // kChainsM independent partial maxima per row (exact in any order), combined as a tree.
+      constexpr int kChainsM = kChains < 2 ? kChains : 2;
+      float pm0[kChainsM], pm1[kChainsM];
       CUTE_UNROLL
       for (int j = 0; j < kBlockKV / 8; ++j) {
-        mx0 = fmaxf(mx0, fmaxf(sf[4 * j], sf[4 * j + 1]));
-        mx1 = fmaxf(mx1, fmaxf(sf[4 * j + 2], sf[4 * j + 3]));
+        const float a0 = fmaxf(sf[4 * j], sf[4 * j + 1]);
+        const float a1 = fmaxf(sf[4 * j + 2], sf[4 * j + 3]);
+        pm0[j % kChainsM] = j < kChainsM ? a0 : fmaxf(pm0[j % kChainsM], a0);
+        pm1[j % kChainsM] = j < kChainsM ? a1 : fmaxf(pm1[j % kChainsM], a1);
       }
+      CUTE_UNROLL
+      for (int w = kChainsM / 2; w >= 1; w /= 2) {
+        CUTE_UNROLL
+        for (int i = 0; i < w; ++i) {
+          pm0[i] = fmaxf(pm0[i], pm0[i + w]);
+          pm1[i] = fmaxf(pm1[i], pm1[i + w]);
+        }
+      }
+      mx0 = pm0[0];
+      mx1 = pm1[0];
     } else {
       // Unmasked tile: the max on the s32 accumulator with the 3-input VIMNMX3 (sm_90 DPX), half
       // the instructions of pairwise FMNMX. Exact: |raw| <= 127*127*d < 2^24 converts exactly
       // and monotonically, so float(max raw) == max float(raw).
-      int imx0 = INT_MIN, imx1 = INT_MIN;
+      // kChains independent partial maxima per row, then a tree (3-input max where possible).
+      int pm0[kChains], pm1[kChains];
       CUTE_UNROLL
       for (int j = 0; j < kBlockKV / 8; ++j) {
-        imx0 = __vimax3_s32(imx0, tSrS(4 * j), tSrS(4 * j + 1));
-        imx1 = __vimax3_s32(imx1, tSrS(4 * j + 2), tSrS(4 * j + 3));
+        const int q = j % kChains;
+        pm0[q] = j < kChains ? max(tSrS(4 * j), tSrS(4 * j + 1)) : __vimax3_s32(pm0[q], tSrS(4 * j), tSrS(4 * j + 1));
+        pm1[q] = j < kChains ? max(tSrS(4 * j + 2), tSrS(4 * j + 3)) : __vimax3_s32(pm1[q], tSrS(4 * j + 2), tSrS(4 * j + 3));
+      }
+      int imx0, imx1;
+      if constexpr (kChains == 1) {
+        imx0 = pm0[0];
+        imx1 = pm1[0];
+      } else if constexpr (kChains == 2) {
+        imx0 = max(pm0[0], pm0[1]);
+        imx1 = max(pm1[0], pm1[1]);
+      } else if constexpr (kChains == 4) {
+        imx0 = __vimax3_s32(pm0[0], pm0[1], max(pm0[2], pm0[3]));
+        imx1 = __vimax3_s32(pm1[0], pm1[1], max(pm1[2], pm1[3]));
+      } else {
+        imx0 = __vimax3_s32(__vimax3_s32(pm0[0], pm0[1], pm0[2]), __vimax3_s32(pm0[3], pm0[4], pm0[5]),
+                            max(pm0[6], pm0[7]));
+        imx1 = __vimax3_s32(__vimax3_s32(pm1[0], pm1[1], pm1[2]), __vimax3_s32(pm1[3], pm1[4], pm1[5]),
+                            max(pm1[6], pm1[7]));
       }
       if constexpr (Traits::kMagicI2F) {
         CUTE_UNROLL
@@ -482,10 +546,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     m_run[0] = m_new0;
     m_run[1] = m_new1;
     // P~ max maps to 448. With the magic conversion sf holds M + S: subtract M*c here.
-    const float magic = Traits::kMagicI2F && !masked ? detail::kRoundMagic : 0.f;
-    const float neg_off0 = fmaf(-magic, c, kLog2Fp8E4m3Max - m_use0);
-    const float neg_off1 = fmaf(-magic, c, kLog2Fp8E4m3Max - m_use1);
-    float sum0 = 0.f, sum1 = 0.f;
+    // (Without the magic conversion the offset is a plain subtraction: fmaf(-0, c, x) is not
+    // folded by the compiler, it cost one FFMA per row.)
+    float neg_off0 = kLog2Fp8E4m3Max - m_use0;
+    float neg_off1 = kLog2Fp8E4m3Max - m_use1;
+    if (Traits::kMagicI2F && !masked) {
+      neg_off0 = fmaf(-detail::kRoundMagic, c, neg_off0);
+      neg_off1 = fmaf(-detail::kRoundMagic, c, neg_off1);
+    }
+    // kChains independent partial row sums (the first pair initializes each: no 0 + x FADD).
+    float ps0[kSChains], ps1[kSChains];
     // kPoly = false: every exp2 on MUFU (masked tiles: -inf must give exactly 0).
     auto exp_tile = [&](auto use_poly) {
       CUTE_UNROLL
@@ -502,8 +572,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           sf[4 * j + 2] = detail::ex2_approx(fmaf(sf[4 * j + 2], c, neg_off1));
           sf[4 * j + 3] = detail::ex2_approx(fmaf(sf[4 * j + 3], c, neg_off1));
         }
-        sum0 += sf[4 * j + 0] + sf[4 * j + 1];
-        sum1 += sf[4 * j + 2] + sf[4 * j + 3];
+        const float a0 = sf[4 * j + 0] + sf[4 * j + 1];
+        const float a1 = sf[4 * j + 2] + sf[4 * j + 3];
+        ps0[j % kSChains] = j < kSChains ? a0 : ps0[j % kSChains] + a0;
+        ps1[j % kSChains] = j < kSChains ? a1 : ps1[j % kSChains] + a1;
       }
     };
     if (masked || Traits::kExp2PolyGroups == 0) {
@@ -511,8 +583,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     } else {
       exp_tile(std::true_type{});
     }
-    l_run[0] = l_run[0] * alpha0 + sum0;
-    l_run[1] = l_run[1] * alpha1 + sum1;
+    CUTE_UNROLL
+    for (int w = kSChains / 2; w >= 1; w /= 2) {
+      CUTE_UNROLL
+      for (int i = 0; i < w; ++i) {
+        ps0[i] += ps0[i + w];
+        ps1[i] += ps1[i + w];
+      }
+    }
+    l_run[0] = fmaf(l_run[0], alpha0, ps0[0]);
+    l_run[1] = fmaf(l_run[1], alpha1, ps1[0]);
   };
   // P~ -> E4M3 A fragment of the PV wgmma (see the file comment for why no shuffle is needed).
   auto pack_p = [&](const float (&sf)[64]) {
@@ -576,8 +656,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if constexpr (Traits::kPingPong) {
       if (cw == 1) detail::named_barrier_arrive(kPingPongBarrierBase, Traits::kConsumerThreads);
     }
+    // Step 4: with kPrefetchKScale the raw K scale of tile n+1 is loaded at the top of tile n
+    // (index clamped to the last tile: no branch, never out of bounds).
+    float k_scale_next = k_scale_head[0];
     {
-      const float c = tile_scale(0);
+      const float c = Traits::kPrefetchKScale ? qk_scale_log2 * k_scale_next : tile_scale(0);
+      if constexpr (Traits::kPrefetchKScale) k_scale_next = k_scale_head[min(1, n_end - 1) * 4];
       if constexpr (Traits::kPingPong) detail::named_barrier_sync(pp_own, Traits::kConsumerThreads);
       TxBarrier::wait(&ss.bar_k_full[0], 0);
       issue_qk(0);
@@ -593,7 +677,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       const uint32_t phase = (n / kStages) & 1;
       const int stage_prev = (n - 1) % kStages;
       const uint32_t phase_prev = ((n - 1) / kStages) & 1;
-      const float c = tile_scale(n);
+      const float c = Traits::kPrefetchKScale ? qk_scale_log2 * k_scale_next : tile_scale(n);
+      if constexpr (Traits::kPrefetchKScale) k_scale_next = k_scale_head[min(n + 1, n_end - 1) * 4];
       if constexpr (Traits::kPingPong) detail::named_barrier_sync(pp_own, Traits::kConsumerThreads);
       TxBarrier::wait(&ss.bar_k_full[stage], phase);
       issue_qk(stage);
@@ -607,7 +692,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       softmax_tile(n, c, sf, alpha0, alpha1);
       // Pin the softmax before the wait: otherwise the compiler sinks the EX2s below it and
       // nothing overlaps PV(n-1).
-      detail::pin_before_wgmma_wait(&ss.pin[threadIdx.x - 128], l_run[0] + l_run[1]);
+      if constexpr (Traits::kPinKind == 0) {
+        detail::pin_before_wgmma_wait(&ss.pin[threadIdx.x - 128], l_run[0] + l_run[1]);
+      } else {
+        asm volatile("" : "+f"(l_run[0]), "+f"(l_run[1])::"memory");
+      }
       warpgroup_wait<0>();  // PV(n-1) done: buf valid, P registers free
       warpgroup_fence_operand(tOrBuf);
       Barrier::arrive(&ss.bar_v_empty[stage_prev]);

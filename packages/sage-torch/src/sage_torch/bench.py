@@ -47,16 +47,16 @@ def commit() -> str:
         return "unknown"
 
 
-def time_cuda(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20) -> float:
-    """Median milliseconds of fn over iters runs, CUDA events, after warmup runs."""
+def time_cuda(fn: Callable[..., object], *args, warmup: int = 5, iters: int = 20) -> float:
+    """Median milliseconds of fn(*args) over iters runs, CUDA events, after warmup runs."""
     for _ in range(warmup):
-        fn()
+        fn(*args)
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        fn(*args)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -144,12 +144,12 @@ def bench_gpu(args) -> list[dict]:
                         if isinstance(out, tuple):
                             out = out[0]
                         row.update(accuracy(out, ref, rows))
-                        ms = time_cuda(lambda: impl["e2e"](q, k, v, causal))
+                        ms = time_cuda(impl["e2e"], q, k, v, causal)
                         row["ms"] = ms
                         row["tops"] = flops / ms / 1e9
                         if impl.get("split"):
                             prepared, kernel = impl["split"](q, k, v, is_causal=causal)
-                            kms = time_cuda(lambda: kernel(prepared))
+                            kms = time_cuda(kernel, prepared)
                             row["kernel_ms"] = kms
                             row["kernel_tops"] = flops / kms / 1e9
                     except Exception as exc:  # noqa: BLE001 - a failing impl is a row, not a crash

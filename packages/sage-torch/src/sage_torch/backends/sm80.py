@@ -24,7 +24,6 @@ INT8/E4M3 P fragment built from the S accumulator needs no shuffles.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
