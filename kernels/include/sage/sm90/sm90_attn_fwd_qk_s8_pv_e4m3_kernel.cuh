@@ -65,15 +65,15 @@
 // and row sum (SUM_CHAINS); 1 = one serial chain per row, as in steps 1-3. Breaks the 16-deep
 // VIMNMX3 / FMNMX and 16-deep FADD dependency chains; only the fp32 summation order of l changes.
 #ifndef SAGE_SM90_ATTN_MAX_CHAINS
-#define SAGE_SM90_ATTN_MAX_CHAINS 4
+#define SAGE_SM90_ATTN_MAX_CHAINS 1  // 4 measured slower on H200 (step 4 A/B)
 #endif
 #ifndef SAGE_SM90_ATTN_SUM_CHAINS
-#define SAGE_SM90_ATTN_SUM_CHAINS 4
+#define SAGE_SM90_ATTN_SUM_CHAINS 1  // 4 and 8 measured slower on H200
 #endif
 // Step 4 (H12): load the per-tile K scale of tile n+1 during tile n (1) instead of at the top of
 // tile n (0), so its global-load latency is never on the softmax's critical path.
 #ifndef SAGE_SM90_ATTN_PREFETCH_KSCALE
-#define SAGE_SM90_ATTN_PREFETCH_KSCALE 1
+#define SAGE_SM90_ATTN_PREFETCH_KSCALE 0  // no gain measured
 #endif
 // Step 4 (H12): how the softmax is kept before wgmma.wait_group<0> (see pin_before_wgmma_wait):
 // 0 = one STS of l_run per thread per tile (steps 2-4 default);
