@@ -23,8 +23,10 @@ kBudget = {  # measured on the emulation (3 seeds x SHAPES x d 64/128, causal), 
     "qk_s8_pv_f16": dict(cos=0.999, rel_l1=0.03, lse_atol=0.05),
     "qk_s8_pv_e4m3": dict(cos=0.998, rel_l1=0.07, lse_atol=0.05),
     "qk_s8_pv_s8": dict(cos=0.995, rel_l1=0.05, lse_atol=0.05),
-    "qk_s4_pv_e4m3": dict(cos=0.97, rel_l1=0.25, lse_atol=0.6),
-    "qk_nvfp4_pv_nvfp4": dict(cos=0.97, rel_l1=0.25, lse_atol=0.6),
+    # 4-bit Q·K: a row that sees one or two keys has LSE = that score, off by the INT4 error of a
+    # single dot product (> 0.6 seen once on the H200): the tight check is vs the emulation below
+    "qk_s4_pv_e4m3": dict(cos=0.97, rel_l1=0.25, lse_atol=1.0),
+    "qk_nvfp4_pv_nvfp4": dict(cos=0.97, rel_l1=0.25, lse_atol=1.0),
 }
 kPoisonElements = 1 << 26
 
