@@ -30,6 +30,7 @@
 // Before any CUTLASS header: cutlass/cuda_host_adapter.hpp includes <cudaTypedefs.h> inside
 // namespace cutlass, which would hide the global PFN_* typedefs that driver_api.hpp needs.
 #include "sage/common/arch.hpp"
+#include "sage/common/cvt_e4m3.cuh"
 #include "sage/sm90/sm90_attn_fwd_qk_s8_pv_e4m3_params.hpp"
 #include "sage/sm90/sm90_tma_desc.hpp"
 
@@ -258,18 +259,7 @@ __device__ __forceinline__ float exp2_poly(float x) {
   return __uint_as_float(__float_as_uint(p) + (__float_as_uint(t) << 23));
 }
 
-// Four floats -> four E4M3 bytes (x0 in the lowest byte), RN + satfinite.
-// cvt.*.e4m3x2.f32 d, a, b puts a in the upper and b in the lower byte of d.
-__device__ __forceinline__ uint32_t pack_e4m3x4(float x0, float x1, float x2, float x3) {
-  uint32_t out;
-  asm("{\n\t.reg .b16 lo, hi;\n\t"
-      "cvt.rn.satfinite.e4m3x2.f32 lo, %2, %1;\n\t"
-      "cvt.rn.satfinite.e4m3x2.f32 hi, %4, %3;\n\t"
-      "mov.b32 %0, {lo, hi};\n\t}"
-      : "=r"(out)
-      : "f"(x0), "f"(x1), "f"(x2), "f"(x3));
-  return out;
-}
+using ::sage::pack_e4m3x4;  // sage/common/cvt_e4m3.cuh
 
 // ptxas hoists wgmma.wait_group above independent ALU work (it did so for the whole softmax,
 // which then no longer overlapped the PV wgmma). A shared-memory store is not moved across the

@@ -49,6 +49,7 @@
 #include <cstdint>
 
 #include "sage/sm90/sm90_attn_fwd_qk_s8_pv_e4m3_params.hpp"
+#include "sage/common/cvt_e4m3.cuh"
 
 namespace sage::sm90 {
 namespace quant_detail {
@@ -149,18 +150,7 @@ __device__ __forceinline__ uint2 quant8_s8(const float (&x)[8], float s, float y
   return make_uint2(pack_low_bytes(c[0], c[1], c[2], c[3]), pack_low_bytes(c[4], c[5], c[6], c[7]));
 }
 
-// Four floats -> four E4M3 bytes (x0 in the lowest byte), RN + satfinite.
-// cvt.*.e4m3x2.f32 d, a, b puts a in the upper and b in the lower byte of d.
-__device__ __forceinline__ uint32_t pack_e4m3x4(float x0, float x1, float x2, float x3) {
-  uint32_t out;
-  asm("{\n\t.reg .b16 lo, hi;\n\t"
-      "cvt.rn.satfinite.e4m3x2.f32 lo, %2, %1;\n\t"
-      "cvt.rn.satfinite.e4m3x2.f32 hi, %4, %3;\n\t"
-      "mov.b32 %0, {lo, hi};\n\t}"
-      : "=r"(out)
-      : "f"(x0), "f"(x1), "f"(x2), "f"(x3));
-  return out;
-}
+using ::sage::pack_e4m3x4;  // sage/common/cvt_e4m3.cuh
 
 // Per-thread token layout of the stats and Q/K passes: kThreadsPerToken adjacent lanes read one
 // token (16 bytes each), a warp covers whole tokens.
