@@ -46,10 +46,14 @@ def validate_qkv(q, k, v, layout: str, allowed_dtypes=_DTYPES):
     return q, k, v, (b, h_q, h_kv, s_q, s_kv, d, v.shape[3])
 
 
-def causal_allowed(s_q: int, s_kv: int, device) -> torch.Tensor:
-    """Bottom-right causal mask (s_q, s_kv): query i sees key j iff j <= i + s_kv - s_q."""
+def causal_allowed(s_q: int, s_kv: int, device, keys: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Bottom-right causal mask: query i sees key j iff j <= i + s_kv - s_q.
+
+    Shape (s_q, s_kv), or (s_q, k1 - k0) for the keys ``[k0, k1)`` when ``keys=(k0, k1)``.
+    """
+    k0, k1 = keys if keys is not None else (0, s_kv)
     i = torch.arange(s_q, device=device)[:, None]
-    j = torch.arange(s_kv, device=device)[None, :]
+    j = torch.arange(k0, k1, device=device)[None, :]
     return j <= i + (s_kv - s_q)
 
 

@@ -52,6 +52,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..reference import kInt8Max, quant_int, to_bhsd, token_mean
+from .reference_attention import causal_allowed
 
 __all__ = [
     "kLog2e",
@@ -194,13 +195,6 @@ def _expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
-def _causal_mask(sq: int, k0: int, k1: int, skv: int, device) -> torch.Tensor:
-    """True where query i may see key j (bottom-right aligned), for keys [k0, k1)."""
-    i = torch.arange(sq, device=device)[:, None]
-    j = torch.arange(k0, k1, device=device)[None, :]
-    return j <= i + (skv - sq)
-
-
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
@@ -290,7 +284,7 @@ def train_s8_forward(
         acc = _imm(qf, kf[:, :, k0:k1].transpose(-1, -2))  # (b, h, sq, kj)
         s2 = acc * (sq_tok[..., :, None] * sk_tok[:, :, None, k0:k1]) * scale_log2
         if is_causal:
-            s2 = s2.masked_fill(~_causal_mask(sq, k0, k1, skv, dev), neg_inf)
+            s2 = s2.masked_fill(~causal_allowed(sq, skv, dev, keys=(k0, k1)), neg_inf)
         m_new = torch.maximum(m, s2.amax(dim=-1))
         m_safe = torch.where(m_new == neg_inf, torch.zeros_like(m_new), m_new)
         alpha = torch.exp2(m - m_safe)
@@ -379,7 +373,7 @@ def train_s8_backward(do: torch.Tensor, ctx: TrainS8Context) -> Tuple[torch.Tens
         acc = _imm(qf, kf[:, :, k0:k1].transpose(-1, -2))
         s2 = acc * (sq_tok[..., :, None] * sk_tok[:, :, None, k0:k1]) * scale_log2
         if ctx.is_causal:
-            s2 = s2.masked_fill(~_causal_mask(sq, k0, k1, skv, dev), neg_inf)
+            s2 = s2.masked_fill(~causal_allowed(sq, skv, dev, keys=(k0, k1)), neg_inf)
         p = torch.exp2(s2 - lse2_safe[..., None])  # (b, h, sq, kj), masked / empty rows 0
 
         # dV_j = Σ_i P̂_ijᵀ dÔ_i: one P scale per (i, j) tile, one dO scale per query block i
@@ -440,7 +434,7 @@ def _float64_autograd_grads(q, k, v, do, *, is_causal: bool, scale: float):
     group = q64.shape[1] // k64.shape[1]
     s = torch.matmul(q64, _expand_heads(k64, group).transpose(-1, -2)) * scale
     if is_causal:
-        s = s.masked_fill(~_causal_mask(s.shape[-2], 0, s.shape[-1], s.shape[-1], s.device), float("-inf"))
+        s = s.masked_fill(~causal_allowed(s.shape[-2], s.shape[-1], s.device, keys=(0, s.shape[-1])), float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a fully masked row: P = 0
     o = torch.matmul(p, _expand_heads(v64, group))
     o.backward(do.to(torch.float64))
