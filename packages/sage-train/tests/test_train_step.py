@@ -1,5 +1,6 @@
 """A tiny causal language model trains with its attention routed to train_s8."""
 
+import copy
 import warnings
 
 import torch
@@ -29,12 +30,36 @@ class TinyLM(torch.nn.Module):
         return self.head(x)
 
 
-def test_tiny_model_loss_decreases(seed):
-    """Task: every position predicts the sequence's first token (random), which only attention
-    can fetch. The loss must fall well below its starting value (ln 16 ≈ 2.8)."""
+def _train(model, seed, steps=40):
+    """Adam on a task where every position predicts the sequence's first token (random),
+    which only attention can fetch. Returns the loss per step."""
     g = torch.Generator().manual_seed(seed)
-    model = TinyLM()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        seq = torch.randint(0, 16, (16, 12), generator=g)
+        logits = model(seq)
+        loss = F.cross_entropy(logits.reshape(-1, 16), seq[:, :1].expand(-1, 12).reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_tiny_model_trains_like_sdpa(seed):
+    """The same model, init and batches trained twice: with PyTorch SDPA and with attention
+    routed to train_s8. The train_s8 run must learn (loss well below ln 16 ≈ 2.8) and end
+    where the SDPA run ends.
+
+    Margins measured over 300 seeds: final-loss gap |sage - sdpa| ≤ 0.015 (bound 0.1); the
+    final/first ratio ≤ 0.51 for both runs (bound 0.75). How far the SDPA run itself gets
+    depends on the init (0.03 to 1.46), which is why the bound is relative to it rather than
+    absolute."""
+    model = TinyLM()
+    ref = copy.deepcopy(model)
+    ref_losses = _train(ref, seed)
+
     sage_train.patch_model(model)
     calls = []
     orig = sage_train._patch._function.attention
@@ -44,22 +69,16 @@ def test_tiny_model_loss_decreases(seed):
         return orig(*a, **kw)
 
     sage_train._patch._function.attention = counting
-    losses = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", sage_train.SageTrainFallbackWarning)
-            for _ in range(40):
-                seq = torch.randint(0, 16, (16, 12), generator=g)
-                logits = model(seq)
-                loss = F.cross_entropy(logits.reshape(-1, 16), seq[:, :1].expand(-1, 12).reshape(-1))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
+            losses = _train(model, seed)
     finally:
         sage_train._patch._function.attention = orig
         sage_train.unpatch_model(model)
     assert len(calls) == 40, "attention was not routed to train_s8"
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert last < 0.5 * first, f"seed={seed}: loss {first:.3f} -> {last:.3f}"
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    ref_last = sum(ref_losses[-5:]) / 5
+    assert last < 0.75 * first, f"seed={seed}: loss {first:.3f} -> {last:.3f}"
+    assert abs(last - ref_last) <= 0.1, f"seed={seed}: final loss {last:.3f} vs SDPA {ref_last:.3f}"
