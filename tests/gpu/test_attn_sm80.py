@@ -94,17 +94,34 @@ def test_options_filter():
         sm80.resolve_options("qk_s8_pv_f16", {"no_such_option": 1})
 
 
+def test_options_filter_f16_buffer():
+    """pv_accum='f16_buffer' has kernels for qk_s8_pv_f16 and qk_s8_pv_e4m3 (V range 2.25)."""
+    for recipe in ("qk_s8_pv_f16", "qk_s8_pv_e4m3"):
+        opts = sm80.resolve_options(recipe, {"pv_accum": "f16_buffer"})
+        assert sm80.unsupported_reason(recipe, opts) is None, recipe
+        assert all("_acc_f16_" in n for n in sm80.kernel_names(recipe, "f16_buffer"))
+    assert sm80.resolve_options("qk_s8_pv_e4m3", {"pv_accum": "f16_buffer"})["v_max"] == 2.25
+    assert sm80.resolve_options("qk_s8_pv_e4m3", {})["v_max"] == 448.0
+    reason = sm80.unsupported_reason("qk_s4_pv_e4m3", sm80.resolve_options("qk_s4_pv_e4m3", {"pv_accum": "f16_buffer"}))
+    assert reason and "f16_buffer" in reason
+    for accum in ("one_level", "fp32"):
+        assert "pv_accum" in sm80.unsupported_reason(
+            "qk_s8_pv_e4m3", sm80.resolve_options("qk_s8_pv_e4m3", {"pv_accum": accum}))
+    with pytest.raises(ValueError, match="v_max"):  # a 64-key tile could overflow FP16
+        sm80.resolve_options("qk_s8_pv_e4m3", {"pv_accum": "f16_buffer", "v_max": 4.0})
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------------
-def _skip_reason(recipe: str) -> str | None:
+def _skip_reason(recipe: str, pv_accum: str | None = None) -> str | None:
     if not torch.cuda.is_available():
         return "CUDA is not available"
     try:
         import sage_core
     except ImportError as exc:
         return f"sage_core does not import: {exc}"
-    missing = [n for n in sm80.kernel_names(recipe) if not sage_core.has_kernel(n)]
+    missing = [n for n in sm80.kernel_names(recipe, pv_accum) if not sage_core.has_kernel(n)]
     if missing or not hasattr(sage_core, f"attn_fwd_sm80_{recipe}"):
         return f"sage_core was built without the sm80 kernels of {recipe} (missing {missing})"
     if recipe in ("qk_s8_pv_e4m3", "qk_s4_pv_e4m3") and torch.cuda.get_device_capability() < kE4m3Cc:
@@ -112,8 +129,8 @@ def _skip_reason(recipe: str) -> str | None:
     return None
 
 
-def _require(recipe: str):
-    reason = _skip_reason(recipe)
+def _require(recipe: str, pv_accum: str | None = None):
+    reason = _skip_reason(recipe, pv_accum)
     if reason:
         pytest.skip(reason)
 
@@ -300,3 +317,110 @@ def test_binding_rejects_bad_input_before_launch():
         sage_core.attn_fwd_sm80_qk_s8_pv_f16(q.cpu(), k, v, o, None, qs, ks, **kw)
     with pytest.raises(TypeError, match="v"):
         sage_core.attn_fwd_sm80_qk_s8_pv_f16(q, k, v.to(torch.bfloat16), o, None, qs, ks, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the FP16-accumulate variants (pv_accum="f16_buffer")
+# ------------------------------------------------------------------------------------------------
+_RECIPES_F16_BUFFER = ["qk_s8_pv_f16", "qk_s8_pv_e4m3"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", _RECIPES_F16_BUFFER)
+@pytest.mark.parametrize("shape", _SHAPES, ids=lambda s: "b{}h{}x{}_sq{}_skv{}".format(*s))
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_f16_buffer_vs_emulation_shapes(recipe, shape, is_causal, d):
+    _require(recipe, "f16_buffer")
+    b, h_q, h_kv, s_q, s_kv = shape
+    dtype = torch.float16 if (s_q + d) % 2 else torch.bfloat16
+    layout = "bhsd" if (s_kv + int(is_causal)) % 2 else "bshd"
+    seed, q, k, v = _inputs("randn", b=b, h_q=h_q, h_kv=h_kv, s_q=s_q, s_kv=s_kv, d=d, dtype=dtype, layout=layout)
+    _check_vs_emulation(recipe, seed, q, k, v, layout=layout, is_causal=is_causal, pv_accum="f16_buffer")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", _RECIPES_F16_BUFFER)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_f16_buffer_vs_emulation_dtypes_layouts(recipe, dtype, layout, d):
+    _require(recipe, "f16_buffer")
+    seed, q, k, v = _inputs("outlier", b=2, h_q=4, h_kv=2, s_q=300, s_kv=257, d=d, dtype=dtype, layout=layout)
+    _check_vs_emulation(recipe, seed, q, k, v, layout=layout, is_causal=False, pv_accum="f16_buffer")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", _RECIPES_F16_BUFFER)
+def test_f16_buffer_vs_float64_outlier_d128(recipe):
+    """The FP16 buffer keeps the recipe's accuracy budget (NUMERICS.md, outlier, d=128)."""
+    _require(recipe, "f16_buffer")
+    seed, q, k, v = _inputs("outlier", b=1, h_q=8, h_kv=8, s_q=2048, s_kv=2048, d=128, dtype=torch.bfloat16,
+                            layout="bhsd")
+    options = {**_F64_OPTIONS.get(recipe, {}), "pv_accum": "f16_buffer"}
+    o, _ = _kernel(recipe, q, k, v, layout="bhsd", is_causal=False, return_lse=False, **options)
+    ref = sage_quant.reference_attention(q, k, v, layout="bhsd")
+    acc = sage_quant.accuracy(o, ref)
+    print(f"\n{recipe} {options} outlier d=128 bf16 n=2048 vs float64: {acc} (seed={seed})")
+    assert acc["rel_l1"] <= kRelL1F64[recipe], f"{recipe}: {acc} seed={seed}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("big_channels", ["all", "some"])
+def test_f16_buffer_overflow_guard(big_channels):
+    """FP16 V whose 64-key tile sums overflow FP16 (|V| ~ 3000, uniform P: 64 x 3000 > 65504): the
+    kernel must detect the overflowing tiles and recompute them in FP32, so O stays finite and
+    matches the FP32-accumulate kernel and float64 attention."""
+    recipe = "qk_s8_pv_f16"
+    _require(recipe, "f16_buffer")
+    seed = random.SystemRandom().randrange(2**31)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    b, h, s, d = 1, 2, 256, 128
+    q = (torch.randn(b, h, s, d, generator=g) * 0.01).to(torch.float16).cuda()  # ~uniform P
+    k = torch.randn(b, h, s, d, generator=g).to(torch.float16).cuda()
+    v = torch.rand(b, h, s, d, generator=g) * 1000 + 2500  # same sign: the tile sums add up
+    if big_channels == "some":
+        v[..., 16:] = torch.randn(b, h, s, d - 16, generator=g)
+    v = v.to(torch.float16).cuda()
+    tile = v[0, 0, :64].double().sum(dim=0)
+    assert (tile.abs() > 65504).any(), "the test must overflow an FP16 buffer"
+    o, lse = _kernel(recipe, q, k, v, layout="bhsd", is_causal=False, pv_accum="f16_buffer")
+    ctx = f"seed={seed} big_channels={big_channels}"
+    assert torch.isfinite(o).all(), f"FP16 overflow leaked into O: {ctx}"
+    o32, _ = _kernel(recipe, q, k, v, layout="bhsd", is_causal=False, pv_accum="fp32")
+    assert sage_quant.rel_l1(o, o32) <= kRelL1VsEmulation, ctx
+    _check_vs_emulation(recipe, seed, q, k, v, layout="bhsd", is_causal=True, pv_accum="f16_buffer")
+    ref = sage_quant.reference_attention(q, k, v, layout="bhsd")
+    assert sage_quant.rel_l1(o, ref) <= kRelL1F64[recipe], ctx
+
+
+@pytest.mark.gpu
+def test_f16_buffer_e4m3_v_range():
+    """qk_s8_pv_e4m3 with the FP16 buffer quantizes V to |V^| <= 2.25 (no tile can overflow)."""
+    _require("qk_s8_pv_e4m3", "f16_buffer")
+    seed, q, k, v = _inputs("outlier", b=1, h_q=2, h_kv=2, s_q=64, s_kv=300, d=64, dtype=torch.bfloat16,
+                            layout="bhsd")
+    v_t, v_scale = sm80.quant_v_t_p32(v, "e4m3", v_max=2.25)
+    vals = R.e4m3_to_float(v_t.cpu())
+    assert vals.abs().max().item() == 2.25, f"seed={seed}"
+    amax = v.float().abs().amax(dim=2).cpu()
+    torch.testing.assert_close(v_scale.cpu(), amax / 2.25, rtol=0, atol=0, msg=f"seed={seed}")
+
+
+@pytest.mark.gpu
+def test_f16_buffer_binding_rejects_unknown_accumulation():
+    recipe = "qk_s8_pv_f16"
+    _require(recipe, "f16_buffer")
+    import sage_core
+    dev = "cuda"
+    q = torch.zeros(1, 2, 16, 64, dtype=torch.int8, device=dev)
+    v = torch.zeros(1, 2, 16, 64, dtype=torch.float16, device=dev)
+    o = torch.full((1, 2, 16, 64), float("nan"), dtype=torch.float16, device=dev)
+    qs = torch.ones(1, 2, 1, device=dev)
+    kw = dict(q_granularity="per_block", q_block=128, k_granularity="per_block", k_block=64,
+              softmax_scale=0.125, is_causal=False, stream=torch.cuda.current_stream().cuda_stream)
+    with pytest.raises(ValueError, match="pv_accum"):
+        sage_core.attn_fwd_sm80_qk_s8_pv_f16(q, q, v, o, None, qs, qs, **kw, pv_accum="fp16")
+    sage_core.attn_fwd_sm80_qk_s8_pv_f16(q, q, v, o, None, qs, qs, **kw, pv_accum="f16_buffer")
+    torch.cuda.synchronize()
+    assert torch.equal(o, torch.zeros_like(o))

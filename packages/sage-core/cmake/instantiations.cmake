@@ -45,6 +45,15 @@ sage_instantiation(sm80 attn_sm80_qk_s4_pv_e4m3_hdim64_f16 sm80/attn_sm80_qk_s4_
 sage_instantiation(sm80 attn_sm80_qk_s4_pv_e4m3_hdim64_bf16 sm80/attn_sm80_qk_s4_pv_e4m3_hdim64_bf16.cu)
 sage_instantiation(sm80 attn_sm80_qk_s4_pv_e4m3_hdim128_f16 sm80/attn_sm80_qk_s4_pv_e4m3_hdim128_f16.cu)
 sage_instantiation(sm80 attn_sm80_qk_s4_pv_e4m3_hdim128_bf16 sm80/attn_sm80_qk_s4_pv_e4m3_hdim128_bf16.cu)
+# FP16-accumulate variants (pv_accum='f16_buffer'); the e4m3 one needs CUDA 12.8 (else an empty kernel)
+sage_instantiation(sm80 attn_sm80_qk_s8_pv_f16_acc_f16_hdim64_f16 sm80/attn_sm80_qk_s8_pv_f16_acc_f16_hdim64_f16.cu)
+sage_instantiation(sm80 attn_sm80_qk_s8_pv_f16_acc_f16_hdim64_bf16 sm80/attn_sm80_qk_s8_pv_f16_acc_f16_hdim64_bf16.cu)
+sage_instantiation(sm80 attn_sm80_qk_s8_pv_f16_acc_f16_hdim128_f16 sm80/attn_sm80_qk_s8_pv_f16_acc_f16_hdim128_f16.cu)
+sage_instantiation(sm80 attn_sm80_qk_s8_pv_f16_acc_f16_hdim128_bf16 sm80/attn_sm80_qk_s8_pv_f16_acc_f16_hdim128_bf16.cu)
+sage_instantiation(sm80 attn_sm80_qk_s8_pv_e4m3_acc_f16_hdim64_f16 sm80/attn_sm80_qk_s8_pv_e4m3_acc_f16_hdim64_f16.cu)
+sage_instantiation(sm80 attn_sm80_qk_s8_pv_e4m3_acc_f16_hdim64_bf16 sm80/attn_sm80_qk_s8_pv_e4m3_acc_f16_hdim64_bf16.cu)
+sage_instantiation(sm80 attn_sm80_qk_s8_pv_e4m3_acc_f16_hdim128_f16 sm80/attn_sm80_qk_s8_pv_e4m3_acc_f16_hdim128_f16.cu)
+sage_instantiation(sm80 attn_sm80_qk_s8_pv_e4m3_acc_f16_hdim128_bf16 sm80/attn_sm80_qk_s8_pv_e4m3_acc_f16_hdim128_bf16.cu)
 
 # --- sm90 family: wgmma + TMA, warp-specialized (Hopper, sm_90a only) --------------------------
 sage_instantiation(sm90 attn_sm90_qk_s8_pv_e4m3_hdim64_f16   sm90/attn_sm90_qk_s8_pv_e4m3_hdim64_f16.cu)

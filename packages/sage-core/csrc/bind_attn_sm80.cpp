@@ -1,9 +1,9 @@
 // Bindings of the sm80 mma.sync attention family (Ampere/Ada, also built for sm_90a); owner: H5.
 // Compiled only when the family is in the build (SAGE_WITH_SM80; cmake/instantiations.cmake).
 //
-//   sage_core.attn_fwd_sm80_qk_s8_pv_f16(q, k, v, o, lse, q_scale, k_scale, *, ...)
+//   sage_core.attn_fwd_sm80_qk_s8_pv_f16(q, k, v, o, lse, q_scale, k_scale, *, ..., pv_accum)
 //   sage_core.attn_fwd_sm80_qk_s8_pv_s8(q, k, v_t, o, lse, q_scale, k_scale, v_scale, *, ...)
-//   sage_core.attn_fwd_sm80_qk_s8_pv_e4m3(q, k, v_t, o, lse, q_scale, k_scale, v_scale, *, ...)
+//   sage_core.attn_fwd_sm80_qk_s8_pv_e4m3(q, k, v_t, o, lse, q_scale, k_scale, v_scale, *, ..., pv_accum)
 //   sage_core.attn_fwd_sm80_qk_s4_pv_e4m3(q, k, v_t, o, lse, q_scale, k_scale, v_scale, q_mean, *, ...)
 //
 // All tensors are preallocated by the caller (logical (b, h, s, d) views; any strides with the
@@ -38,13 +38,25 @@ constexpr int64_t kRowAlignBytes = 16;  // cp.async 16-byte chunks
 constexpr int64_t kMaxGridYZ = 65535;   // heads and batch go to grid.y / grid.z
 constexpr int kMmaRowTile = 16;
 
+// The recipe a Python function is named after (the *AccF16 variants are its pv_accum option).
 const char* recipe_name(Sm80Recipe r) {
   switch (r) {
-    case Sm80Recipe::kQkS8PvF16: return "qk_s8_pv_f16";
+    case Sm80Recipe::kQkS8PvF16:
+    case Sm80Recipe::kQkS8PvF16AccF16: return "qk_s8_pv_f16";
     case Sm80Recipe::kQkS8PvS8: return "qk_s8_pv_s8";
-    case Sm80Recipe::kQkS8PvE4m3: return "qk_s8_pv_e4m3";
+    case Sm80Recipe::kQkS8PvE4m3:
+    case Sm80Recipe::kQkS8PvE4m3AccF16: return "qk_s8_pv_e4m3";
     default: return "qk_s4_pv_e4m3";
   }
+}
+
+// pv_accum option -> kernel variant: `base_accum` (the FP32 default) or "f16_buffer".
+Sm80Recipe parse_pv_accum(Sm80Recipe base, const char* base_accum, Sm80Recipe f16_variant,
+                          const std::string& pv_accum) {
+  if (pv_accum == base_accum) return base;
+  if (pv_accum == "f16_buffer") return f16_variant;
+  fail_value(std::string("attn_fwd_sm80_") + recipe_name(base) + ": pv_accum='" + pv_accum +
+             "' is not supported; accepted: " + base_accum + ", f16_buffer");
 }
 
 Sm80ScaleGranularity parse_granularity(const std::string& fn, const char* what,
@@ -128,7 +140,10 @@ void attn_fwd_sm80(Sm80Recipe recipe, const Array& q, const Array& k, const Arra
                    const std::optional<Array>& v_scale, const std::optional<Array>& q_mean,
                    const Options& opt) {
   const std::string fn = std::string("attn_fwd_sm80_") + recipe_name(recipe);
-  const bool v_is_f16 = recipe == Sm80Recipe::kQkS8PvF16;
+  const bool v_is_f16 = recipe == Sm80Recipe::kQkS8PvF16 || recipe == Sm80Recipe::kQkS8PvF16AccF16;
+  if (recipe == Sm80Recipe::kQkS8PvE4m3AccF16 && !sage::sm80::kSm80Fp8F16AccCompiled)
+    fail_value(fn + ": pv_accum='f16_buffer' needs FP8 mma.sync with an FP16 accumulator (CUDA >= 12.8); "
+               "this sage_core was built with an older toolkit");
   const bool qk_s4 = recipe == Sm80Recipe::kQkS4PvE4m3;
 
   // ---- O decides dtype, device, shape -------------------------------------------------------
@@ -287,19 +302,22 @@ void bind_attn_sm80(nb::module_& m) {
       [](const Array& q, const Array& k, const Array& v, const Array& o, std::optional<Array> lse,
          const Array& q_scale, const Array& k_scale, std::string q_granularity, int64_t q_block,
          std::string k_granularity, int64_t k_block, double softmax_scale, bool is_causal,
-         uintptr_t stream) {
-        attn_fwd_sm80(Sm80Recipe::kQkS8PvF16, q, k, v, o, lse, q_scale, k_scale, std::nullopt,
-                      std::nullopt,
+         uintptr_t stream, std::string pv_accum) {
+        const Sm80Recipe r = parse_pv_accum(Sm80Recipe::kQkS8PvF16, "fp32",
+                                            Sm80Recipe::kQkS8PvF16AccF16, pv_accum);
+        attn_fwd_sm80(r, q, k, v, o, lse, q_scale, k_scale, std::nullopt, std::nullopt,
                       Options{q_granularity, k_granularity, q_block, k_block, 128, softmax_scale,
                               is_causal, stream});
       },
       nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"), nb::arg("lse").none(),
       nb::arg("q_scale"), nb::arg("k_scale"), nb::kw_only(), nb::arg("q_granularity"),
       nb::arg("q_block"), nb::arg("k_granularity"), nb::arg("k_block"), nb::arg("softmax_scale"),
-      nb::arg("is_causal"), nb::arg("stream"),
+      nb::arg("is_causal"), nb::arg("stream"), nb::arg("pv_accum") = "fp32",
       (std::string("SageAttention (sm80 mma.sync): INT8 Q.K, FP16 P and V (bf16 V converted to "
-                   "fp16 in shared memory), FP32 accumulation. v: fp16/bf16 (b, h_kv, s_kv, d), "
-                   "o's dtype.") + kDocCommon).c_str());
+                   "fp16 in shared memory). v: fp16/bf16 (b, h_kv, s_kv, d), o's dtype. "
+                   "pv_accum: 'fp32' (FP32 MMA accumulation) or 'f16_buffer' (each 64-key tile's "
+                   "P.V in an FP16 MMA accumulator added into FP32 O; a tile that overflows FP16 "
+                   "is recomputed in FP32).") + kDocCommon).c_str());
 
   auto def_8bit_pv = [&](const char* name, Sm80Recipe recipe, const char* doc) {
     m.def(
@@ -323,9 +341,29 @@ void bind_attn_sm80(nb::module_& m) {
               "INT-FlashAttention (sm80 mma.sync): INT8 Q.K, P = rint(127 exp2(S-m)) INT8, V INT8 "
               "per channel, INT32 accumulation per 64-key tile. v_t: int8 (b, h_kv, d, s_pad) "
               "'v_s8_t_p32' (tokens permuted in 32-chunks), v_scale float32 (b, h_kv, d) = amax/127.");
-  def_8bit_pv("attn_fwd_sm80_qk_s8_pv_e4m3", Sm80Recipe::kQkS8PvE4m3,
-              "SageAttention2 8-bit (sm89+ mma.sync): INT8 Q.K, P~ and V E4M3, two-level FP32. "
-              "v_t: uint8 E4M3 bits (b, h_kv, d, s_pad) 'v_e4m3_t_p32', v_scale = amax/448.");
+  m.def(
+      "attn_fwd_sm80_qk_s8_pv_e4m3",
+      [](const Array& q, const Array& k, const Array& v_t, const Array& o, std::optional<Array> lse,
+         const Array& q_scale, const Array& k_scale, const Array& v_scale, std::string q_granularity,
+         int64_t q_block, std::string k_granularity, int64_t k_block, double softmax_scale,
+         bool is_causal, uintptr_t stream, std::string pv_accum) {
+        const Sm80Recipe r = parse_pv_accum(Sm80Recipe::kQkS8PvE4m3, "two_level",
+                                            Sm80Recipe::kQkS8PvE4m3AccF16, pv_accum);
+        attn_fwd_sm80(r, q, k, v_t, o, lse, q_scale, k_scale, v_scale, std::nullopt,
+                      Options{q_granularity, k_granularity, q_block, k_block, 128, softmax_scale,
+                              is_causal, stream});
+      },
+      nb::arg("q"), nb::arg("k"), nb::arg("v_t"), nb::arg("o"), nb::arg("lse").none(),
+      nb::arg("q_scale"), nb::arg("k_scale"), nb::arg("v_scale"), nb::kw_only(),
+      nb::arg("q_granularity"), nb::arg("q_block"), nb::arg("k_granularity"), nb::arg("k_block"),
+      nb::arg("softmax_scale"), nb::arg("is_causal"), nb::arg("stream"),
+      nb::arg("pv_accum") = "two_level",
+      (std::string("SageAttention2 8-bit (sm89+ mma.sync): INT8 Q.K, P~ and V E4M3. v_t: uint8 E4M3 "
+                   "bits (b, h_kv, d, s_pad) 'v_e4m3_t_p32', v_scale = amax/v_max. pv_accum: "
+                   "'two_level' (each 64-key tile's P~V in an FP32 MMA buffer added into FP32 O; "
+                   "v_max 448) or 'f16_buffer' (the buffer in FP16; V must be quantized with "
+                   "v_max 2.25 so a tile cannot overflow, else the overflowing tile is recomputed "
+                   "in FP32; needs CUDA >= 12.8).") + kDocCommon).c_str());
 
   m.def(
       "attn_fwd_sm80_qk_s4_pv_e4m3",

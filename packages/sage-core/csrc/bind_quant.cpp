@@ -209,9 +209,12 @@ q::QuantVParams v_params(const Array& v, const char* fn) {
 }
 
 void quant_v_e4m3_t(const Array& v, const Array& values, const Array& scale, std::optional<Array> mean,
-                    uintptr_t stream) {
+                    uintptr_t stream, double v_max) {
   const char* fn = "quant_v_e4m3_t";
   q::QuantVParams p = v_params(v, fn);
+  if (!(v_max > 0.0 && v_max <= 448.0))
+    fail_value(std::string("quant_v_e4m3_t: v_max must be in (0, 448], got ") + std::to_string(v_max));
+  p.e4m3_max = static_cast<float>(v_max);
   if (mean.has_value()) {
     const Array& m = *mean;
     check_dtype(m, "quant_v_e4m3_t: mean", {kF32});
@@ -322,9 +325,11 @@ void bind_quant(nb::module_& m) {
         "`block` is used by per_block and per_thread K, `warp_rows` by per_warp, `mean_block` by a "
         "4-D mean.");
   m.def("quant_v_e4m3_t", &quant_v_e4m3_t, "v"_a, "values"_a, "scale"_a, "mean"_a.none(), "stream"_a,
+        nb::kw_only(), "v_max"_a = 448.0,
         "V per-channel FP8 E4M3, transposed. v: logical (b, h, s, d) fp16/bf16; values: uint8 "
-        "(b, h, d, ceil(s/128)*128) (E4M3 bits, padding 0); scale: float32 (b, h, d) = amax/448; "
-        "mean: None or the (b, h, d) float32 V smoothing mean (V' = fp32(V) - mean is quantized).");
+        "(b, h, d, ceil(s/128)*128) (E4M3 bits, padding 0); scale: float32 (b, h, d) = amax/v_max; "
+        "mean: None or the (b, h, d) float32 V smoothing mean (V' = fp32(V) - mean is quantized); "
+        "v_max: in (0, 448], the code each channel's amax maps to (2.25 for FP16-accumulated PV).");
   m.def("quant_v_s8", &quant_v_s8, "v"_a, "values"_a, "scale"_a, "stream"_a,
         "V per-channel INT8. v: logical (b, h, s, d) fp16/bf16; values: int8 (b, h, s, d); "
         "scale: float32 (b, h, d) = amax/127.");

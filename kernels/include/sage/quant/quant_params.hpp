@@ -73,6 +73,9 @@ struct QuantVParams {
   void* out = nullptr;
   float* scale = nullptr;
   int32_t s_pad = 0;  // e4m3_t only
+  // e4m3_t only: the code a channel's amax maps to, in (0, 448]. Below 448 it bounds |V^| so that
+  // a 64-key P~V block cannot overflow an FP16 MMA accumulator (2.25: 64 x 448 x 2.25 < 65504).
+  float e4m3_max = 448.f;
 };
 
 enum class Fp4Format : int32_t { kNvfp4 = 0, kMxfp4 = 1 };

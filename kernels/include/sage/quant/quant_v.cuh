@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kVThreads) quant_v_e4m3_t_kernel(QuantVParams 
 
   const float* mean = v_mean_row(p, i, j);
   for (int c = tid; c < kVTileChannels; c += kVThreads) {
-    s_scale[c] = c0 + c < d ? int_scale(amax[c0 + c], kFp8E4m3Max) : 1.f;
+    s_scale[c] = c0 + c < d ? int_scale(amax[c0 + c], p.e4m3_max) : 1.f;
     s_mean[c] = (mean != nullptr && c0 + c < d) ? mean[c0 + c] : 0.f;
   }
   __syncthreads();
@@ -178,6 +178,7 @@ inline cudaError_t finalize_scale(const QuantVParams& p, float qmax, cudaStream_
 template <typename T>
 cudaError_t launch_quant_v_e4m3_t_t(const QuantVParams& p, cudaStream_t stream) {
   if (!quant_v_params_ok(p) || p.s_pad % kVTileTokens != 0 || p.s_pad < p.v.s) return cudaErrorInvalidValue;
+  if (!(p.e4m3_max > 0.f && p.e4m3_max <= kFp8E4m3Max)) return cudaErrorInvalidValue;
   if (p.v.d * sizeof(float) > 48 * 1024) return cudaErrorInvalidValue;
   cudaError_t err = channel_amax<T>(p, stream);
   if (err != cudaSuccess) return err;
@@ -185,7 +186,7 @@ cudaError_t launch_quant_v_e4m3_t_t(const QuantVParams& p, cudaStream_t stream) 
   dim3 grid((p.s_pad / kVTileTokens) * ctiles, p.v.h, p.v.b);
   quant_v_e4m3_t_kernel<T><<<grid, kVThreads, 0, stream>>>(p, all_strides_vec_ok(p.v));
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  return finalize_scale(p, kFp8E4m3Max, stream);
+  return finalize_scale(p, p.e4m3_max, stream);
 }
 
 template <typename T>

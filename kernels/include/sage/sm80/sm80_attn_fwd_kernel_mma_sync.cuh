@@ -160,6 +160,32 @@ CUTE_DEVICE uint32_t pack_p_e4m3x4(float a, float b, float c, float d) {
   return uint32_t(lo) | (uint32_t(hi) << 16);
 }
 
+// Overflow guard of the FP16-accumulate variants: true on every lane if any lane's FP16 buffer
+// of an O tile pair holds |x| >= 65504 (FP16's max), inf or NaN: the unsigned compare of the
+// magnitude bits against 0x7bff catches all three, so the guard holds whether the MMA's overflow
+// gives inf or saturates. Warp-uniform, so the FP32 recompute that follows can use mma.sync.
+CUTE_DEVICE bool f16_buffer_overflowed(const uint32_t (&acc)[2][2]) {
+  uint32_t bad = 0u;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) bad |= __vcmpgeu2(acc[i][r] & 0x7fff7fffu, 0x7bff7bffu);
+  return __any_sync(kFullMask, bad != 0u);
+}
+
+// FP16 accumulator pair (regs: rows g / g+8, low half = even column) -> the FP32 layout
+// {row g: c, c+1, row g+8: c, c+1} of one 8-channel O tile.
+CUTE_DEVICE void unpack_f16_buffer(const uint32_t (&acc)[2][2], float (&out)[2][4]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&acc[i][r]));
+      out[i][2 * r] = f.x;
+      out[i][2 * r + 1] = f.y;
+    }
+}
+
 template <class OutT>
 CUTE_DEVICE void store_pair(OutT* dst, float a, float b) {
   if constexpr (std::is_same_v<OutT, __half>) {
@@ -203,6 +229,49 @@ struct Sm80AttnFwdMainloop {
   static constexpr int kOffDeltaS = kOffKScale + 2 * kSmemKScale;
   static constexpr int kOffQMean = kOffDeltaS + 2 * kSmemDeltaS;
   static constexpr int kSmemBytes = kOffQMean + kSmemQMean;
+
+  // O tiles j, j+1 = O * alpha + this KV tile's P V, the *AccF16 recipes' way: P V in a fresh
+  // FP16 MMA accumulator, converted and added in FP32; if any lane's buffer is inf/NaN, the warp
+  // recomputes the pair with the FP32-accumulate MMA. load_v(kk, bv) loads the V^T fragments
+  // (b0, b1 of tile j, then of j+1) of the kk-th PV MMA step.
+  template <int kKSteps, class LoadV>
+  CUTE_DEVICE static void pv_pair_f16_buffer(const uint32_t (&tOrP)[kKSteps][4], int j,
+                                             const float (&alpha)[2], float (&tOrO)[kOTiles][4],
+                                             LoadV&& load_v) {
+    uint32_t acc16[2][2] = {{0u, 0u}, {0u, 0u}};
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      uint32_t bv[4];
+      load_v(kk, bv);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        Recipe::PvMmaF16Acc::fma(acc16[i][0], acc16[i][1], tOrP[kk][0], tOrP[kk][1], tOrP[kk][2],
+                                 tOrP[kk][3], bv[2 * i], bv[2 * i + 1], acc16[i][0], acc16[i][1]);
+    }
+    float add[2][4];
+    if (f16_buffer_overflowed(acc16)) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) add[i][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) {
+        uint32_t bv[4];
+        load_v(kk, bv);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+          Recipe::PvMmaF32Acc::fma(add[i][0], add[i][1], add[i][2], add[i][3], tOrP[kk][0],
+                                   tOrP[kk][1], tOrP[kk][2], tOrP[kk][3], bv[2 * i], bv[2 * i + 1],
+                                   add[i][0], add[i][1], add[i][2], add[i][3]);
+      }
+    } else {
+      unpack_f16_buffer(acc16, add);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) tOrO[j + i][e] = tOrO[j + i][e] * alpha[e >> 1] + add[i][e];
+  }
 
   CUTE_DEVICE static void run(const Sm80AttnFwdParams& p, uint8_t* smem) {
     const int tid = threadIdx.x;
@@ -431,12 +500,14 @@ struct Sm80AttnFwdMainloop {
 
       // ---- O += P V ------------------------------------------------------------------------
       if constexpr (Recipe::kPv == PvMath::kF16) {
+        if constexpr (!Recipe::kPvF16Buffer) {
 #pragma unroll
-        for (int j = 0; j < kOTiles; ++j) {
-          tOrO[j][0] *= alpha[0];
-          tOrO[j][1] *= alpha[0];
-          tOrO[j][2] *= alpha[1];
-          tOrO[j][3] *= alpha[1];
+          for (int j = 0; j < kOTiles; ++j) {
+            tOrO[j][0] *= alpha[0];
+            tOrO[j][1] *= alpha[0];
+            tOrO[j][2] *= alpha[1];
+            tOrO[j][3] *= alpha[1];
+          }
         }
         uint32_t tOrP[kBlockN / kF16KKeys][4];  // A of m16n8k16: S n-tiles 2kk, 2kk+1
 #pragma unroll
@@ -446,22 +517,33 @@ struct Sm80AttnFwdMainloop {
           tOrP[kk][2] = pack_f16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
           tOrP[kk][3] = pack_f16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
         }
-#pragma unroll
-        for (int kk = 0; kk < kBlockN / kF16KKeys; ++kk) {
+        if constexpr (Recipe::kPvF16Buffer) {
 #pragma unroll
           for (int j = 0; j < kOTiles; j += 2) {
-            uint32_t bv[4];  // V^T fragments (b0, b1) of channel tiles j and j+1
-            ldsm_x4_trans(swizzled_addr<kVRowBytes>(smem_u32 + kOffV, v_lane_off, kk * kF16KKeys,
-                                                    j * kChunkBytes),
-                          bv);
-            cute::SM80_16x8x16_F32F16F16F32_TN::fma(
-                tOrO[j][0], tOrO[j][1], tOrO[j][2], tOrO[j][3], tOrP[kk][0], tOrP[kk][1],
-                tOrP[kk][2], tOrP[kk][3], bv[0], bv[1], tOrO[j][0], tOrO[j][1], tOrO[j][2],
-                tOrO[j][3]);
-            cute::SM80_16x8x16_F32F16F16F32_TN::fma(
-                tOrO[j + 1][0], tOrO[j + 1][1], tOrO[j + 1][2], tOrO[j + 1][3], tOrP[kk][0],
-                tOrP[kk][1], tOrP[kk][2], tOrP[kk][3], bv[2], bv[3], tOrO[j + 1][0],
-                tOrO[j + 1][1], tOrO[j + 1][2], tOrO[j + 1][3]);
+            pv_pair_f16_buffer(tOrP, j, alpha, tOrO, [&](int kk, uint32_t (&bv)[4]) {
+              ldsm_x4_trans(swizzled_addr<kVRowBytes>(smem_u32 + kOffV, v_lane_off, kk * kF16KKeys,
+                                                      j * kChunkBytes),
+                            bv);
+            });
+          }
+        } else {
+#pragma unroll
+          for (int kk = 0; kk < kBlockN / kF16KKeys; ++kk) {
+#pragma unroll
+            for (int j = 0; j < kOTiles; j += 2) {
+              uint32_t bv[4];  // V^T fragments (b0, b1) of channel tiles j and j+1
+              ldsm_x4_trans(swizzled_addr<kVRowBytes>(smem_u32 + kOffV, v_lane_off, kk * kF16KKeys,
+                                                      j * kChunkBytes),
+                            bv);
+              cute::SM80_16x8x16_F32F16F16F32_TN::fma(
+                  tOrO[j][0], tOrO[j][1], tOrO[j][2], tOrO[j][3], tOrP[kk][0], tOrP[kk][1],
+                  tOrP[kk][2], tOrP[kk][3], bv[0], bv[1], tOrO[j][0], tOrO[j][1], tOrO[j][2],
+                  tOrO[j][3]);
+              cute::SM80_16x8x16_F32F16F16F32_TN::fma(
+                  tOrO[j + 1][0], tOrO[j + 1][1], tOrO[j + 1][2], tOrO[j + 1][3], tOrP[kk][0],
+                  tOrP[kk][1], tOrP[kk][2], tOrP[kk][3], bv[2], bv[3], tOrO[j + 1][0],
+                  tOrO[j + 1][1], tOrO[j + 1][2], tOrO[j + 1][3]);
+            }
           }
         }
       } else {
@@ -485,37 +567,44 @@ struct Sm80AttnFwdMainloop {
         }
 #pragma unroll
         for (int j = 0; j < kOTiles; j += 2) {
-          // Two-level accumulation: this tile's P V in a fresh buffer (INT32 exact for s8,
-          // FP32 for e4m3), then O = O * alpha + buf on CUDA cores.
-          BufT buf[2][4];
+          if constexpr (Recipe::kPvF16Buffer) {
+            pv_pair_f16_buffer(tOrP, j, alpha, tOrO, [&](int kk, uint32_t (&bv)[4]) {
+              ldsm_x4(swizzled_addr<kVRowBytes>(smem_u32 + kOffV, v_lane_off, j * 8, kk * kMmaKBytes),
+                      bv);
+            });
+          } else {
+            // Two-level accumulation: this tile's P V in a fresh buffer (INT32 exact for s8,
+            // FP32 for e4m3), then O = O * alpha + buf on CUDA cores.
+            BufT buf[2][4];
 #pragma unroll
-          for (int i = 0; i < 2; ++i)
+            for (int i = 0; i < 2; ++i)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) buf[i][e] = BufT(0);
+              for (int e = 0; e < 4; ++e) buf[i][e] = BufT(0);
 #pragma unroll
-          for (int kk = 0; kk < kBlockN / k8bitKKeys; ++kk) {
-            uint32_t bv[4];  // V^T rows = channels j*8.., (j+1)*8..; 32 permuted token bytes
-            ldsm_x4(swizzled_addr<kVRowBytes>(smem_u32 + kOffV, v_lane_off, j * 8, kk * kMmaKBytes),
-                    bv);
+            for (int kk = 0; kk < kBlockN / k8bitKKeys; ++kk) {
+              uint32_t bv[4];  // V^T rows = channels j*8.., (j+1)*8..; 32 permuted token bytes
+              ldsm_x4(swizzled_addr<kVRowBytes>(smem_u32 + kOffV, v_lane_off, j * 8, kk * kMmaKBytes),
+                      bv);
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-              PvMma::fma(buf[i][0], buf[i][1], buf[i][2], buf[i][3], tOrP[kk][0], tOrP[kk][1],
-                         tOrP[kk][2], tOrP[kk][3], bv[2 * i], bv[2 * i + 1], buf[i][0], buf[i][1],
-                         buf[i][2], buf[i][3]);
-            }
-          }
-#pragma unroll
-          for (int i = 0; i < 2; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              float add;
-              if constexpr (Recipe::kPv == PvMath::kS8) {
-                add = float(int32_t(buf[i][e]));  // |.| <= 64*127*127 < 2^24: exact
-              } else {
-                add = buf[i][e];
+              for (int i = 0; i < 2; ++i) {
+                PvMma::fma(buf[i][0], buf[i][1], buf[i][2], buf[i][3], tOrP[kk][0], tOrP[kk][1],
+                           tOrP[kk][2], tOrP[kk][3], bv[2 * i], bv[2 * i + 1], buf[i][0], buf[i][1],
+                           buf[i][2], buf[i][3]);
               }
-              tOrO[j + i][e] = tOrO[j + i][e] * alpha[e >> 1] + add;
             }
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                float add;
+                if constexpr (Recipe::kPv == PvMath::kS8) {
+                  add = float(int32_t(buf[i][e]));  // |.| <= 64*127*127 < 2^24: exact
+                } else {
+                  add = buf[i][e];
+                }
+                tOrO[j + i][e] = tOrO[j + i][e] * alpha[e >> 1] + add;
+              }
+          }
         }
       }
       __syncthreads();  // every warp is done with this stage before it is refilled
@@ -556,8 +645,9 @@ struct Sm80AttnFwdMainloop {
 template <class Mainloop>
 __global__ void __launch_bounds__(kNumThreads) sm80_attn_fwd_kernel(const Sm80AttnFwdParams p) {
 #if defined(__CUDA_ARCH__)
-  // e4m3 recipes are compiled to an empty kernel below sm_89; the binding refuses those GPUs.
-  if constexpr (__CUDA_ARCH__ >= Mainloop::Recipe::kMinArch) {
+  // e4m3 recipes are compiled to an empty kernel below sm_89 (and the FP8 FP16-accumulate one
+  // without CUDA 12.8); the binding refuses those GPUs / builds.
+  if constexpr (__CUDA_ARCH__ >= Mainloop::Recipe::kMinArch && Mainloop::Recipe::kToolkitSupported) {
     extern __shared__ __align__(128) uint8_t sage_sm80_smem[];
     Mainloop::run(p, sage_sm80_smem);
   }

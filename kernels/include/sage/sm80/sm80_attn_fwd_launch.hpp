@@ -21,8 +21,19 @@ int sm80_attn_fwd_smem_bytes();
 
 // Lowest compute capability (major*10+minor) a recipe runs on: FP8 mma.sync needs sm_89.
 constexpr int sm80_recipe_min_cc(Sm80Recipe r) {
-  return (r == Sm80Recipe::kQkS8PvE4m3 || r == Sm80Recipe::kQkS4PvE4m3) ? 89 : 80;
+  return (r == Sm80Recipe::kQkS8PvE4m3 || r == Sm80Recipe::kQkS4PvE4m3 ||
+          r == Sm80Recipe::kQkS8PvE4m3AccF16)
+             ? 89
+             : 80;
 }
+
+// FP8 mma.sync with an FP16 accumulator needs PTX ISA 8.7 (CUDA 12.8); with an older toolkit
+// kQkS8PvE4m3AccF16 compiles to an empty kernel and the binding refuses it.
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12080
+inline constexpr bool kSm80Fp8F16AccCompiled = true;
+#else
+inline constexpr bool kSm80Fp8F16AccCompiled = false;
+#endif
 
 // Query rows per CTA / keys per KV tile (the binding checks q_mean_block and V padding).
 inline constexpr int kSm80BlockM = 64;
@@ -46,6 +57,14 @@ inline constexpr int kSm80BlockN = 64;
   X(kQkS4PvE4m3, qk_s4_pv_e4m3, 64, kF16, f16)              \
   X(kQkS4PvE4m3, qk_s4_pv_e4m3, 64, kBf16, bf16)            \
   X(kQkS4PvE4m3, qk_s4_pv_e4m3, 128, kF16, f16)             \
-  X(kQkS4PvE4m3, qk_s4_pv_e4m3, 128, kBf16, bf16)
+  X(kQkS4PvE4m3, qk_s4_pv_e4m3, 128, kBf16, bf16)           \
+  X(kQkS8PvF16AccF16, qk_s8_pv_f16_acc_f16, 64, kF16, f16)   \
+  X(kQkS8PvF16AccF16, qk_s8_pv_f16_acc_f16, 64, kBf16, bf16) \
+  X(kQkS8PvF16AccF16, qk_s8_pv_f16_acc_f16, 128, kF16, f16)  \
+  X(kQkS8PvF16AccF16, qk_s8_pv_f16_acc_f16, 128, kBf16, bf16) \
+  X(kQkS8PvE4m3AccF16, qk_s8_pv_e4m3_acc_f16, 64, kF16, f16)   \
+  X(kQkS8PvE4m3AccF16, qk_s8_pv_e4m3_acc_f16, 64, kBf16, bf16) \
+  X(kQkS8PvE4m3AccF16, qk_s8_pv_e4m3_acc_f16, 128, kF16, f16)  \
+  X(kQkS8PvE4m3AccF16, qk_s8_pv_e4m3_acc_f16, 128, kBf16, bf16)
 
 }  // namespace sage::sm80

@@ -14,6 +14,10 @@ enum class Sm80Recipe : int32_t {
   kQkS8PvS8 = 1,    // INT-FlashAttention: INT8 QK, INT8 P (scale 1/127) and V, INT32 per block
   kQkS8PvE4m3 = 2,  // SageAttention2 8-bit: INT8 QK, E4M3 P~ and V, two-level FP32 (sm89+)
   kQkS4PvE4m3 = 3,  // SageAttention2 4-bit: INT4 QK + Q smoothing (dS in-kernel), E4M3 PV (sm89+)
+  // FP16-accumulate variants ("f16_buffer"): each KV tile's P.V in an FP16 MMA accumulator, added
+  // into FP32 O (GeForce Ampere/Ada run FP16-accumulate MMAs at twice the FP32-accumulate rate).
+  kQkS8PvF16AccF16 = 4,   // qk_s8_pv_f16, FP16 buffer; a tile that overflows is redone in FP32
+  kQkS8PvE4m3AccF16 = 5,  // qk_s8_pv_e4m3, FP16 buffer; V quantized with |V^| <= 2.25 (sm89+)
 };
 
 // Input/output dtype of the fp16/bf16 tensors (O, and V for kQkS8PvF16).

@@ -8,6 +8,7 @@
 #include <cute/arch/mma_sm80.hpp>
 #include <cute/arch/mma_sm89.hpp>
 
+#include "sage/sm80/sm80_attn_fwd_launch.hpp"
 #include "sage/sm80/sm80_attn_fwd_params.hpp"
 
 namespace sage::sm80 {
@@ -38,6 +39,8 @@ struct RecipeQkS8PvF16 {
   static constexpr Sm80Recipe kId = Sm80Recipe::kQkS8PvF16;
   using Qk = QkS8;
   static constexpr PvMath kPv = PvMath::kF16;
+  static constexpr bool kPvF16Buffer = false;  // see the *AccF16 variants below
+  static constexpr bool kToolkitSupported = true;  // false: empty kernel (binding refuses)
   static constexpr bool kQSmoothing = false;  // dS = q_mean . K^T added in-kernel
   static constexpr int kMinArch = 800;        // __CUDA_ARCH__ needed by the MMAs
   static constexpr float kPLog2Bias = 0.f;    // P = exp2(S - m + bias)
@@ -48,6 +51,8 @@ struct RecipeQkS8PvS8 {
   static constexpr Sm80Recipe kId = Sm80Recipe::kQkS8PvS8;
   using Qk = QkS8;
   static constexpr PvMath kPv = PvMath::kS8;
+  static constexpr bool kPvF16Buffer = false;
+  static constexpr bool kToolkitSupported = true;
   static constexpr bool kQSmoothing = false;
   static constexpr int kMinArch = 800;
   static constexpr float kPLog2Bias = 0.f;
@@ -59,6 +64,8 @@ struct RecipeQkS8PvE4m3 {
   static constexpr Sm80Recipe kId = Sm80Recipe::kQkS8PvE4m3;
   using Qk = QkS8;
   static constexpr PvMath kPv = PvMath::kE4m3;
+  static constexpr bool kPvF16Buffer = false;
+  static constexpr bool kToolkitSupported = true;
   static constexpr bool kQSmoothing = false;
   static constexpr int kMinArch = 890;
   static constexpr float kPLog2Bias = kLog2Fp8E4m3Max;  // row max maps to 448; cancels in O/l
@@ -70,6 +77,8 @@ struct RecipeQkS4PvE4m3 {
   static constexpr Sm80Recipe kId = Sm80Recipe::kQkS4PvE4m3;
   using Qk = QkS4;
   static constexpr PvMath kPv = PvMath::kE4m3;
+  static constexpr bool kPvF16Buffer = false;
+  static constexpr bool kToolkitSupported = true;
   static constexpr bool kQSmoothing = true;
   static constexpr int kMinArch = 890;
   static constexpr float kPLog2Bias = kLog2Fp8E4m3Max;
@@ -77,10 +86,33 @@ struct RecipeQkS4PvE4m3 {
   using PvMma = cute::SM89_16x8x32_F32E4M3E4M3F32_TN;
 };
 
+// FP16-accumulate variants: each KV tile's P.V goes into a fresh FP16 MMA accumulator (PvMmaF16Acc)
+// that is then added into FP32 O, like the FP32 two-level buffer. If any lane's buffer of an O
+// tile pair is inf/NaN, the warp recomputes that pair with the FP32-accumulate MMA, so an overflow
+// costs time, not accuracy. For E4M3 the quantizer bounds |V^| <= 2.25 (v_e4m3_t with v_max 2.25),
+// so a 64-key tile sums to at most 64 x 448 x 2.25 = 64512 < 65504 and the guard never fires on
+// finite inputs; for FP16 V (unbounded) it is the overflow guard.
+struct RecipeQkS8PvF16AccF16 : RecipeQkS8PvF16 {
+  static constexpr Sm80Recipe kId = Sm80Recipe::kQkS8PvF16AccF16;
+  static constexpr bool kPvF16Buffer = true;
+  using PvMmaF16Acc = cute::SM80_16x8x16_F16F16F16F16_TN;
+  using PvMmaF32Acc = cute::SM80_16x8x16_F32F16F16F32_TN;
+};
+
+struct RecipeQkS8PvE4m3AccF16 : RecipeQkS8PvE4m3 {
+  static constexpr Sm80Recipe kId = Sm80Recipe::kQkS8PvE4m3AccF16;
+  static constexpr bool kPvF16Buffer = true;
+  static constexpr bool kToolkitSupported = kSm80Fp8F16AccCompiled;
+  using PvMmaF16Acc = cute::SM89_16x8x32_F16E4M3E4M3F16_TN;
+  using PvMmaF32Acc = cute::SM89_16x8x32_F32E4M3E4M3F32_TN;
+};
+
 template <Sm80Recipe R> struct RecipeOf;
 template <> struct RecipeOf<Sm80Recipe::kQkS8PvF16> { using type = RecipeQkS8PvF16; };
 template <> struct RecipeOf<Sm80Recipe::kQkS8PvS8> { using type = RecipeQkS8PvS8; };
 template <> struct RecipeOf<Sm80Recipe::kQkS8PvE4m3> { using type = RecipeQkS8PvE4m3; };
 template <> struct RecipeOf<Sm80Recipe::kQkS4PvE4m3> { using type = RecipeQkS4PvE4m3; };
+template <> struct RecipeOf<Sm80Recipe::kQkS8PvF16AccF16> { using type = RecipeQkS8PvF16AccF16; };
+template <> struct RecipeOf<Sm80Recipe::kQkS8PvE4m3AccF16> { using type = RecipeQkS8PvE4m3AccF16; };
 
 }  // namespace sage::sm80

@@ -191,10 +191,13 @@ def quant_int(
 
 
 def quant_v_e4m3_t(v: torch.Tensor, layout: str = "bhsd",
-                   mean: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                   mean: Optional[torch.Tensor] = None,
+                   v_max: float = _ref.kFp8E4m3Max) -> Tuple[torch.Tensor, torch.Tensor]:
     """V per-channel E4M3, transposed (see ``reference.quant_v_e4m3_t``): ``(v_t, v_scale)``.
-    ``mean``: optional (b, h, d) V smoothing mean; ``V' = fp32(V) - mean`` is quantized."""
+    ``mean``: optional (b, h, d) V smoothing mean; ``V' = fp32(V) - mean`` is quantized.
+    ``v_max``: the code each channel's amax maps to (448; 2.25 for FP16-accumulated P̃V)."""
     _require("quant_v_e4m3_t")
+    v_max = _ref.check_v_max(v_max)
     vl = _bhsd_view(v, layout, "v", "quant_v_e4m3_t")
     b, h, s, d = vl.shape
     mean_arg = None
@@ -208,7 +211,7 @@ def quant_v_e4m3_t(v: torch.Tensor, layout: str = "bhsd",
     s_pad = -(-s // _ref.kVTokenPad) * _ref.kVTokenPad
     values = _alloc((b, h, d, s_pad), dtype=torch.uint8, device=vl.device)
     scale = _alloc((b, h, d), dtype=torch.float32, device=vl.device)
-    _core.quant_v_e4m3_t(vl, values, scale, mean_arg, _stream(vl))
+    _core.quant_v_e4m3_t(vl, values, scale, mean_arg, _stream(vl), v_max=v_max)
     return values, scale
 
 

@@ -92,9 +92,10 @@ def quantize_int(x, *, bits=8, granularity="per_thread", role="q", block=None, w
                                  warp_rows=warp_rows, mean=mean, mean_block=mean_block, layout=layout)
 
 
-def quantize_v_e4m3_t(v, layout="bhsd", mean=None):
-    """See ``sage_quant.reference.quant_v_e4m3_t`` (``mean``: optional V smoothing mean)."""
-    return _pick("quant_v_e4m3_t", v)(v, layout=layout, mean=mean)
+def quantize_v_e4m3_t(v, layout="bhsd", mean=None, v_max=_ref.kFp8E4m3Max):
+    """See ``sage_quant.reference.quant_v_e4m3_t`` (``mean``: optional V smoothing mean;
+    ``v_max``: the code a channel's amax maps to)."""
+    return _pick("quant_v_e4m3_t", v)(v, layout=layout, mean=mean, v_max=v_max)
 
 
 def quantize_v_s8(v, layout="bhsd"):

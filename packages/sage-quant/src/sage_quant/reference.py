@@ -29,6 +29,7 @@ __all__ = [
     "kNvfp4Group",
     "kMxfp4Group",
     "kVTokenPad",
+    "check_v_max",
     "GRANULARITIES",
     "to_bhsd",
     "token_mean",
@@ -408,25 +409,38 @@ def _channel_scale(vf: torch.Tensor, qmax: float) -> torch.Tensor:
     return torch.where(amax == 0, torch.ones_like(scale), scale).contiguous()
 
 
+def check_v_max(v_max) -> float:
+    """``v_max`` of the E4M3 V quantizers: a float in (0, 448] (ValueError otherwise)."""
+    if isinstance(v_max, bool) or not isinstance(v_max, (int, float)) or not 0.0 < float(v_max) <= kFp8E4m3Max:
+        raise ValueError(f"v_max must be a float in (0, {kFp8E4m3Max:g}], got {v_max!r}")
+    return float(v_max)
+
+
 def quant_v_e4m3_t(v: torch.Tensor, layout: str = "bhsd",
-                   mean: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                   mean: Optional[torch.Tensor] = None,
+                   v_max: float = kFp8E4m3Max) -> Tuple[torch.Tensor, torch.Tensor]:
     """V per-channel E4M3, transposed for K-major 8-bit B operands.
 
     Returns ``(v_t, v_scale)``: ``v_t`` uint8 E4M3 bits ``(b, h, d, s_pad)``,
-    ``s_pad = ceil(s/128)*128``, padding 0; ``v_scale`` float32 ``(b, h, d)`` = amax/448
+    ``s_pad = ceil(s/128)*128``, padding 0; ``v_scale`` float32 ``(b, h, d)`` = amax/v_max
     (1.0 for an all-zero channel). ``v_t[..., c, t] = E4M3(V[..., t, c] / v_scale[c])``.
+
+    ``v_max`` (default 448, E4M3's largest finite value): the code each channel's amax maps to.
+    A smaller one bounds |V̂| so that a P̃V block cannot overflow an FP16 accumulator (the
+    ``pv_accum="f16_buffer"`` recipes use 2.25: 64 keys x 448 x 2.25 = 64512 < 65504).
 
     ``mean``: optional float32 ``(b, h, d)`` V smoothing mean (``token_mean(v)``). With it, V is
     replaced by ``V' = fp32(V) - mean`` (one fp32 subtraction) before the amax and the division;
     the consumer adds ``mean`` back to the attention output (softmax rows sum to 1).
     """
+    v_max = check_v_max(v_max)
     vf = _f32_bhsd(v, layout, "v")
     b, h, s, d = vf.shape
     if mean is not None:
         if isinstance(mean, torch.Tensor) and mean.dim() != 3:
             raise ValueError(f"V mean must be (b, h, d) = {(b, h, d)}, got shape {tuple(mean.shape)}")
         vf = vf - _expand_mean(mean, b, h, s, d, None, vf.device)
-    scale = _channel_scale(vf, kFp8E4m3Max)
+    scale = _channel_scale(vf, v_max)
     codes = float_to_e4m3(vf / scale[:, :, None, :])  # (b,h,s,d)
     s_pad = -(-s // kVTokenPad) * kVTokenPad
     out = torch.zeros((b, h, d, s_pad), dtype=torch.uint8, device=vf.device)

@@ -241,8 +241,10 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_layout: s
                 raise ValueError(f"smooth_v={value!r} is not supported: sage never smooths V (accepted: False)")
         elif name == "pv_accum_dtype":
             if value not in ("fp32", "fp32+fp32"):
-                raise ValueError(f"pv_accum_dtype={value!r} is not supported: sage accumulates PV in fp32 "
-                                 f"(accepted: 'fp32', 'fp32+fp32')")
+                raise ValueError(f"pv_accum_dtype={value!r} is not supported: sageattn() accumulates PV in fp32 "
+                                 f"(accepted: 'fp32', 'fp32+fp32'); FP16-buffered accumulation is "
+                                 f"sage_torch.attention(..., recipe='qk_s8_pv_f16' or 'qk_s8_pv_e4m3', "
+                                 f"pv_accum='f16_buffer') on the sm80-family kernels")
         elif name in SAGEATTN_REJECTED_KWARGS:
             raise TypeError(f"sageattn() does not accept {name}=: {SAGEATTN_REJECTED_KWARGS[name]}")
         else:

@@ -38,6 +38,11 @@ kLog2Fp8Max = math.log2(kFp8Max)
 kFp4PScaleMax = R.kFp8E4m3Max * R.kFp4E2m1Max  # 448 * 6: two-level FP4 P row scale target
 kInt8PScale = 127.0  # INT-FlashAttention: P = round(127 * exp(S - m))
 kMmaChunkKeysFp8 = 32  # keys one FP8 wgmma / mma.sync instruction adds into the accumulator
+kMmaChunkKeysF16 = 16  # keys one FP16 mma.sync (m16n8k16) adds into the accumulator
+kF16Max = 65504.0
+# pv_accum="f16_buffer" with E4M3 V: |V̂| <= v_max keeps a block's P̃V below FP16's max
+# (P̃ <= 448): 64 keys x 448 x 2.25 = 64512 <= 65504 (SageAttention2's sm89 choice).
+kF16BufferVMax64 = 2.25
 kFp22MantissaBits = 13  # Ada/Hopper FP8 MMA accumulator: 1 sign, 8 exponent, 13 mantissa bits
 kFp32MantissaBits = 23
 
@@ -64,6 +69,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
         "k_block": 64,
         "kv_block": 64,
         "pv_dtype": "fp16",
+        "pv_accum": "fp32",
     },
     "qk_s8_pv_e4m3": {
         **_INT_QK_COMMON,
@@ -74,6 +80,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
         "kv_block": 128,
         "pv_accum": "two_level",
         "acc_mantissa_bits": kFp22MantissaBits,
+        "v_max": None,
     },
     "qk_s4_pv_e4m3": {
         **_INT_QK_COMMON,
@@ -83,6 +90,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
         "kv_block": 128,
         "pv_accum": "two_level",
         "acc_mantissa_bits": kFp22MantissaBits,
+        "v_max": None,
     },
     "qk_s8_pv_s8": {
         **_INT_QK_COMMON,
@@ -146,11 +154,22 @@ def recipe_options(recipe: str, **options) -> Dict[str, Any]:
         pos_int("k_block", 8 if opts["k_granularity"] == "per_thread" else 1)
     if "pv_dtype" in opts:
         choice("pv_dtype", ("fp16", "bf16"))
-    if "pv_accum" in opts:
-        choice("pv_accum", ("two_level", "one_level", "fp32"))
+    if "acc_mantissa_bits" in opts:  # e4m3 recipes
+        choice("pv_accum", ("two_level", "one_level", "fp32", "f16_buffer"))
         val = opts["acc_mantissa_bits"]
         if isinstance(val, bool) or not isinstance(val, int) or not 1 <= val <= kFp32MantissaBits:
             raise ValueError(f"option acc_mantissa_bits must be an int in [1, 23], got {val!r}")
+        f16_buffer = opts["pv_accum"] == "f16_buffer"
+        if opts["v_max"] is None:
+            opts["v_max"] = kF16BufferVMax64 * 64 / opts["kv_block"] if f16_buffer else R.kFp8E4m3Max
+        opts["v_max"] = R.check_v_max(opts["v_max"])
+        if f16_buffer and opts["v_max"] * R.kFp8E4m3Max * opts["kv_block"] > kF16Max:
+            raise ValueError(
+                f"pv_accum='f16_buffer' with kv_block={opts['kv_block']} needs v_max <= "
+                f"{kF16Max / (R.kFp8E4m3Max * opts['kv_block']):.4g} so that a block's P~V (P~ <= 448) "
+                f"cannot overflow FP16, got v_max={opts['v_max']!r}")
+    elif "pv_accum" in opts:  # qk_s8_pv_f16
+        choice("pv_accum", ("fp32", "f16_buffer"))
     if "fmt" in opts:
         choice("fmt", ("nvfp4", "mxfp4"))
         choice("p_fp4", ("two_level", "direct"))
@@ -255,6 +274,24 @@ def _prepare_fp4_qk(q, k, opts, scale_log2, rep):
 # P·V: each returns (offset_log2, block_fn, epilogue_scale)
 #   block_fn(p, j0, j1, o_scaled) -> new O, given fp32 P̃ (b,h,s_q,n) and O·alpha
 # --------------------------------------------------------------------------------------------
+def _f16_buffer(p, v, chunk):
+    """One KV block's p @ v in an FP16 MMA accumulator (``pv_accum="f16_buffer"``), to be added
+    into the fp32 O: each ``chunk``-key MMA adds its (fp32-exact) products into the buffer,
+    which is rounded to fp16 after every MMA.
+
+    Overflow guard (what the kernel does): where the fp16 buffer reached FP16's max (65504, inf or
+    NaN) but the fp32 sum is finite, the block is recomputed in fp32, so an overflow costs speed,
+    never accuracy."""
+    n = p.shape[-1]
+    buf = None
+    for c0 in range(0, n, chunk):
+        part = torch.matmul(p[..., c0:c0 + chunk], v[..., c0:c0 + chunk, :])
+        buf = (part if buf is None else buf + part).to(torch.float16).to(torch.float32)
+    exact = torch.matmul(p, v)
+    overflow = ~(buf.abs() < kF16Max) & torch.isfinite(exact)
+    return torch.where(overflow, exact, buf)
+
+
 def _mma_fp22_accumulate(acc, p, v, chunk, bits):
     """acc += p @ v, one ``chunk``-key MMA at a time, truncating the accumulator after each."""
     n = p.shape[-1]
@@ -270,15 +307,18 @@ def _prepare_pv(recipe, v, opts, rep, v_mean=None):
     if recipe == "qk_s8_pv_f16":
         pv_dtype = torch.float16 if opts["pv_dtype"] == "fp16" else torch.bfloat16
         v_lp = _expand_kv(v.to(pv_dtype).to(torch.float32), rep)
+        f16_buffer = opts["pv_accum"] == "f16_buffer"
 
         def block(p, j0, j1, o_scaled):
             p_lp = p.to(pv_dtype).to(torch.float32)
+            if f16_buffer:
+                return o_scaled + _f16_buffer(p_lp, v_lp[:, :, j0:j1], kMmaChunkKeysF16)
             return o_scaled + torch.matmul(p_lp, v_lp[:, :, j0:j1])
 
         return 0.0, block, None
 
     if recipe in ("qk_s8_pv_e4m3", "qk_s4_pv_e4m3"):
-        v_t, v_scale = R.quant_v_e4m3_t(v, mean=v_mean)  # V - v_mean when smoothing V
+        v_t, v_scale = R.quant_v_e4m3_t(v, mean=v_mean, v_max=opts["v_max"])  # V - v_mean if smoothing
         v_q = _expand_kv(R.e4m3_to_float(v_t[:, :, :, :s_kv]).transpose(2, 3), rep)  # (b,h,s,d)
         mode, bits = opts["pv_accum"], opts["acc_mantissa_bits"]
 
@@ -287,6 +327,8 @@ def _prepare_pv(recipe, v, opts, rep, v_mean=None):
             vb = v_q[:, :, j0:j1]
             if mode == "fp32":
                 return o_scaled + torch.matmul(p_q, vb)
+            if mode == "f16_buffer":
+                return o_scaled + _f16_buffer(p_q, vb, kMmaChunkKeysFp8)
             if mode == "two_level":
                 return o_scaled + _mma_fp22_accumulate(None, p_q, vb, kMmaChunkKeysFp8, bits)
             return _mma_fp22_accumulate(o_scaled, p_q, vb, kMmaChunkKeysFp8, bits)
@@ -373,9 +415,16 @@ def emulate(
                 kernel holds) or ``"exact_k"`` (float32 smoothed K).
             kv_block: keys per online-softmax step (a multiple of 16).
             pv_dtype (qk_s8_pv_f16): ``"fp16"`` or ``"bf16"`` P and V operands.
-            pv_accum (e4m3 recipes): ``"two_level"`` (each block's P̃V in a fresh accumulator,
-                added into fp32 O), ``"one_level"`` (the MMA accumulates into O directly),
-                ``"fp32"`` (ideal fp32 accumulation).
+            pv_accum: qk_s8_pv_f16: ``"fp32"`` (the MMA accumulates in fp32) or
+                ``"f16_buffer"`` (each block's PV in an FP16 MMA accumulator, rounded after every
+                16-key MMA, then added into fp32 O; where the buffer overflows the block is
+                recomputed in fp32). e4m3 recipes: ``"two_level"`` (each block's P̃V in a fresh
+                accumulator, added into fp32 O), ``"one_level"`` (the MMA accumulates into O
+                directly), ``"fp32"`` (ideal fp32 accumulation), ``"f16_buffer"`` (as for
+                qk_s8_pv_f16 with 32-key MMAs; ``v_max`` bounds |V̂| so it cannot overflow).
+            v_max (e4m3 recipes): the E4M3 code V's per-channel amax maps to; default 448, or
+                ``2.25 * 64 / kv_block`` with ``pv_accum="f16_buffer"`` (which requires
+                ``v_max * 448 * kv_block <= 65504``).
             acc_mantissa_bits (e4m3 recipes): explicit mantissa bits of the FP8 MMA accumulator
                 (13: FP22 of Ada/Hopper), truncated after every 32-key MMA.
             fmt (qk_nvfp4_pv_nvfp4): ``"nvfp4"`` or ``"mxfp4"`` for Q, K, P and V.

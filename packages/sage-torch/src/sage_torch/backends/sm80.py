@@ -13,8 +13,12 @@ Kernel facts that options must respect (``supports`` vetoes anything else, with 
   * ``qk_s8_pv_f16`` computes P·V in fp16 (bf16 V is converted to fp16 in shared memory, as the
     original SageAttention does): ``pv_dtype="fp16"``;
   * Q smoothing (``smooth_q``) only in ``qk_s4_pv_e4m3``, with ``delta_s="quantized_k"`` and
-    ``q_block`` a multiple of 64; e4m3 recipes: ``pv_accum="two_level"`` and the hardware
-    accumulator (``acc_mantissa_bits`` default).
+    ``q_block`` a multiple of 64; e4m3 recipes: the hardware accumulator (``acc_mantissa_bits``
+    default) and ``pv_accum="two_level"``;
+  * ``pv_accum="f16_buffer"`` (``qk_s8_pv_f16`` and ``qk_s8_pv_e4m3``): each 64-key tile's P·V in
+    an FP16 MMA accumulator (twice the FP32-accumulate rate on GeForce Ampere/Ada), added into
+    FP32 O; a tile whose buffer overflows is recomputed in FP32. For E4M3, V is quantized with
+    ``v_max`` 2.25 so that a tile cannot overflow (64 x 448 x 2.25 < 65504).
 
 8-bit V formats (docs/design/quant-formats.md): ``v_s8_t_p32`` / ``v_e4m3_t_p32`` = the per-channel
 ``v_s8`` / ``v_e4m3_t`` values, transposed to ``(b, h_kv, d, s_pad)`` (``s_pad = ceil(s/128)*128``,
@@ -95,9 +99,15 @@ def _perm32() -> tuple[int, ...]:
 PERM32: tuple[int, ...] = _perm32()
 
 
-def kernel_names(recipe: str) -> tuple[str, ...]:
-    """sage_core kernel names (has_kernel) of every configuration of ``recipe``."""
-    return tuple(f"attn_sm80_{recipe}_hdim{d}_{io}" for d in HEAD_DIMS for io in ("f16", "bf16"))
+# Recipes with an FP16-accumulate kernel variant (pv_accum="f16_buffer"), and its name suffix.
+_F16_BUFFER_RECIPES = ("qk_s8_pv_f16", "qk_s8_pv_e4m3")
+
+
+def kernel_names(recipe: str, pv_accum: Optional[str] = None) -> tuple[str, ...]:
+    """sage_core kernel names (has_kernel) of every configuration of ``recipe`` (its
+    ``pv_accum="f16_buffer"`` variant: ``attn_sm80_<recipe>_acc_f16_...``)."""
+    variant = f"{recipe}_acc_f16" if pv_accum == "f16_buffer" else recipe
+    return tuple(f"attn_sm80_{variant}_hdim{d}_{io}" for d in HEAD_DIMS for io in ("f16", "bf16"))
 
 
 _PERM32_CACHE: dict = {}
@@ -113,13 +123,15 @@ def _perm32_on(device: torch.device) -> torch.Tensor:
     return t
 
 
-def quant_v_t_p32(v: torch.Tensor, fmt: str, layout: str = "bhsd") -> tuple[torch.Tensor, torch.Tensor]:
+def quant_v_t_p32(v: torch.Tensor, fmt: str, layout: str = "bhsd",
+                  v_max: float = _ref.kFp8E4m3Max) -> tuple[torch.Tensor, torch.Tensor]:
     """V per channel in 8 bits, transposed and token-permuted for the sm80 8-bit PV MMA.
 
     Args:
         v: ``(b, h, s, d)`` (bhsd) or ``(b, s, h, d)`` (bshd), fp16/bf16.
         fmt: ``"s8"`` (INT8, scale amax/127, ``quant_v_s8``) or ``"e4m3"`` (E4M3 bits,
-            scale amax/448, ``quant_v_e4m3_t``).
+            scale amax/v_max, ``quant_v_e4m3_t``).
+        v_max: e4m3 only: the code a channel's amax maps to (448; 2.25 for ``f16_buffer``).
 
     Returns ``(v_t, v_scale)``: ``v_t`` int8 (s8) or uint8 E4M3 bits (e4m3), contiguous
     ``(b, h, d, s_pad)``, ``s_pad = ceil(s/128)*128``, zero padding, tokens of each 32-chunk in
@@ -127,7 +139,7 @@ def quant_v_t_p32(v: torch.Tensor, fmt: str, layout: str = "bhsd") -> tuple[torc
     shared formats (only their placement differs).
     """
     if fmt == "e4m3":
-        v_t, v_scale = _qops.quantize_v_e4m3_t(v, layout=layout)  # (b,h,d,s_pad128) uint8
+        v_t, v_scale = _qops.quantize_v_e4m3_t(v, layout=layout, v_max=v_max)  # (b,h,d,s_pad128) uint8
     elif fmt == "s8":
         v_q, v_scale = _qops.quantize_v_s8(v, layout=layout)  # (b,h,s,d) int8
         b, h, s, d = v_q.shape
@@ -172,9 +184,14 @@ def unsupported_reason(recipe: str, opts: dict[str, Any]) -> Optional[str]:
                 f"{recipe} kernel needs smooth_v=False")
     if recipe == "qk_s8_pv_f16" and opts["pv_dtype"] != "fp16":
         return f"the sm80 kernel computes P.V in fp16 (bf16 V converted to fp16): pv_dtype must be 'fp16', got {opts['pv_dtype']!r}"
-    if "pv_accum" in opts:
-        if opts["pv_accum"] != "two_level":
-            return f"the sm80 e4m3 kernels accumulate two-level: pv_accum must be 'two_level', got {opts['pv_accum']!r}"
+    accum = opts.get("pv_accum")
+    if accum == "f16_buffer" and recipe not in _F16_BUFFER_RECIPES:
+        return (f"pv_accum='f16_buffer' has sm80 kernels for {_F16_BUFFER_RECIPES} only; "
+                f"{recipe} accumulates two-level in FP32")
+    if "acc_mantissa_bits" in opts and accum not in ("two_level", "f16_buffer"):
+        return ("the sm80 e4m3 kernels accumulate per 64-key tile in an FP32 or FP16 buffer: "
+                f"pv_accum must be 'two_level' or 'f16_buffer', got {accum!r}")
+    if "acc_mantissa_bits" in opts:
         if opts["acc_mantissa_bits"] != defaults["acc_mantissa_bits"]:
             return ("acc_mantissa_bits models the hardware FP8 accumulator (emulation only); the kernel "
                     f"cannot change it: leave it at {defaults['acc_mantissa_bits']}")
@@ -225,12 +242,15 @@ def _run(recipe: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layo
     common = dict(q_granularity=opts["q_granularity"], q_block=int(opts["q_block"]),
                   k_granularity=opts["k_granularity"], k_block=int(opts["k_block"]),
                   softmax_scale=float(scale), is_causal=bool(is_causal), stream=stream)
+    if recipe in _F16_BUFFER_RECIPES:
+        common["pv_accum"] = opts["pv_accum"]
     if recipe == "qk_s8_pv_f16":
         if not _aligned_rows(vb):  # the kernel reads V in place with 16-byte cp.async rows
             vb = vb.contiguous()
         sage_core.attn_fwd_sm80_qk_s8_pv_f16(q_vals, k_vals, vb, ob, lse, q_scale, k_scale, **common)
     else:
-        v_t, v_scale = quant_v_t_p32(v, _V_FMT[recipe], layout=layout)
+        v_max = opts.get("v_max", _ref.kFp8E4m3Max)
+        v_t, v_scale = quant_v_t_p32(v, _V_FMT[recipe], layout=layout, v_max=v_max)
         if recipe == "qk_s4_pv_e4m3":
             sage_core.attn_fwd_sm80_qk_s4_pv_e4m3(q_vals, k_vals, v_t, ob, lse, q_scale, k_scale, v_scale,
                                                   q_mean_arg, q_mean_block=int(opts["q_block"]), **common)
@@ -263,7 +283,12 @@ def _make_supports(recipe: str):
             opts = resolve_options(recipe, options)
         except (TypeError, ValueError) as exc:
             return str(exc)
-        return unsupported_reason(recipe, opts)
+        reason = unsupported_reason(recipe, opts)
+        if reason is None and opts.get("pv_accum") == "f16_buffer" and sage_core is not None:
+            missing = [n for n in kernel_names(recipe, "f16_buffer") if not sage_core.has_kernel(n)]
+            if missing:
+                return f"sage_core was built without the pv_accum='f16_buffer' kernels {missing}"
+        return reason
 
     return supports
 

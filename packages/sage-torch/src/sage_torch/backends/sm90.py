@@ -70,6 +70,7 @@ _IMPLEMENTED: Dict[str, Any] = {
     "kv_block": (kBlockKV,),
     "pv_accum": ("two_level",),
     "acc_mantissa_bits": (13,),  # the FP22 accumulator of Hopper's FP8 wgmma
+    "v_max": (None, 448, 448.0),  # the fused quantizer maps V's channel amax to 448
 }
 
 
