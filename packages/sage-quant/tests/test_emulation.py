@@ -230,7 +230,9 @@ def test_option_validation():
     with pytest.raises(TypeError, match="pv_accum"):
         sq.emulate(q, k, v, "qk_s8_pv_e4m3", p_fp4="direct")  # message lists accepted options
     with pytest.raises(TypeError, match="unexpected"):
-        sq.emulate(q, k, v, "qk_s8_pv_f16", pv_accum="fp32")
+        sq.emulate(q, k, v, "qk_s8_pv_s8", pv_accum="fp32")
+    with pytest.raises(ValueError, match="pv_accum"):
+        sq.emulate(q, k, v, "qk_s8_pv_f16", pv_accum="two_level")
     with pytest.raises(ValueError, match="recipe"):
         sq.emulate(q, k, v, "qk_s8_pv_bf16")
     with pytest.raises(ValueError, match="pv_accum"):

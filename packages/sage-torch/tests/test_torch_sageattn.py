@@ -37,14 +37,28 @@ def test_accepted_kwargs(as_arch, fake_backend, seed):
     fn = fake_backend("qk_s8_pv_e4m3")
     q, k, v = make_qkv(seed=seed)
     sage_torch.sageattn(q, k, v, smooth_k=False, smooth_v=False, pv_accum_dtype="fp32+fp32")
-    assert fn.calls[0]["options"] == {"smooth_k": False}
+    # qk_s8_pv_e4m3 smooths V by default: an explicit smooth_v=False must reach it
+    assert fn.calls[0]["options"] == {"smooth_k": False, "smooth_v": False}
+    sage_torch.sageattn(q, k, v, smooth_v=True)
+    assert fn.calls[1]["options"] == {"smooth_v": True}
+
+
+def test_smooth_v_on_a_recipe_without_v_smoothing(as_arch, fake_backend, seed):
+    as_arch("sm80")
+    fn = fake_backend("qk_s8_pv_f16", archs=("sm80",))
+    q, k, v = make_qkv(seed=seed)
+    sage_torch.sageattn(q, k, v, smooth_v=False)  # qk_s8_pv_f16 never smooths V: honoured as is
+    assert fn.calls[0]["options"] == {}
+    with pytest.raises(ValueError, match="has no V smoothing"):
+        sage_torch.sageattn(q, k, v, smooth_v=True)
+    assert len(fn.calls) == 1
 
 
 @pytest.mark.parametrize("kwargs, err, match", [
     ({"tensor_layout": "BHSD"}, ValueError, "tensor_layout must be 'HND'"),
     ({"qk_quant_gran": "per_warp"}, TypeError, "chooses the Q/K scale granularity"),
     ({"pv_accum_dtype": "fp16"}, ValueError, "accumulates PV in fp32"),
-    ({"smooth_v": True}, ValueError, "never smooths V"),
+    ({"smooth_v": 1}, TypeError, "smooth_v must be a bool"),
     ({"smooth_k": 1}, TypeError, "smooth_k must be a bool"),
     ({"window_size": 128}, TypeError, "unexpected keyword argument 'window_size'"),
 ])

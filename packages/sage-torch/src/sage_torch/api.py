@@ -204,7 +204,9 @@ _SAGEATTN_LAYOUTS = {"HND": "bhsd", "NHD": "bshd"}
 #: SageAttention keywords sageattn() accepts, and what they mean here.
 SAGEATTN_ACCEPTED_KWARGS: dict[str, str] = {
     "smooth_k": "bool, passed as the recipe option smooth_k (K smoothing; default True)",
-    "smooth_v": "False only (sage never smooths V); True raises ValueError",
+    "smooth_v": "bool: V smoothing of the recipe sage picks on this device (qk_s8_pv_e4m3 on sm90 "
+                "smooths V by default); False is always honoured, True raises ValueError where the "
+                "recipe has no V smoothing",
     "pv_accum_dtype": "'fp32' or 'fp32+fp32' only (sage always accumulates PV in fp32, two-level for "
                       "FP8 PV); fp16 accumulation raises ValueError",
 }
@@ -231,14 +233,16 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_layout: s
     if tensor_layout not in _SAGEATTN_LAYOUTS:
         raise ValueError(f"tensor_layout must be 'HND' (b, h, s, d) or 'NHD' (b, s, h, d), got {tensor_layout!r}")
     options: dict[str, Any] = {}
+    smooth_v = None
     for name, value in kwargs.items():
         if name == "smooth_k":
             if not isinstance(value, bool):
                 raise TypeError(f"smooth_k must be a bool, got {type(value).__name__}")
             options["smooth_k"] = value
         elif name == "smooth_v":
-            if value is not False:
-                raise ValueError(f"smooth_v={value!r} is not supported: sage never smooths V (accepted: False)")
+            if not isinstance(value, bool):
+                raise TypeError(f"smooth_v must be a bool, got {type(value).__name__}")
+            smooth_v = value
         elif name == "pv_accum_dtype":
             if value not in ("fp32", "fp32+fp32"):
                 raise ValueError(f"pv_accum_dtype={value!r} is not supported: sageattn() accumulates PV in fp32 "
@@ -250,5 +254,15 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_layout: s
         else:
             raise TypeError(f"sageattn() got an unexpected keyword argument {name!r}; accepted extra "
                             f"keywords: {sorted(SAGEATTN_ACCEPTED_KWARGS)}")
+    if smooth_v is not None and isinstance(q, torch.Tensor) and q.dim() == 4:
+        # Only some recipes smooth V: pass the choice to the one "auto" picks here when it has the
+        # option; a recipe without it never smooths V, which is what smooth_v=False asks for.
+        recipe = _dispatch.resolve(_dispatch.device_arch(q.device), q.dtype, q.shape[-1]).recipe
+        names = _dispatch.recipe_option_names(recipe) if recipe is not None else None
+        if names is not None and "smooth_v" in names:
+            options["smooth_v"] = smooth_v
+        elif smooth_v:
+            raise ValueError(f"smooth_v=True: the recipe sage runs on this device ({recipe or 'PyTorch SDPA'}) "
+                             f"has no V smoothing (accepted here: False)")
     return attention(q, k, v, layout=_SAGEATTN_LAYOUTS[tensor_layout], is_causal=is_causal, scale=sm_scale,
                      recipe="auto", return_lse=return_lse, **options)
