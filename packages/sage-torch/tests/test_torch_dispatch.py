@@ -92,6 +92,20 @@ def test_first_registered_wins_and_supports_veto(as_arch, fake_backend, seed):
     assert len(first.calls) == 1 and len(second.calls) == 1 and second.calls[0]["is_causal"]
 
 
+def test_native_backend_comes_before_one_that_only_runs_there(as_arch, fake_backend, seed):
+    """The sm80 mma.sync kernels also run on sm90: registered first, they must still lose there to
+    a backend written for sm90, and win on their own archs."""
+    ported = fake_backend("qk_s8_pv_e4m3", archs=("sm89", "sm90"), native_archs=("sm89",), name="ported")
+    native = fake_backend("qk_s8_pv_e4m3", archs=("sm90",), name="native")
+    q, k, v = make_qkv(seed=seed)
+    as_arch("sm90")
+    sage_torch.attention(q, k, v)
+    as_arch("sm89")
+    sage_torch.attention(q, k, v)
+    assert len(native.calls) == 1 and len(ported.calls) == 1
+    assert [sp.name for sp in _dispatch.lookup("sm90", "qk_s8_pv_e4m3", BF16, 64)] == ["native", "ported"]
+
+
 def test_veto_reason_reaches_the_warning(as_arch, fake_backend, seed):
     as_arch("sm90")
     fake_backend("qk_s8_pv_e4m3", supports=lambda *a, **kw: "s_q must be even")
@@ -112,6 +126,8 @@ def test_register_backend_validation():
         backends.register_backend("x", "qk_s8_pv_e4m3", ("sm90",), (64,), fn, ok, dtypes=(torch.float32,))
     with pytest.raises(TypeError, match="must be callable"):
         backends.register_backend("x", "qk_s8_pv_e4m3", ("sm90",), (64,), fn, True)
+    with pytest.raises(ValueError, match="native_archs"):
+        backends.register_backend("x", "qk_s8_pv_e4m3", ("sm90",), (64,), fn, ok, native_archs=("sm80",))
     backends.register_backend("x", "qk_s8_pv_e4m3", ("sm90",), (64,), fn, ok)
     with pytest.raises(ValueError, match="already registered"):
         backends.register_backend("x", "qk_s8_pv_e4m3", ("sm90",), (64,), fn, ok)

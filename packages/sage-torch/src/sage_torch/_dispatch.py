@@ -144,10 +144,10 @@ def _build_table() -> None:
                 for dtype in spec.dtypes:
                     for hd in spec.head_dims:
                         table.setdefault((arch, spec.recipe, dtype, hd), []).append(spec)
-        # A backend built for the device's own family (name "sm90_..." on sm90) comes before
-        # one that merely runs there (the sm80 mma.sync kernels also run on sm90, slower);
-        # otherwise registration order.
-        _table = {key: tuple(sorted(specs, key=lambda sp, arch=key[0]: not sp.name.startswith(arch + "_")))
+        # A backend written for the device's arch (native_archs) comes before one that merely
+        # runs there (the sm80 mma.sync kernels also run on sm90, slower); otherwise
+        # registration order (sorted() is stable).
+        _table = {key: tuple(sorted(specs, key=lambda sp, arch=key[0]: arch not in sp.native_archs))
                   for key, specs in table.items()}
         _unavailable = unavailable
         _table_generation = generation

@@ -64,6 +64,9 @@ class BackendSpec:
     supports: Callable[..., str | None] | None = None
     #: Module that registered it (for info()).
     module: str | None = None
+    #: The archs it was written for (a subset of ``archs``); on these it comes before backends
+    #: of the same recipe that merely run there (e.g. sm80 mma.sync kernels built for sm_90a).
+    native_archs: frozenset[str] = frozenset()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -73,6 +76,7 @@ class BackendSpec:
             "head_dims": sorted(self.head_dims),
             "dtypes": sorted(dtype_name(d) for d in self.dtypes),
             "module": self.module,
+            "native_archs": sorted(self.native_archs),
         }
 
 
@@ -91,6 +95,7 @@ def register_backend(name: str, recipe: str, archs: Iterable[str], head_dims: It
                      fn: BackendFn, available: Callable[[], bool], *,
                      dtypes: Iterable[torch.dtype] = SUPPORTED_DTYPES,
                      supports: Callable[..., str | None] | None = None,
+                     native_archs: Iterable[str] | None = None,
                      replace: bool = False) -> BackendSpec:
     """Register a kernel backend.
 
@@ -104,6 +109,8 @@ def register_backend(name: str, recipe: str, archs: Iterable[str], head_dims: It
             Evaluated once per registry change; an exception counts as unavailable (reason kept).
         dtypes: input dtypes it accepts (default fp16 and bf16).
         supports: optional per-call filter returning None (ok) or a reason string.
+        native_archs: the archs among ``archs`` it was written for (default: all of them). For one
+            (arch, recipe, dtype, head dim), native backends come first, then registration order.
         replace: allow replacing a backend of the same name.
 
     Returns the stored :class:`BackendSpec`.
@@ -130,8 +137,13 @@ def register_backend(name: str, recipe: str, archs: Iterable[str], head_dims: It
         raise TypeError(f"register_backend({name!r}): fn and available must be callable")
     if supports is not None and not callable(supports):
         raise TypeError(f"register_backend({name!r}): supports must be callable or None")
+    native_set = arch_set if native_archs is None else frozenset(
+        native_archs if not isinstance(native_archs, str) else (native_archs,))
+    if not native_set <= arch_set:
+        raise ValueError(f"register_backend({name!r}): native_archs {sorted(map(str, native_set))} must be "
+                         f"among archs {sorted(arch_set)}")
     module = getattr(fn, "__module__", None)
-    spec = BackendSpec(name, recipe, arch_set, hd_set, dtype_set, fn, available, supports, module)
+    spec = BackendSpec(name, recipe, arch_set, hd_set, dtype_set, fn, available, supports, module, native_set)
     with _lock:
         if name in _registry and not replace:
             raise ValueError(f"register_backend: a backend named {name!r} is already registered "

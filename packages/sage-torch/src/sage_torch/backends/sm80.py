@@ -315,4 +315,5 @@ _FNS = {"qk_s8_pv_f16": attn_qk_s8_pv_f16, "qk_s8_pv_s8": attn_qk_s8_pv_s8,
 for _recipe in RECIPES:
     register_backend(f"sm80_{_recipe}", _recipe, archs=_ARCHS[_recipe], head_dims=HEAD_DIMS,
                      fn=_FNS[_recipe], available=_make_available(_recipe),
-                     dtypes=(torch.float16, torch.bfloat16), supports=_make_supports(_recipe))
+                     dtypes=(torch.float16, torch.bfloat16), supports=_make_supports(_recipe),
+                     native_archs=tuple(a for a in _ARCHS[_recipe] if a != "sm90"))
