@@ -142,6 +142,16 @@ ABLATIONS = [
         ("two_level (default)", {}),
         ("fp32 (ideal accumulator, smooth_v=True)", {"pv_accum": "fp32"}),
     ]),
+    ("FP16-accumulate P·V buffer (sm80-family kernels: 64-key tiles): qk_s8_pv_f16", "qk_s8_pv_f16", [
+        ("pv_accum=fp32 (default)", {}),
+        ("pv_accum=f16_buffer (FP16 MMA buffer per 64-key tile, FP32 O)", {"pv_accum": "f16_buffer"}),
+    ]),
+    ("FP16-accumulate P·V buffer (sm80-family kernels: 64-key tiles): qk_s8_pv_e4m3, smooth_v=False",
+     "qk_s8_pv_e4m3", [
+        ("two_level, V amax -> 448 (FP22 buffer)", {"kv_block": 64, "smooth_v": False}),
+        ("f16_buffer, V amax -> 2.25 (64 x 448 x 2.25 < 65504)",
+         {"kv_block": 64, "smooth_v": False, "pv_accum": "f16_buffer"}),
+    ]),
     ("FP4 format (qk_nvfp4_pv_nvfp4)", "qk_nvfp4_pv_nvfp4", [
         ("NVFP4: 16-element groups, E4M3 scales (default)", {}),
         ("MXFP4: 32-element groups, E8M0 scales", {"fmt": "mxfp4"}),
@@ -232,6 +242,9 @@ def comparison(r: Runner) -> str:
     f16_blk, f16_thr = rel("qk_s8_pv_f16", n=na, **f16_pb), rel("qk_s8_pv_f16", n=na)
     s8s8 = rel("qk_s8_pv_s8")
     s8s8_worst = s8s8 > max(f16_blk, rel(e4))
+    f16_acc16 = rel("qk_s8_pv_f16", n=na, pv_accum="f16_buffer")
+    e4_64 = dict(kv_block=64, smooth_v=False)
+    e4_acc22, e4_acc16 = rel(e4, n=na, **e4_64), rel(e4, n=na, pv_accum="f16_buffer", **e4_64)
     return f"""## Comparison with published and reference figures
 
 Only figures we are sure of are quoted. Our numbers are read from the tables above: d=128,
@@ -279,6 +292,13 @@ non-causal, outlier inputs unless said; headline n={nh}, ablations n={na}.
   to 0 or 1/127{', so it is the least accurate 8-bit recipe here' if s8s8_worst else ''} (outlier rel-L1
   {s8s8:.4f}). We apply K smoothing by default (NUMERICS.md: always on for INT Q·K); the
   paper's own kernel does not smooth.
+* **FP16-accumulate P·V** (SageAttention2's FP16-buffer variant for GeForce Ada, V range 2.25;
+  SageAttention's FP16 accumulation option): `qk_s8_pv_f16` FP32 {f16_thr:.4f} vs FP16 buffer
+  {f16_acc16:.4f}; `qk_s8_pv_e4m3` (64-key tiles, no V smoothing) FP22 buffer with V amax 448
+  {e4_acc22:.4f} vs FP16 buffer with V amax 2.25 {e4_acc16:.4f}:
+  {'**no accuracy cost**' if e4_acc16 <= 1.1 * e4_acc22 and f16_acc16 <= 1.1 * f16_thr else '**a measurable cost**'} (within 10%).
+  We know of no published accuracy figure for these variants. (The kernels: compiled, not yet run
+  on a GPU.)
 * **4-bit on `randn`** (`qk_s4_pv_e4m3` cos {cos('qk_s4_pv_e4m3', 'randn'):.4f}, `qk_nvfp4_pv_nvfp4` cos
   {cos('qk_nvfp4_pv_nvfp4', 'randn'):.4f}) is far below `outlier`: i.i.d. N(0,1) attention averages many
   small terms, the worst case for 4-bit Q·K; we know of no published figure for these inputs.

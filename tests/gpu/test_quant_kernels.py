@@ -344,7 +344,7 @@ def test_quant_int_non_finite_groups(seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("d", HEAD_DIMS)
-@pytest.mark.parametrize("fmt", ["e4m3_t", "e4m3_t_smooth", "s8"])
+@pytest.mark.parametrize("fmt", ["e4m3_t", "e4m3_t_smooth", "e4m3_t_vmax2.25", "s8"])
 def test_quant_v(monkeypatch, seed, s, dtype, layout, d, fmt):
     op = "quant_v_s8" if fmt == "s8" else "quant_v_e4m3_t"
     reason = _skip_reason(op)
@@ -361,6 +361,9 @@ def test_quant_v(monkeypatch, seed, s, dtype, layout, d, fmt):
     if fmt == "e4m3_t_smooth":
         # V smoothing: the (reference) token mean, subtracted before amax and division.
         extra["mean"] = R.token_mean(v, layout)
+    if fmt == "e4m3_t_vmax2.25":
+        # the V range of the FP16-accumulate kernels (pv_accum="f16_buffer"): amax -> 2.25
+        extra["v_max"] = 2.25
     results = run_poisoned(monkeypatch, fn_k, v, layout, msg=msg, **extra)
     want = fn_r(v, layout, **extra)
     assert_results_bitwise(results, want, ("values", "scale"), msg)
