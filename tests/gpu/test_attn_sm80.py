@@ -421,6 +421,10 @@ def test_f16_buffer_binding_rejects_unknown_accumulation():
               softmax_scale=0.125, is_causal=False, stream=torch.cuda.current_stream().cuda_stream)
     with pytest.raises(ValueError, match="pv_accum"):
         sage_core.attn_fwd_sm80_qk_s8_pv_f16(q, q, v, o, None, qs, qs, **kw, pv_accum="fp16")
+    v_t = torch.zeros(1, 2, 64, 64, dtype=torch.int8, device=dev)
+    vs = torch.ones(1, 2, 64, device=dev)
+    with pytest.raises(ValueError, match="accepted: int32$"):  # no FP16-accumulate INT8 PV kernel
+        sage_core.attn_fwd_sm80_qk_s8_pv_s8(q, q, v_t, o, None, qs, qs, vs, **kw, pv_accum="f16_buffer")
     sage_core.attn_fwd_sm80_qk_s8_pv_f16(q, q, v, o, None, qs, qs, **kw, pv_accum="f16_buffer")
     torch.cuda.synchronize()
     assert torch.equal(o, torch.zeros_like(o))

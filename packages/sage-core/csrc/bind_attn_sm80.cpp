@@ -2,7 +2,7 @@
 // Compiled only when the family is in the build (SAGE_WITH_SM80; cmake/instantiations.cmake).
 //
 //   sage_core.attn_fwd_sm80_qk_s8_pv_f16(q, k, v, o, lse, q_scale, k_scale, *, ..., pv_accum)
-//   sage_core.attn_fwd_sm80_qk_s8_pv_s8(q, k, v_t, o, lse, q_scale, k_scale, v_scale, *, ...)
+//   sage_core.attn_fwd_sm80_qk_s8_pv_s8(q, k, v_t, o, lse, q_scale, k_scale, v_scale, *, ..., pv_accum)
 //   sage_core.attn_fwd_sm80_qk_s8_pv_e4m3(q, k, v_t, o, lse, q_scale, k_scale, v_scale, *, ..., pv_accum)
 //   sage_core.attn_fwd_sm80_qk_s4_pv_e4m3(q, k, v_t, o, lse, q_scale, k_scale, v_scale, q_mean, *, ...)
 //
@@ -50,13 +50,14 @@ const char* recipe_name(Sm80Recipe r) {
   }
 }
 
-// pv_accum option -> kernel variant: `base_accum` (the FP32 default) or "f16_buffer".
-Sm80Recipe parse_pv_accum(Sm80Recipe base, const char* base_accum, Sm80Recipe f16_variant,
-                          const std::string& pv_accum) {
+// pv_accum option -> kernel variant: `base_accum` (the default) or, where the recipe has an
+// FP16-accumulate kernel, "f16_buffer".
+Sm80Recipe parse_pv_accum(Sm80Recipe base, const char* base_accum,
+                          std::optional<Sm80Recipe> f16_variant, const std::string& pv_accum) {
   if (pv_accum == base_accum) return base;
-  if (pv_accum == "f16_buffer") return f16_variant;
+  if (pv_accum == "f16_buffer" && f16_variant) return *f16_variant;
   fail_value(std::string("attn_fwd_sm80_") + recipe_name(base) + ": pv_accum='" + pv_accum +
-             "' is not supported; accepted: " + base_accum + ", f16_buffer");
+             "' is not supported; accepted: " + base_accum + (f16_variant ? ", f16_buffer" : ""));
 }
 
 Sm80ScaleGranularity parse_granularity(const std::string& fn, const char* what,
@@ -319,15 +320,20 @@ void bind_attn_sm80(nb::module_& m) {
                    "P.V in an FP16 MMA accumulator added into FP32 O; a tile that overflows FP16 "
                    "is recomputed in FP32).") + kDocCommon).c_str());
 
-  auto def_8bit_pv = [&](const char* name, Sm80Recipe recipe, const char* doc) {
+  // The 8-bit-V recipes: `base_accum` names the FP32/INT32 two-level buffer; f16_variant, when
+  // given, is the pv_accum="f16_buffer" kernel.
+  auto def_8bit_pv = [&](const char* name, Sm80Recipe base, const char* base_accum,
+                         std::optional<Sm80Recipe> f16_variant, const std::string& doc) {
     m.def(
         name,
-        [recipe](const Array& q, const Array& k, const Array& v_t, const Array& o,
-                 std::optional<Array> lse, const Array& q_scale, const Array& k_scale,
-                 const Array& v_scale, std::string q_granularity, int64_t q_block,
-                 std::string k_granularity, int64_t k_block, double softmax_scale, bool is_causal,
-                 uintptr_t stream) {
-          attn_fwd_sm80(recipe, q, k, v_t, o, lse, q_scale, k_scale, v_scale, std::nullopt,
+        [base, base_accum, f16_variant](
+            const Array& q, const Array& k, const Array& v_t, const Array& o,
+            std::optional<Array> lse, const Array& q_scale, const Array& k_scale,
+            const Array& v_scale, std::string q_granularity, int64_t q_block,
+            std::string k_granularity, int64_t k_block, double softmax_scale, bool is_causal,
+            uintptr_t stream, std::string pv_accum) {
+          const Sm80Recipe r = parse_pv_accum(base, base_accum, f16_variant, pv_accum);
+          attn_fwd_sm80(r, q, k, v_t, o, lse, q_scale, k_scale, v_scale, std::nullopt,
                         Options{q_granularity, k_granularity, q_block, k_block, 128, softmax_scale,
                                 is_causal, stream});
         },
@@ -335,35 +341,20 @@ void bind_attn_sm80(nb::module_& m) {
         nb::arg("q_scale"), nb::arg("k_scale"), nb::arg("v_scale"), nb::kw_only(),
         nb::arg("q_granularity"), nb::arg("q_block"), nb::arg("k_granularity"), nb::arg("k_block"),
         nb::arg("softmax_scale"), nb::arg("is_causal"), nb::arg("stream"),
-        (std::string(doc) + kDocCommon).c_str());
+        nb::arg("pv_accum") = base_accum, (doc + kDocCommon).c_str());
   };
-  def_8bit_pv("attn_fwd_sm80_qk_s8_pv_s8", Sm80Recipe::kQkS8PvS8,
+  def_8bit_pv("attn_fwd_sm80_qk_s8_pv_s8", Sm80Recipe::kQkS8PvS8, "int32", std::nullopt,
               "INT-FlashAttention (sm80 mma.sync): INT8 Q.K, P = rint(127 exp2(S-m)) INT8, V INT8 "
-              "per channel, INT32 accumulation per 64-key tile. v_t: int8 (b, h_kv, d, s_pad) "
-              "'v_s8_t_p32' (tokens permuted in 32-chunks), v_scale float32 (b, h_kv, d) = amax/127.");
-  m.def(
-      "attn_fwd_sm80_qk_s8_pv_e4m3",
-      [](const Array& q, const Array& k, const Array& v_t, const Array& o, std::optional<Array> lse,
-         const Array& q_scale, const Array& k_scale, const Array& v_scale, std::string q_granularity,
-         int64_t q_block, std::string k_granularity, int64_t k_block, double softmax_scale,
-         bool is_causal, uintptr_t stream, std::string pv_accum) {
-        const Sm80Recipe r = parse_pv_accum(Sm80Recipe::kQkS8PvE4m3, "two_level",
-                                            Sm80Recipe::kQkS8PvE4m3AccF16, pv_accum);
-        attn_fwd_sm80(r, q, k, v_t, o, lse, q_scale, k_scale, v_scale, std::nullopt,
-                      Options{q_granularity, k_granularity, q_block, k_block, 128, softmax_scale,
-                              is_causal, stream});
-      },
-      nb::arg("q"), nb::arg("k"), nb::arg("v_t"), nb::arg("o"), nb::arg("lse").none(),
-      nb::arg("q_scale"), nb::arg("k_scale"), nb::arg("v_scale"), nb::kw_only(),
-      nb::arg("q_granularity"), nb::arg("q_block"), nb::arg("k_granularity"), nb::arg("k_block"),
-      nb::arg("softmax_scale"), nb::arg("is_causal"), nb::arg("stream"),
-      nb::arg("pv_accum") = "two_level",
-      (std::string("SageAttention2 8-bit (sm89+ mma.sync): INT8 Q.K, P~ and V E4M3. v_t: uint8 E4M3 "
-                   "bits (b, h_kv, d, s_pad) 'v_e4m3_t_p32', v_scale = amax/v_max. pv_accum: "
-                   "'two_level' (each 64-key tile's P~V in an FP32 MMA buffer added into FP32 O; "
-                   "v_max 448) or 'f16_buffer' (the buffer in FP16; V must be quantized with "
-                   "v_max 2.25 so a tile cannot overflow, else the overflowing tile is recomputed "
-                   "in FP32; needs CUDA >= 12.8).") + kDocCommon).c_str());
+              "per channel, INT32 accumulation per 64-key tile (pv_accum 'int32', the only choice). "
+              "v_t: int8 (b, h_kv, d, s_pad) 'v_s8_t_p32' (tokens permuted in 32-chunks), v_scale "
+              "float32 (b, h_kv, d) = amax/127.");
+  def_8bit_pv("attn_fwd_sm80_qk_s8_pv_e4m3", Sm80Recipe::kQkS8PvE4m3, "two_level",
+              Sm80Recipe::kQkS8PvE4m3AccF16,
+              "SageAttention2 8-bit (sm89+ mma.sync): INT8 Q.K, P~ and V E4M3. v_t: uint8 E4M3 bits "
+              "(b, h_kv, d, s_pad) 'v_e4m3_t_p32', v_scale = amax/v_max. pv_accum: 'two_level' "
+              "(each 64-key tile's P~V in an FP32 MMA buffer added into FP32 O; v_max 448) or "
+              "'f16_buffer' (the buffer in FP16; V must be quantized with v_max 2.25 so a tile "
+              "cannot overflow, else the overflowing tile is recomputed in FP32; needs CUDA >= 12.8).");
 
   m.def(
       "attn_fwd_sm80_qk_s4_pv_e4m3",
