@@ -35,63 +35,55 @@ struct QkS4 {
   using Mma = cute::SM80_16x8x64_S32S4S4S32_TN;
 };
 
-struct RecipeQkS8PvF16 {
+// Defaults every recipe shares; a recipe states only what differs.
+struct RecipeDefaults {
+  static constexpr bool kPvF16Buffer = false;      // see the *AccF16 variants below
+  static constexpr bool kToolkitSupported = true;  // false: empty kernel (binding refuses)
+  static constexpr bool kQSmoothing = false;       // true: dS = q_mean . K^T added in-kernel
+  static constexpr int kMinArch = 800;             // __CUDA_ARCH__ needed by the MMAs
+  static constexpr float kPLog2Bias = 0.f;         // P = exp2(S - m + bias)
+  static constexpr float kPScale = 1.f;            // O is divided by this (P's quantization scale)
+};
+
+struct RecipeQkS8PvF16 : RecipeDefaults {
   static constexpr Sm80Recipe kId = Sm80Recipe::kQkS8PvF16;
   using Qk = QkS8;
   static constexpr PvMath kPv = PvMath::kF16;
-  static constexpr bool kPvF16Buffer = false;  // see the *AccF16 variants below
-  static constexpr bool kToolkitSupported = true;  // false: empty kernel (binding refuses)
-  static constexpr bool kQSmoothing = false;  // dS = q_mean . K^T added in-kernel
-  static constexpr int kMinArch = 800;        // __CUDA_ARCH__ needed by the MMAs
-  static constexpr float kPLog2Bias = 0.f;    // P = exp2(S - m + bias)
-  static constexpr float kPScale = 1.f;       // O is divided by this (P's quantization scale)
 };
 
-struct RecipeQkS8PvS8 {
+struct RecipeQkS8PvS8 : RecipeDefaults {
   static constexpr Sm80Recipe kId = Sm80Recipe::kQkS8PvS8;
   using Qk = QkS8;
   static constexpr PvMath kPv = PvMath::kS8;
-  static constexpr bool kPvF16Buffer = false;
-  static constexpr bool kToolkitSupported = true;
-  static constexpr bool kQSmoothing = false;
-  static constexpr int kMinArch = 800;
-  static constexpr float kPLog2Bias = 0.f;
   static constexpr float kPScale = kInt8PMax;
   using PvMma = cute::SM80_16x8x32_S32S8S8S32_TN;
 };
 
-struct RecipeQkS8PvE4m3 {
-  static constexpr Sm80Recipe kId = Sm80Recipe::kQkS8PvE4m3;
-  using Qk = QkS8;
+// E4M3 P~V (FP8 mma.sync: sm_89+); the row max maps to 448 (the bias cancels in O/l).
+struct PvE4m3Defaults : RecipeDefaults {
   static constexpr PvMath kPv = PvMath::kE4m3;
-  static constexpr bool kPvF16Buffer = false;
-  static constexpr bool kToolkitSupported = true;
-  static constexpr bool kQSmoothing = false;
   static constexpr int kMinArch = 890;
-  static constexpr float kPLog2Bias = kLog2Fp8E4m3Max;  // row max maps to 448; cancels in O/l
-  static constexpr float kPScale = 1.f;
+  static constexpr float kPLog2Bias = kLog2Fp8E4m3Max;
   using PvMma = cute::SM89_16x8x32_F32E4M3E4M3F32_TN;
 };
 
-struct RecipeQkS4PvE4m3 {
+struct RecipeQkS8PvE4m3 : PvE4m3Defaults {
+  static constexpr Sm80Recipe kId = Sm80Recipe::kQkS8PvE4m3;
+  using Qk = QkS8;
+};
+
+struct RecipeQkS4PvE4m3 : PvE4m3Defaults {
   static constexpr Sm80Recipe kId = Sm80Recipe::kQkS4PvE4m3;
   using Qk = QkS4;
-  static constexpr PvMath kPv = PvMath::kE4m3;
-  static constexpr bool kPvF16Buffer = false;
-  static constexpr bool kToolkitSupported = true;
   static constexpr bool kQSmoothing = true;
-  static constexpr int kMinArch = 890;
-  static constexpr float kPLog2Bias = kLog2Fp8E4m3Max;
-  static constexpr float kPScale = 1.f;
-  using PvMma = cute::SM89_16x8x32_F32E4M3E4M3F32_TN;
 };
 
 // FP16-accumulate variants: each KV tile's P.V goes into a fresh FP16 MMA accumulator (PvMmaF16Acc)
 // that is then added into FP32 O, like the FP32 two-level buffer. If any lane's buffer of an O
-// tile pair is inf/NaN, the warp recomputes that pair with the FP32-accumulate MMA, so an overflow
-// costs time, not accuracy. For E4M3 the quantizer bounds |V^| <= 2.25 (v_e4m3_t with v_max 2.25),
-// so a 64-key tile sums to at most 64 x 448 x 2.25 = 64512 < 65504 and the guard never fires on
-// finite inputs; for FP16 V (unbounded) it is the overflow guard.
+// tile pair reaches 65504, inf or NaN, the warp recomputes that pair with the FP32-accumulate MMA,
+// so an overflow costs time, not accuracy. For E4M3 the quantizer bounds |V^| <= 2.25 (v_e4m3_t
+// with v_max 2.25), so a 64-key tile sums to at most 64 x 448 x 2.25 = 64512 < 65504 and the guard
+// never fires on finite inputs; for FP16 V (unbounded) it is the overflow guard.
 struct RecipeQkS8PvF16AccF16 : RecipeQkS8PvF16 {
   static constexpr Sm80Recipe kId = Sm80Recipe::kQkS8PvF16AccF16;
   static constexpr bool kPvF16Buffer = true;
