@@ -14,6 +14,12 @@ second time by the statistics pass (K only without a given k_mean, which is the 
     python tools/profile_sm90.py --quant-only --b 32 --n 1024      # 1k, 32k tokens x 32 heads
     python tools/profile_sm90.py --quant-only --b 8 --n 4096
     ncu --set full -k regex:quant_detail python tools/profile_sm90.py --quant-only --reps 1
+
+--overhead: per-CTA fixed cost of the attention kernel (kernel only, CUDA events). The grid is
+held at a whole number of waves of 128-row query tiles while s_kv grows; a least-squares line
+time = a + t * kv_tiles (per wave) gives the fixed cost a in units of one 128x128 KV tile.
+
+    python tools/profile_sm90.py --overhead
 """
 
 import argparse
@@ -69,6 +75,34 @@ def quant_only(a, q, k, v) -> None:
     print(f"  floor bytes {floor_bytes / 1e6:.0f} MB, actual bytes {actual_bytes / 1e6:.0f} MB")
 
 
+def overhead(a) -> None:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    dtype = torch.float16 if a.fp16 else torch.bfloat16
+    waves, s_q = 4, 512  # 4 query tiles per head
+    heads = sms  # one head per SM: b * heads * (s_q / 128) = waves * sms CTAs
+    b = waves * sms // (heads * (s_q // 128)) or 1
+    pts = []
+    for s_kv in (128, 256, 512, 1024, 2048, 4096):
+        g = torch.Generator(device="cuda").manual_seed(s_kv)
+        q = torch.randn(b, heads, s_q, a.d, device="cuda", dtype=dtype, generator=g)
+        k, v = (torch.randn(b, heads, s_kv, a.d, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+        prepared, kernel = sm90.split_for_bench(q, k, v, is_causal=False)
+        t = _time_ms(lambda kernel=kernel, prepared=prepared: kernel(prepared), a.reps)
+        ctas = b * heads * (s_q // 128)
+        per_wave_us = t * 1e3 / (ctas / sms)
+        pts.append((s_kv // 128, per_wave_us))
+        tops = 4.0 * b * heads * s_q * s_kv * a.d / t / 1e9
+        print(f"  s_kv={s_kv:5d} kv_tiles={s_kv // 128:3d} CTAs={ctas} time {t * 1e3:8.1f} us  "
+              f"per wave {per_wave_us:7.2f} us  {tops:6.0f} TOPS")
+    n = len(pts)
+    mx = sum(x for x, _ in pts) / n
+    my = sum(y for _, y in pts) / n
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    icpt = my - slope * mx
+    print(f"overhead fit d={a.d}: per wave = {icpt:.2f} us + {slope:.3f} us x kv_tiles "
+          f"-> fixed cost = {icpt / slope:.1f} KV tiles per CTA")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--b", type=int, default=4)
@@ -81,6 +115,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20, help="timed repetitions (--quant-only)")
     p.add_argument("--no-smooth-v", action="store_true", help="--quant-only without V smoothing")
     p.add_argument("--fp16", action="store_true", help="fp16 inputs (default bf16)")
+    p.add_argument("--overhead", action="store_true", help="fit the per-CTA fixed cost (kernel only)")
     a = p.parse_args()
     dtype = torch.float16 if a.fp16 else torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -88,6 +123,9 @@ def main() -> None:
                for _ in range(3))
     if a.quant_only:
         quant_only(a, q, k, v)
+        return
+    if a.overhead:
+        overhead(a)
         return
     for _ in range(a.iters):
         o, _ = sm90.attention_sm90_qk_s8_pv_e4m3(q, k, v, layout="bhsd", is_causal=a.causal,

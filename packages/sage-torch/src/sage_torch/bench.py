@@ -28,7 +28,30 @@ import torch.nn.functional as F
 TOKENS_BELOW_8K = 32 * 1024  # b·n held at 32k tokens below n = 8k (BENCHMARKING.md)
 HEADS = 32
 ACC_ROWS = 256  # query rows sampled for the float64 check
-FORCED_RECIPES: list[str] = []  # set by --recipes
+FORCED_RECIPES: list[str] = []  # set by --recipes ("recipe" or "recipe:opt=val,opt=val")
+
+
+def parse_forced(spec: str) -> tuple[str, dict[str, object]]:
+    """``"qk_s8_pv_f16:pv_accum=f16_buffer"`` -> ``("qk_s8_pv_f16", {"pv_accum": "f16_buffer"})``.
+
+    Values are ints, floats, ``true``/``false``/``none`` or strings."""
+    recipe, _, opts = spec.partition(":")
+    options: dict[str, object] = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--recipes: expected opt=value in {spec!r}, got {item!r}")
+        low = raw.lower()
+        value: object = {"true": True, "false": False, "none": None}.get(low, raw)
+        if value is raw:
+            for conv in (int, float):
+                try:
+                    value = conv(raw)
+                    break
+                except ValueError:
+                    pass
+        options[key] = value
+    return recipe, options
 
 
 def batch_for(n: int) -> int:
@@ -113,11 +136,14 @@ def sage_impls() -> dict[str, dict]:
 
     impls["sage"] = {"e2e": e2e, "split": getattr(mod, "split_for_bench", None)}
     # Recipes forced onto their own kernels (strict: never the emulation, never a fallback).
-    for recipe in FORCED_RECIPES:
-        def forced(q, k, v, is_causal, recipe=recipe):
-            return sage_torch.attention(q, k, v, is_causal=is_causal, recipe=recipe, strict=True)
+    for spec in FORCED_RECIPES:
+        recipe, options = parse_forced(spec)
 
-        impls[f"sage_{recipe}"] = {"e2e": forced}
+        def forced(q, k, v, is_causal, recipe=recipe, options=options):
+            return sage_torch.attention(q, k, v, is_causal=is_causal, recipe=recipe, strict=True, **options)
+
+        name = f"sage_{recipe}" + "".join(f"[{k}={v}]" for k, v in options.items())
+        impls[name] = {"e2e": forced}
     return impls
 
 
@@ -251,9 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--recipes", nargs="*", default=[],
-                   help="also time these recipes forced onto their kernels (e.g. qk_s8_pv_f16 qk_s8_pv_s8)")
+                   help="also time these recipes forced onto their kernels (e.g. qk_s8_pv_f16 qk_s8_pv_s8); "
+                        "options after a colon: qk_s8_pv_f16:pv_accum=f16_buffer")
     p.add_argument("--out", default=os.environ.get("SAGE_BENCH_OUT", "bench-out"))
     args = p.parse_args(argv)
+    for spec in args.recipes:
+        parse_forced(spec)  # bad syntax fails here, before any GPU work
     FORCED_RECIPES[:] = args.recipes
     args.causal = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     if not torch.cuda.is_available():
