@@ -31,6 +31,38 @@ import sage_core
 from sage_torch.backends import sm90
 
 
+def _time_queued_ms(fn, reps: int) -> float:
+    """Mean time of reps back-to-back calls (no sync between them: host launch cost hidden)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def torch_profile(a, q, k, v) -> None:
+    """Kernels of one whole sage attention call (quantization included), by CUDA time."""
+    import sage_torch
+    from torch.profiler import ProfilerActivity, profile
+
+    def call():
+        return sage_torch.attention(q, k, v, is_causal=a.causal)
+
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            call()
+        torch.cuda.synchronize()
+    print(f"torch profile b={a.b} h={a.h} n={a.n} d={a.d} causal={a.causal} (5 calls)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+
+
 def _time_ms(fn, reps: int) -> float:
     for _ in range(3):
         fn()
@@ -68,8 +100,9 @@ def quant_only(a, q, k, v) -> None:
     actual_bytes = floor_bytes + 2 * elems * q.element_size()  # stats pass re-reads K and V
     t_k = _time_ms(kernels_only, a.reps)
     t_w = _time_ms(whole_call, a.reps)
+    t_wq = _time_queued_ms(whole_call, a.reps)
     print(f"quantizer b={a.b} h={a.h} n={a.n} d={a.d} {q.dtype} smooth_v={smooth_v} (median of {a.reps})")
-    for name, t in (("kernels only", t_k), ("python call", t_w)):
+    for name, t in (("kernels only", t_k), ("python call", t_w), ("queued calls", t_wq)):
         print(f"  {name:13s} {t * 1e3:9.1f} us   floor {floor_bytes / t / 1e6:7.0f} GB/s   "
               f"actual {actual_bytes / t / 1e6:7.0f} GB/s")
     print(f"  floor bytes {floor_bytes / 1e6:.0f} MB, actual bytes {actual_bytes / 1e6:.0f} MB")
@@ -78,7 +111,7 @@ def quant_only(a, q, k, v) -> None:
 def overhead(a) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     dtype = torch.float16 if a.fp16 else torch.bfloat16
-    waves, s_q = 4, 512  # 4 query tiles per head
+    waves, s_q = 16, 512  # 4 query tiles per head
     heads = sms  # one head per SM: b * heads * (s_q / 128) = waves * sms CTAs
     b = waves * sms // (heads * (s_q // 128)) or 1
     pts = []
@@ -87,7 +120,7 @@ def overhead(a) -> None:
         q = torch.randn(b, heads, s_q, a.d, device="cuda", dtype=dtype, generator=g)
         k, v = (torch.randn(b, heads, s_kv, a.d, device="cuda", dtype=dtype, generator=g) for _ in range(2))
         prepared, kernel = sm90.split_for_bench(q, k, v, is_causal=False)
-        t = _time_ms(lambda kernel=kernel, prepared=prepared: kernel(prepared), a.reps)
+        t = _time_queued_ms(lambda kernel=kernel, prepared=prepared: kernel(prepared), a.reps)
         ctas = b * heads * (s_q // 128)
         per_wave_us = t * 1e3 / (ctas / sms)
         pts.append((s_kv // 128, per_wave_us))
@@ -116,6 +149,7 @@ def main() -> None:
     p.add_argument("--no-smooth-v", action="store_true", help="--quant-only without V smoothing")
     p.add_argument("--fp16", action="store_true", help="fp16 inputs (default bf16)")
     p.add_argument("--overhead", action="store_true", help="fit the per-CTA fixed cost (kernel only)")
+    p.add_argument("--torch-profile", action="store_true", help="kernels of a whole call, by CUDA time")
     a = p.parse_args()
     dtype = torch.float16 if a.fp16 else torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -126,6 +160,9 @@ def main() -> None:
         return
     if a.overhead:
         overhead(a)
+        return
+    if a.torch_profile:
+        torch_profile(a, q, k, v)
         return
     for _ in range(a.iters):
         o, _ = sm90.attention_sm90_qk_s8_pv_e4m3(q, k, v, layout="bhsd", is_causal=a.causal,

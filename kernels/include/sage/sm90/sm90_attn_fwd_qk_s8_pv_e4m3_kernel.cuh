@@ -82,6 +82,12 @@
 //     EX2s (checked in SASS, step 4): no overlap at all. Kept only to document that.
 // (Tried in step 4: storing this tile's row sums instead of l_run, so the alpha EX2 is not an
 // input of the store: no gain, in-order issue stalls on the l update FFMA anyway, and 8 B spill.)
+// Diagnostics only: -DSAGE_SM90_ATTN_TRACE=1 prints clock64 stamps (cycles since kernel entry) of
+// the phases of a few CTAs (blockIdx.y == 3, blockIdx.z == 2 % gridDim.z, 4 values of blockIdx.x)
+// with device printf, to see where the per-CTA fixed cost goes. Never on in a release build.
+#ifndef SAGE_SM90_ATTN_TRACE
+#define SAGE_SM90_ATTN_TRACE 0
+#endif
 #ifndef SAGE_SM90_ATTN_PIN_KIND
 #define SAGE_SM90_ATTN_PIN_KIND 0
 #endif
@@ -303,6 +309,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   constexpr int kStages = Traits::kStages;
   constexpr uint64_t kCacheHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
 
+#if SAGE_SM90_ATTN_TRACE
+  const long long t_entry = clock64();
+  const bool trace = blockIdx.y == 3 && blockIdx.z == 2 % gridDim.z && blockIdx.x % max(1u, gridDim.x / 4) == 0;
+  long long t_mark[6] = {0, 0, 0, 0, 0, 0};
+#define SAGE_TRACE_MARK(i) (t_mark[i] = clock64() - t_entry)
+#else
+#define SAGE_TRACE_MARK(i) ((void)0)
+#endif
   extern __shared__ char smem_raw[];
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -341,6 +355,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   cutlass::arch::fence_barrier_init();
   __syncthreads();
+  SAGE_TRACE_MARK(0);
 
   if (wg == 0) {
     // ------------------------------------------------------------------ producer warpgroup
@@ -608,6 +623,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   auto tile_scale = [&](int n) { return qk_scale_log2 * k_scale_head[n * 4]; };
 
   if (n_end > 0) TxBarrier::wait(&ss.bar_q, 0);
+  SAGE_TRACE_MARK(1);
 
   if constexpr (!Traits::kOverlap) {
     // Step 1 schedule: QK, wait, softmax, PV, wait, accumulate (the two consumer warpgroups
@@ -658,9 +674,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       if constexpr (Traits::kPingPong) detail::named_barrier_arrive(pp_other, Traits::kConsumerThreads);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
+      SAGE_TRACE_MARK(2);
       Barrier::arrive(&ss.bar_k_empty[0]);
       softmax_tile(0, c, sf, alpha_prev0, alpha_prev1);
       pack_p(sf);
+      SAGE_TRACE_MARK(3);
     }
     for (int n = 1; n < n_end; ++n) {
       const int stage = n % kStages;
@@ -711,6 +729,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
   }
 
+  SAGE_TRACE_MARK(4);
   // ---- epilogue: 1/l, V channel scale, store by strides; LSE ----
   const float l0 = detail::quad_sum(l_run[0]);
   const float l1 = detail::quad_sum(l_run[1]);
@@ -749,6 +768,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (write0) lse_head[grow0] = l0 == 0.f ? -INFINITY : kLn2 * (m_run[0] + __log2f(l0) - kLog2Fp8E4m3Max);
     if (write1) lse_head[grow1] = l1 == 0.f ? -INFINITY : kLn2 * (m_run[1] + __log2f(l1) - kLog2Fp8E4m3Max);
   }
+#if SAGE_SM90_ATTN_TRACE
+  SAGE_TRACE_MARK(5);
+  if (trace && tid == 0) {
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    printf("trace blk %d,%d,%d sm %u wg %d n_end %d | init %lld q %lld qk0 %lld sm0 %lld loop %lld end %lld\n",
+           blockIdx.x, blockIdx.y, blockIdx.z, smid, cw, n_end, t_mark[0], t_mark[1], t_mark[2], t_mark[3],
+           t_mark[4], t_mark[5]);
+  }
+#endif
+#undef SAGE_TRACE_MARK
 #else
   SAGE_DEVICE_TRAP_WRONG_ARCH();
 #endif
