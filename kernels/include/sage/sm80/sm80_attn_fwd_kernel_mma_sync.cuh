@@ -612,8 +612,19 @@ struct Sm80AttnFwdMainloop {
 
     // ---- epilogue: O / l (x V scale), LSE ----------------------------------------------------
     OutT* gO = static_cast<OutT*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
-    const float* gVScale = nullptr;
-    if constexpr (!kVIsF16) gVScale = p.v_scale + b * p.v_scale_stride_b + h_kv * p.v_scale_stride_h;
+    // The thread's V channel scales, loaded before any store: interleaved with the stores the
+    // loads were serialized (possible aliasing), one memory round trip per 8 channels.
+    float vscale[kOTiles][2];
+#pragma unroll
+    for (int j = 0; j < kOTiles; ++j) vscale[j][0] = vscale[j][1] = 1.f;
+    if constexpr (!kVIsF16) {
+      const float* gVScale = p.v_scale + b * p.v_scale_stride_b + h_kv * p.v_scale_stride_h;
+#pragma unroll
+      for (int j = 0; j < kOTiles; ++j) {
+        vscale[j][0] = __ldg(gVScale + j * 8 + 2 * t4);
+        vscale[j][1] = __ldg(gVScale + j * 8 + 2 * t4 + 1);
+      }
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float l = row_sum[r];
@@ -629,8 +640,8 @@ struct Sm80AttnFwdMainloop {
         const int c = j * 8 + 2 * t4;
         float f0 = inv_l, f1 = inv_l;
         if constexpr (!kVIsF16) {
-          f0 *= gVScale[c];
-          f1 *= gVScale[c + 1];
+          f0 *= vscale[j][0];
+          f1 *= vscale[j][1];
         }
         store_pair(gOrow + c, tOrO[j][2 * r] * f0, tOrO[j][2 * r + 1] * f1);
       }
