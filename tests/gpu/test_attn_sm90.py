@@ -330,6 +330,37 @@ def test_attn_vs_emulation(shape, is_causal, d, dtype, layout, smooth_v):
         assert e <= 2e-3, f"rel-L1 vs emulation {e}: {msg}"
 
 
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_attn_many_tiles_per_cta(d, layout, is_causal):
+    """More work tiles than SMs: the persistent grid (non-causal) walks several tiles per CTA with
+    double-buffered Q and a KV ring that runs across tiles; every tile is checked (poisoned
+    output, emulation), with an uneven tile count per CTA and GQA."""
+    if _SKIP:
+        pytest.skip(_SKIP)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    b, h_q, h_kv, s_q, s_kv = 3, 48, 12, 650, 700  # 6 query tiles x 144 heads = 864 tiles
+    assert b * h_q * -(-s_q // 128) > 4 * sms
+    seed = _seed()
+    dist = "outlier" if seed % 2 else "randn"
+    q, k, v = _make(dist, b=b, h_q=h_q, h_kv=h_kv, s_q=s_q, s_kv=s_kv, d=d, dtype=torch.bfloat16, layout=layout,
+                    seed=seed)
+    scale = 1.0 / math.sqrt(d)
+    msg = f"seed={seed} dist={dist} causal={is_causal} d={d} {layout}"
+    o, lse = _run_kernel_poisoned(q, k, v, layout=layout, is_causal=is_causal, scale=scale, return_lse=True,
+                                  smooth_v=True)
+    o_ref, lse_ref = sage_quant.emulate(q, k, v, RECIPE, layout=layout, is_causal=is_causal, scale=scale,
+                                        return_lse=True, kv_block=128, q_granularity="per_thread",
+                                        k_granularity="per_thread", smooth_v=True)
+    assert torch.isfinite(o).all(), f"non-finite output: {msg}"
+    # per (batch, head) so one wrong tile cannot hide in the average
+    ob, rb = _bhsd(o, layout).float(), _bhsd(o_ref, layout).float()
+    err = (ob - rb).abs().sum(dim=(2, 3)) / rb.abs().sum(dim=(2, 3)).clamp_min(1e-30)
+    assert err.max().item() <= 2e-3, f"worst (b, h) rel-L1 {err.max().item()}: {msg}"
+    assert (lse - lse_ref).abs().max().item() <= 2e-3 + 5e-5 * lse_ref.abs().max().item(), msg
+
+
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_backend_fn_matches_emulation(layout, is_causal):
