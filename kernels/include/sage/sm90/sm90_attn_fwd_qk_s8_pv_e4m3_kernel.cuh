@@ -24,7 +24,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <climits>
 #include <type_traits>
 
@@ -86,11 +85,6 @@
 // Diagnostics only: -DSAGE_SM90_ATTN_TRACE=1 prints clock64 stamps (cycles since kernel entry) of
 // the phases of a few CTAs (blockIdx.y == 3, blockIdx.z == 2 % gridDim.z, 4 values of blockIdx.x)
 // with device printf, to see where the per-CTA fixed cost goes. Never on in a release build.
-// Persistent grid for non-causal calls (one CTA per SM walking the work tiles); 0 = one CTA per
-// tile everywhere. Same kernel code either way.
-#ifndef SAGE_SM90_ATTN_PERSISTENT
-#define SAGE_SM90_ATTN_PERSISTENT 1
-#endif
 #ifndef SAGE_SM90_ATTN_TRACE
 #define SAGE_SM90_ATTN_TRACE 0
 #endif
@@ -169,7 +163,6 @@ struct AttnFwdSm90QkS8PvE4m3Traits {
   static_assert(kSumChains == 1 || kSumChains == 2 || kSumChains == 4 || kSumChains == 8, "1, 2, 4 or 8 chains");
   static constexpr bool kPrefetchKScale = SAGE_SM90_ATTN_PREFETCH_KSCALE != 0;
   static constexpr int kPinKind = SAGE_SM90_ATTN_PIN_KIND;
-  static constexpr bool kPersistent = SAGE_SM90_ATTN_PERSISTENT != 0;
   static_assert(kPinKind == 0 || kPinKind == 1, "pin kind 0 (STS of l) or 1 (asm, breaks overlap)");
   static constexpr bool exp2_group_is_poly(int j) {
     return (j + 1) * kExp2PolyGroups / 16 > j * kExp2PolyGroups / 16;
@@ -203,11 +196,10 @@ struct AttnFwdSm90QkS8PvE4m3Traits {
   static constexpr uint32_t kVTileBytes = kHeadDim * kBlockKV;
 
   struct SharedStorage {
-    alignas(1024) int8_t q[2 * kQTileBytes];  // double-buffered: the next tile's Q loads early
+    alignas(1024) int8_t q[kQTileBytes];
     alignas(1024) int8_t k[kStages * kKTileBytes];
     alignas(1024) uint8_t v[kStages * kVTileBytes];
-    alignas(8) uint64_t bar_q_full[2];
-    uint64_t bar_q_empty[2];
+    alignas(8) uint64_t bar_q;
     uint64_t bar_k_full[kStages];
     uint64_t bar_k_empty[kStages];
     uint64_t bar_v_full[kStages];
@@ -319,6 +311,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
 #if SAGE_SM90_ATTN_TRACE
   const long long t_entry = clock64();
+  const bool trace = blockIdx.y == 3 && blockIdx.z == 2 % gridDim.z && blockIdx.x % max(1u, gridDim.x / 4) == 0;
   long long t_mark[6] = {0, 0, 0, 0, 0, 0};
 #define SAGE_TRACE_MARK(i) (t_mark[i] = clock64() - t_entry)
 #else
@@ -330,40 +323,25 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   const AttnFwdQkS8PvE4m3Args& a = p.a;
   const int wg = threadIdx.x / 128;
+  const int m_block = p.num_m_blocks - 1 - int(blockIdx.x);  // causal: longest rows first
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int head_kv = head / (a.heads_q / a.heads_kv);
+  const int bh_q = batch * a.heads_q + head;
+  const int bh_kv = batch * a.heads_kv + head_kv;
   const bool causal = a.mask == MaskKind::kCausal;
   // Bottom-right causal: row i sees keys <= i + (s_kv - s_q).
   const int causal_offset = a.seq_kv - a.seq_q;
-  // Work tiles: 128 query rows of one (batch, head), linear index t = x + M * (head + H * batch)
-  // with m_block = M - 1 - x (causal: longest rows first). The grid walks them with stride
-  // gridDim.x: one CTA per tile (causal) or a persistent grid (one CTA per SM), where the
-  // producer loads the next tile's Q, K and V while the consumers finish the current one.
-  const int num_tiles = p.num_m_blocks * a.heads_q * a.batch;
-  struct Tile {
-    int m_block, head, batch, bh_q, bh_kv, n_end;
-  };
-  auto decode_tile = [&](int t) {
-    Tile w;
-    const int x = t % p.num_m_blocks;
-    const int hb = t / p.num_m_blocks;
-    w.m_block = p.num_m_blocks - 1 - x;
-    w.head = hb % a.heads_q;
-    w.batch = hb / a.heads_q;
-    w.bh_q = w.batch * a.heads_q + w.head;
-    w.bh_kv = w.batch * a.heads_kv + w.head / (a.heads_q / a.heads_kv);
-    w.n_end = p.num_n_blocks;
-    if (causal) {
-      const int last_row = min(w.m_block * kBlockQ + kBlockQ - 1, a.seq_q - 1);
-      const int last_key = last_row + causal_offset;
-      w.n_end = last_key < 0 ? 0 : min(w.n_end, last_key / kBlockKV + 1);
-    }
-    return w;
-  };
+
+  int n_end = p.num_n_blocks;
+  if (causal) {
+    const int last_row = min(m_block * kBlockQ + kBlockQ - 1, a.seq_q - 1);
+    const int last_key = last_row + causal_offset;
+    n_end = last_key < 0 ? 0 : min(n_end, last_key / kBlockKV + 1);
+  }
 
   if (threadIdx.x == 0) {
-    for (int i = 0; i < 2; ++i) {
-      Barrier::init(&ss.bar_q_full[i], 1);
-      Barrier::init(&ss.bar_q_empty[i], Traits::kConsumerThreads);
-    }
+    Barrier::init(&ss.bar_q, 1);
     for (int s = 0; s < kStages; ++s) {
       Barrier::init(&ss.bar_k_full[s], 1);
       Barrier::init(&ss.bar_v_full[s], 1);
@@ -382,31 +360,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (wg == 0) {
     // ------------------------------------------------------------------ producer warpgroup
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
-    if (threadIdx.x == 0) {
-      int kv_it = 0;  // KV tiles loaded so far (all work tiles): ring stage and phase
-      int q_it = 0;   // Q tiles loaded so far: Q buffer and phase
-      for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
-        const Tile w = decode_tile(t);
-        if (w.n_end == 0) continue;
-        const int bh_kv = w.bh_kv;
-        const int qb = q_it & 1;
-        Barrier::wait(&ss.bar_q_empty[qb], ((q_it >> 1) & 1) ^ 1);
-        TxBarrier::arrive_and_expect_tx(&ss.bar_q_full[qb], Traits::kQTileBytes);
-        SM90_TMA_LOAD_3D::copy(&p.tma_q, &ss.bar_q_full[qb], kCacheHint, ss.q + qb * Traits::kQTileBytes, 0,
-                               w.m_block * kBlockQ, w.bh_q);
-        ++q_it;
-        for (int n = 0; n < w.n_end; ++n, ++kv_it) {
-          const int stage = kv_it % kStages;
-          const uint32_t phase = (kv_it / kStages) & 1;
-          Barrier::wait(&ss.bar_k_empty[stage], phase ^ 1);
-          TxBarrier::arrive_and_expect_tx(&ss.bar_k_full[stage], Traits::kKTileBytes);
-          SM90_TMA_LOAD_3D::copy(&p.tma_k, &ss.bar_k_full[stage], kCacheHint,
-                                 ss.k + stage * Traits::kKTileBytes, 0, n * kBlockKV, bh_kv);
-          Barrier::wait(&ss.bar_v_empty[stage], phase ^ 1);
-          TxBarrier::arrive_and_expect_tx(&ss.bar_v_full[stage], Traits::kVTileBytes);
-          SM90_TMA_LOAD_3D::copy(&p.tma_v, &ss.bar_v_full[stage], kCacheHint,
-                                 ss.v + stage * Traits::kVTileBytes, n * kBlockKV, 0, bh_kv);
-        }
+    if (threadIdx.x == 0 && n_end > 0) {
+      TxBarrier::arrive_and_expect_tx(&ss.bar_q, Traits::kQTileBytes);
+      SM90_TMA_LOAD_3D::copy(&p.tma_q, &ss.bar_q, kCacheHint, ss.q, 0, m_block * kBlockQ, bh_q);
+      for (int n = 0; n < n_end; ++n) {
+        const int stage = n % kStages;
+        const uint32_t phase = (n / kStages) & 1;
+        Barrier::wait(&ss.bar_k_empty[stage], phase ^ 1);
+        TxBarrier::arrive_and_expect_tx(&ss.bar_k_full[stage], Traits::kKTileBytes);
+        SM90_TMA_LOAD_3D::copy(&p.tma_k, &ss.bar_k_full[stage], kCacheHint,
+                               ss.k + stage * Traits::kKTileBytes, 0, n * kBlockKV, bh_kv);
+        Barrier::wait(&ss.bar_v_empty[stage], phase ^ 1);
+        TxBarrier::arrive_and_expect_tx(&ss.bar_v_full[stage], Traits::kVTileBytes);
+        SM90_TMA_LOAD_3D::copy(&p.tma_v, &ss.bar_v_full[stage], kCacheHint,
+                               ss.v + stage * Traits::kVTileBytes, n * kBlockKV, 0, bh_kv);
       }
     }
     return;
@@ -418,36 +385,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int tid = threadIdx.x % 128;     // thread in the warpgroup
   const int lane_t = tid % 4;            // owns key/channel columns 8j + 2*lane_t + {0,1}
   const int row0 = 16 * (tid / 32) + (tid % 32) / 4;  // rows row0 and row0 + 8 of the WG tile
+  const int wg_row_begin = m_block * kBlockQ + cw * Traits::kRowsPerWG;
+  const int grow0 = wg_row_begin + row0;  // global query rows of this thread
+  const int grow1 = grow0 + 8;
 
   typename Traits::TiledMmaQK mma_qk;
   typename Traits::TiledMmaPV mma_pv;
   auto thr_qk = mma_qk.get_thread_slice(tid);
   auto thr_pv = mma_pv.get_thread_slice(tid);
 
-  // Ping-pong (see the main loop): consumer warpgroup 0 issues first, so warpgroup 1
-  // pre-arrives on its barrier once; the issue turns then alternate across all work tiles (both
-  // warpgroups issue the same number of GEMM batches per tile) and warpgroup 0 consumes the
-  // spare arrive after the last tile.
-  if constexpr (Traits::kPingPong) {
-    if (cw == 1) detail::named_barrier_arrive(kPingPongBarrierBase, Traits::kConsumerThreads);
-  }
-  int kv_it = 0;  // KV tiles consumed so far (all work tiles): ring stage and phase
-  int q_it = 0;   // Q tiles consumed so far: Q buffer and phase
-  for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
-  const Tile w = decode_tile(t);
-  const int m_block = w.m_block, head = w.head, batch = w.batch, bh_q = w.bh_q, bh_kv = w.bh_kv;
-  const int n_end = w.n_end;
-  const int qb = q_it & 1;
-  auto stage_of = [&](int n) { return (kv_it + n) % kStages; };
-  auto phase_of = [&](int n) { return uint32_t((kv_it + n) / kStages) & 1u; };
-#if SAGE_SM90_ATTN_TRACE
-  const bool trace = head == 3 && batch == 2 % a.batch && (p.num_m_blocks - 1 - m_block) % max(1, p.num_m_blocks / 4) == 0;
-#endif
-  const int wg_row_begin = m_block * kBlockQ + cw * Traits::kRowsPerWG;
-  const int grow0 = wg_row_begin + row0;  // global query rows of this thread
-  const int grow1 = grow0 + 8;
-
-  Tensor sQ = make_tensor(make_smem_ptr(ss.q + qb * Traits::kQTileBytes + cw * Traits::kRowsPerWG * D),
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q + cw * Traits::kRowsPerWG * D),
                           typename Traits::SmemLayoutQWG{});               // (64, D)
   Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutK{});  // (128, D, stages)
   Tensor sVt = make_tensor(make_smem_ptr(reinterpret_cast<cutlass::float_e4m3_t*>(ss.v)),
@@ -675,15 +622,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   };
   auto tile_scale = [&](int n) { return qk_scale_log2 * k_scale_head[n * 4]; };
 
-  if (n_end > 0) TxBarrier::wait(&ss.bar_q_full[qb], (q_it >> 1) & 1);
+  if (n_end > 0) TxBarrier::wait(&ss.bar_q, 0);
   SAGE_TRACE_MARK(1);
 
   if constexpr (!Traits::kOverlap) {
     // Step 1 schedule: QK, wait, softmax, PV, wait, accumulate (the two consumer warpgroups
     // overlap only by chance).
     for (int n = 0; n < n_end; ++n) {
-      const int stage = stage_of(n);
-      const uint32_t phase = phase_of(n);
+      const int stage = n % kStages;
+      const uint32_t phase = (n / kStages) & 1;
       const float c = tile_scale(n);
       TxBarrier::wait(&ss.bar_k_full[stage], phase);
       issue_qk(stage);
@@ -711,6 +658,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const int pp_other = kPingPongBarrierBase + (cw ^ 1);
     float sf[64];
     float alpha_prev0, alpha_prev1;  // O rescale that goes with buf = PV(n-1)
+    // Consumer warpgroup 0 issues first: warpgroup 1 pre-arrives on its barrier.
+    if constexpr (Traits::kPingPong) {
+      if (cw == 1) detail::named_barrier_arrive(kPingPongBarrierBase, Traits::kConsumerThreads);
+    }
     // Step 4: with kPrefetchKScale the raw K scale of tile n+1 is loaded at the top of tile n
     // (index clamped to the last tile: no branch, never out of bounds).
     float k_scale_next = k_scale_head[0];
@@ -718,22 +669,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       const float c = Traits::kPrefetchKScale ? qk_scale_log2 * k_scale_next : tile_scale(0);
       if constexpr (Traits::kPrefetchKScale) k_scale_next = k_scale_head[min(1, n_end - 1) * 4];
       if constexpr (Traits::kPingPong) detail::named_barrier_sync(pp_own, Traits::kConsumerThreads);
-      TxBarrier::wait(&ss.bar_k_full[stage_of(0)], phase_of(0));
-      issue_qk(stage_of(0));
+      TxBarrier::wait(&ss.bar_k_full[0], 0);
+      issue_qk(0);
       if constexpr (Traits::kPingPong) detail::named_barrier_arrive(pp_other, Traits::kConsumerThreads);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
       SAGE_TRACE_MARK(2);
-      Barrier::arrive(&ss.bar_k_empty[stage_of(0)]);
+      Barrier::arrive(&ss.bar_k_empty[0]);
       softmax_tile(0, c, sf, alpha_prev0, alpha_prev1);
       pack_p(sf);
       SAGE_TRACE_MARK(3);
     }
     for (int n = 1; n < n_end; ++n) {
-      const int stage = stage_of(n);
-      const uint32_t phase = phase_of(n);
-      const int stage_prev = stage_of(n - 1);
-      const uint32_t phase_prev = phase_of(n - 1);
+      const int stage = n % kStages;
+      const uint32_t phase = (n / kStages) & 1;
+      const int stage_prev = (n - 1) % kStages;
+      const uint32_t phase_prev = ((n - 1) / kStages) & 1;
       const float c = Traits::kPrefetchKScale ? qk_scale_log2 * k_scale_next : tile_scale(n);
       if constexpr (Traits::kPrefetchKScale) k_scale_next = k_scale_head[min(n + 1, n_end - 1) * 4];
       if constexpr (Traits::kPingPong) detail::named_barrier_sync(pp_own, Traits::kConsumerThreads);
@@ -763,8 +714,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       alpha_prev1 = alpha1;
     }
     {
-      const int stage_last = stage_of(n_end - 1);
-      const uint32_t phase_last = phase_of(n_end - 1);
+      const int stage_last = (n_end - 1) % kStages;
+      const uint32_t phase_last = ((n_end - 1) / kStages) & 1;
       TxBarrier::wait(&ss.bar_v_full[stage_last], phase_last);
       issue_pv(stage_last);
       warpgroup_wait<0>();
@@ -772,9 +723,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       Barrier::arrive(&ss.bar_v_empty[stage_last]);
       accumulate_o(alpha_prev0, alpha_prev1);
     }
+    // Balance the barriers: warpgroup 1 arrived once more on warpgroup 0's than it synced.
+    if constexpr (Traits::kPingPong) {
+      if (cw == 0) detail::named_barrier_sync(pp_own, Traits::kConsumerThreads);
+    }
   }
-  // This tile's Q is no longer read: the producer may load the tile after next into its buffer.
-  if (n_end > 0) Barrier::arrive(&ss.bar_q_empty[qb]);
 
   SAGE_TRACE_MARK(4);
   // ---- epilogue: 1/l, V channel scale, store by strides; LSE ----
@@ -833,15 +786,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
            t_mark[4], t_mark[5]);
   }
 #endif
-  if (n_end > 0) {
-    kv_it += n_end;
-    ++q_it;
-  }
-  }  // work tiles
-  // Balance the ping-pong barriers: warpgroup 1 arrived once more on warpgroup 0's than it synced.
-  if constexpr (Traits::kPingPong) {
-    if (cw == 0) detail::named_barrier_sync(kPingPongBarrierBase, Traits::kConsumerThreads);
-  }
 #undef SAGE_TRACE_MARK
 #else
   SAGE_DEVICE_TRAP_WRONG_ARCH();
@@ -882,21 +826,8 @@ cudaError_t launch_attn_fwd_sm90_qk_s8_pv_e4m3(const AttnFwdQkS8PvE4m3Args& a, c
   auto kernel = attn_fwd_sm90_qk_s8_pv_e4m3_kernel<Traits>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
-  // Non-causal tiles all cost the same: a persistent grid of one CTA per SM walks them (the
-  // producer prefetches the next tile under the current one's tail and epilogue). Causal keeps
-  // one CTA per tile, longest first: a static stride over unequal tiles would balance worse.
-  const int64_t num_tiles = int64_t(p.num_m_blocks) * a.heads_q * a.batch;
-  if (num_tiles > INT_MAX) return cudaErrorInvalidValue;
-  int64_t num_ctas = num_tiles;
-  if (Traits::kPersistent && a.mask != MaskKind::kCausal) {
-    int dev = 0, sms = 0;
-    err = cudaGetDevice(&dev);
-    if (err != cudaSuccess) return err;
-    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (err != cudaSuccess) return err;
-    num_ctas = std::min<int64_t>(num_tiles, sms);
-  }
-  kernel<<<dim3(unsigned(num_ctas)), Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
+  dim3 grid(p.num_m_blocks, a.heads_q, a.batch);
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
