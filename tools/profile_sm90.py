@@ -63,6 +63,43 @@ def torch_profile(a, q, k, v) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
 
 
+def host_profile(a) -> None:
+    """Host (CPU) cost of one whole sage_torch.attention call: tiny shapes so the GPU never
+    limits, mean wall time per call, then a cProfile of the Python side (top by cumulative)."""
+    import cProfile
+    import pstats
+    import time
+
+    import sage_torch
+
+    dtype = torch.float16 if a.fp16 else torch.bfloat16
+    q, k, v = (torch.randn(1, 2, 128, a.d, device="cuda", dtype=dtype) for _ in range(3))
+    calls = {
+        "sage_torch.attention": lambda: sage_torch.attention(q, k, v, is_causal=a.causal),
+        "sm90 backend fn": lambda: sm90.attention_sm90_qk_s8_pv_e4m3(q, k, v, layout="bhsd", is_causal=a.causal,
+                                                                    scale=a.d ** -0.5, return_lse=False),
+        "quantize_qkv_sm90": lambda: sm90.quantize_qkv_sm90(q, k, v, layout="bhsd"),
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=a.causal),
+    }
+    for name, fn in calls.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(a.reps):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        print(f"host {name:22s} {(t1 - t0) / a.reps * 1e6:8.1f} us per call (launch side, queued)")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(a.reps):
+        calls["sage_torch.attention"]()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+
+
 def _time_ms(fn, reps: int) -> float:
     for _ in range(3):
         fn()
@@ -150,6 +187,7 @@ def main() -> None:
     p.add_argument("--fp16", action="store_true", help="fp16 inputs (default bf16)")
     p.add_argument("--overhead", action="store_true", help="fit the per-CTA fixed cost (kernel only)")
     p.add_argument("--torch-profile", action="store_true", help="kernels of a whole call, by CUDA time")
+    p.add_argument("--host", action="store_true", help="host-side cost of a whole call (+ cProfile)")
     a = p.parse_args()
     dtype = torch.float16 if a.fp16 else torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -160,6 +198,9 @@ def main() -> None:
         return
     if a.overhead:
         overhead(a)
+        return
+    if a.host:
+        host_profile(a)
         return
     if a.torch_profile:
         torch_profile(a, q, k, v)
