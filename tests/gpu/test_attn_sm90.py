@@ -239,8 +239,12 @@ def test_quant_fused_v_mean_arguments():
 def _run_kernel_poisoned(q, k, v, *, layout, is_causal, scale, return_lse, smooth_v=True):
     """Quantize + attention through sage_core with the output a strided view into a NaN buffer.
 
-    Returns (o in q's layout, lse or None, buffer, view_mask): the test checks that the kernel wrote
-    every element of the view and nothing else in the buffer.
+    Returns (o in q's layout, lse or None, lse_slack or None). The kernel must write every element
+    of the view and nothing else in the buffer (checked here). The LSE is the kernel's LSE of the
+    smoothed scores plus q.k_mean*scale evaluated in fp32 (as the backend does; the emulation sums
+    the same terms in fp32 in another order); lse_slack bounds the difference of two such fp32 dot
+    products, 2 * d * 2^-24 * sum_i |q_i k_mean_i| * scale, per row: with outlier K the correction
+    is large and its rounding dominates the LSE difference to the emulation.
     """
     qz = sm90_backend.quantize_qkv_sm90(q, k, v, layout=layout, smooth_k=True, smooth_v=smooth_v)
     assert ("v_mean" in qz) == smooth_v
@@ -277,7 +281,9 @@ def _run_kernel_poisoned(q, k, v, *, layout, is_causal, scale, return_lse, smoot
         qb32 = qb.to(torch.float32)
         km = qz["k_mean"].repeat_interleave(h_q // qz["k"].shape[1], dim=1)
         lse = lse + torch.einsum("bhsd,bhd->bhs", qb32, km) * float(scale)
-    return o, lse
+        slack = 2 * d * 2.0 ** -24 * torch.einsum("bhsd,bhd->bhs", qb32.abs(), km.abs()) * float(scale)
+        return o, lse, slack
+    return o, lse, None
 
 
 _ATTN_SHAPES = [
@@ -306,8 +312,8 @@ def test_attn_vs_emulation(shape, is_causal, d, dtype, layout, smooth_v):
     q, k, v = _make(dist, b=b, h_q=h_q, h_kv=h_kv, s_q=s_q, s_kv=s_kv, d=d, dtype=dtype, layout=layout, seed=seed)
     scale = 1.0 / math.sqrt(d)
     msg = f"seed={seed} dist={dist} shape={shape} causal={is_causal} d={d} {dtype} {layout} smooth_v={smooth_v}"
-    o, lse = _run_kernel_poisoned(q, k, v, layout=layout, is_causal=is_causal, scale=scale, return_lse=True,
-                                  smooth_v=smooth_v)
+    o, lse, slack = _run_kernel_poisoned(q, k, v, layout=layout, is_causal=is_causal, scale=scale,
+                                         return_lse=True, smooth_v=smooth_v)
     o_ref, lse_ref = sage_quant.emulate(q, k, v, RECIPE, layout=layout, is_causal=is_causal, scale=scale,
                                         return_lse=True, kv_block=128, q_granularity="per_thread",
                                         k_granularity="per_thread", smooth_v=smooth_v)
@@ -323,8 +329,8 @@ def test_attn_vs_emulation(shape, is_causal, d, dtype, layout, smooth_v):
         # fp32 LSE of large scores (outlier K reaches |lse| ~ 50): allow 2e-3 plus a few fp32
         # ulps of the value (the kernel folds the scale into one FFMA; the emulation rounds twice)
         live = ~masked
-        err = ((lse[live] - lse_ref[live]).abs() - 5e-5 * lse_ref[live].abs()).max().item()
-        assert err <= 2e-3, f"LSE max |diff| - 5e-5|lse| = {err}: {msg}"
+        err = ((lse[live] - lse_ref[live]).abs() - 5e-5 * lse_ref[live].abs() - slack[live]).max().item()
+        assert err <= 2e-3, f"LSE max |diff| - 5e-5|lse| - fp32 slack of q.k_mean = {err}: {msg}"
     if o_ref.abs().sum() > 0:
         e = sage_quant.rel_l1(o, o_ref)
         assert e <= 2e-3, f"rel-L1 vs emulation {e}: {msg}"
@@ -348,8 +354,8 @@ def test_attn_many_tiles_per_cta(d, layout, is_causal):
                     seed=seed)
     scale = 1.0 / math.sqrt(d)
     msg = f"seed={seed} dist={dist} causal={is_causal} d={d} {layout}"
-    o, lse = _run_kernel_poisoned(q, k, v, layout=layout, is_causal=is_causal, scale=scale, return_lse=True,
-                                  smooth_v=True)
+    o, lse, slack = _run_kernel_poisoned(q, k, v, layout=layout, is_causal=is_causal, scale=scale,
+                                         return_lse=True, smooth_v=True)
     o_ref, lse_ref = sage_quant.emulate(q, k, v, RECIPE, layout=layout, is_causal=is_causal, scale=scale,
                                         return_lse=True, kv_block=128, q_granularity="per_thread",
                                         k_granularity="per_thread", smooth_v=True)
@@ -358,7 +364,8 @@ def test_attn_many_tiles_per_cta(d, layout, is_causal):
     ob, rb = _bhsd(o, layout).float(), _bhsd(o_ref, layout).float()
     err = (ob - rb).abs().sum(dim=(2, 3)) / rb.abs().sum(dim=(2, 3)).clamp_min(1e-30)
     assert err.max().item() <= 2e-3, f"worst (b, h) rel-L1 {err.max().item()}: {msg}"
-    assert (lse - lse_ref).abs().max().item() <= 2e-3 + 5e-5 * lse_ref.abs().max().item(), msg
+    lse_err = ((lse - lse_ref).abs() - 5e-5 * lse_ref.abs() - slack).max().item()
+    assert lse_err <= 2e-3, f"LSE max |diff| - 5e-5|lse| - fp32 slack of q.k_mean = {lse_err}: {msg}"
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
