@@ -160,6 +160,21 @@ def _rows_aligned(x: torch.Tensor) -> bool:
             and x.data_ptr() % 16 == 0)
 
 
+from torch.utils.dlpack import to_dlpack as _to_dlpack  # noqa: E402 - next to its only user
+
+
+def _dl(t: Optional[torch.Tensor]):
+    """A tensor as a DLPack capsule for sage_core (nanobind takes capsules as well as tensors).
+
+    ``Tensor.__dlpack__`` spends ~10 us in Python per tensor (stream and device checks): ~200 us of
+    host time per attention call over its ~20 tensor arguments, against ~1 us for ``to_dlpack``
+    (measured on the GPU machine with ``tools/profile_sm90.py --host``). Every kernel here runs on
+    the current stream, so the stream handshake of ``__dlpack__`` has nothing to do. A tensor
+    that requires grad goes through unchanged (``__dlpack__`` refuses it with a clear error).
+    """
+    return t if t is None or t.requires_grad else _to_dlpack(t)
+
+
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
@@ -254,9 +269,10 @@ def quantize_qkv_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layo
         vm, v_given = out.pop("v_mean"), False
     else:
         vm, v_given = None, False
-    extra = {} if vm is None else {"v_mean": vm, "v_mean_given": v_given}
-    sage_core.quant_qkv_sm90_fused(qb, kb, vb, out["q"], out["q_scale"], out["k"], out["k_scale"],
-                                   out["v_t"], out["v_scale"], km, given, workspace, _stream(dev), **extra)
+    extra = {} if vm is None else {"v_mean": _dl(vm), "v_mean_given": v_given}
+    sage_core.quant_qkv_sm90_fused(_dl(qb), _dl(kb), _dl(vb), _dl(out["q"]), _dl(out["q_scale"]), _dl(out["k"]),
+                                   _dl(out["k_scale"]), _dl(out["v_t"]), _dl(out["v_scale"]), _dl(km), given,
+                                   _dl(workspace), _stream(dev), **extra)
     out["k_mean"] = km
     if vm is not None:
         out["v_mean"] = vm
@@ -307,10 +323,10 @@ def _launch_attn(qz: Dict[str, torch.Tensor], o_bhsd: torch.Tensor, lse: Optiona
     s_kv = qz["k"].shape[2]
     v_mean = qz.get("v_mean")
     # keyword only when present: a sage_core built before v_mean existed still runs unsmoothed V
-    extra = {} if v_mean is None else {"v_mean": v_mean}
-    sage_core.attn_fwd_sm90_qk_s8_pv_e4m3(qz["q"], qz["k"], qz["v_t"], qz["q_scale"], qz["k_scale"],
-                                          qz["v_scale"], o_bhsd, lse, int(s_kv), scale, is_causal,
-                                          _stream(o_bhsd.device), **extra)
+    extra = {} if v_mean is None else {"v_mean": _dl(v_mean)}
+    sage_core.attn_fwd_sm90_qk_s8_pv_e4m3(_dl(qz["q"]), _dl(qz["k"]), _dl(qz["v_t"]), _dl(qz["q_scale"]),
+                                          _dl(qz["k_scale"]), _dl(qz["v_scale"]), _dl(o_bhsd), _dl(lse), int(s_kv),
+                                          scale, is_causal, _stream(o_bhsd.device), **extra)
 
 
 def attention_sm90_qk_s8_pv_e4m3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
