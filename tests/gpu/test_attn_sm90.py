@@ -117,8 +117,11 @@ def _quant_poisoned(q, k, v, layout, k_mean, *, smooth_v=False, v_mean=None):
     )
     given = k_mean is not None
     km = k_mean.clone() if given else torch.full((b, h_kv, d), math.nan, dtype=f32, device=dev)
-    # workspace planes: K sum, V sum, V max, V min per 512-token chunk
-    ws = torch.full((4 * b * h_kv * (-(-s_kv // 512)) * d,), math.nan, dtype=f32, device=dev)
+    # workspace: K sum, V sum, V max, V min per 512-token chunk, then the launch's counters (poisoned:
+    # the launcher must zero what it uses)
+    n_ws = sage_core.quant_qkv_sm90_workspace_size(b, h_kv, s_kv, d)
+    assert n_ws >= 4 * b * h_kv * (-(-s_kv // 512)) * d
+    ws = torch.full((n_ws,), math.nan, dtype=f32, device=dev)
     extra = {}
     if v_mean is not None:
         extra = {"v_mean": v_mean.clone(), "v_mean_given": True}
@@ -220,7 +223,7 @@ def test_quant_fused_v_mean_arguments():
     # the binding itself: v_mean_given without a tensor, wrong dtype / shape
     qb, kb, vb = (x.transpose(1, 2) for x in (q, k, v))
     base = sm90_backend.quantize_qkv_sm90(q, k, v, layout="bshd", smooth_v=False)
-    ws = torch.empty(4 * 2 * 2 * 1 * 64, dtype=torch.float32, device="cuda")
+    ws = torch.empty(sage_core.quant_qkv_sm90_workspace_size(2, 2, 300, 64), dtype=torch.float32, device="cuda")
     args = (qb, kb, vb, base["q"], base["q_scale"], base["k"], base["k_scale"], base["v_t"], base["v_scale"],
             base["k_mean"], True, ws, torch.cuda.current_stream().cuda_stream)
     with pytest.raises(ValueError, match="v_mean"):

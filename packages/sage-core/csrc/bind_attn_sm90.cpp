@@ -322,7 +322,20 @@ void bind_attn_sm90(nb::module_& m) {
         "v_mean (keyword): None = no V smoothing; else f32 (b, h_kv, d) contiguous, read if v_mean_given,\n"
         "else written (token mean of V); v_out then holds E4M3((V - v_mean) / v_scale) and the attention\n"
         "kernel must add v_mean back (its v_mean argument).\n"
-        "workspace f32 with >= 4*b*h_kv*ceil(s_kv/512)*d elements.");
+        "workspace f32 with >= quant_qkv_sm90_workspace_size(b, h_kv, s_kv, d) elements\n"
+        "(chunk partials, then the launch's int counters; the kernels zero what they need).");
+  m.def(
+      "quant_qkv_sm90_workspace_size",
+      [](int64_t b, int64_t h_kv, int64_t s_kv, int64_t d) {
+        if (b <= 0 || h_kv <= 0 || s_kv <= 0 || d <= 0) {
+          throw nb::value_error(("quant_qkv_sm90_workspace_size: b, h_kv, s_kv, d must be positive, got " +
+                                 std::to_string(b) + ", " + std::to_string(h_kv) + ", " + std::to_string(s_kv) +
+                                 ", " + std::to_string(d)).c_str());
+        }
+        return sage::sm90::quant_qkv_sm90_workspace_floats(b, h_kv, s_kv, d);
+      },
+      nb::arg("b"), nb::arg("h_kv"), nb::arg("s_kv"), nb::arg("d"),
+      "float32 elements of the workspace quant_qkv_sm90_fused needs.");
 }
 
 }  // namespace sage_core

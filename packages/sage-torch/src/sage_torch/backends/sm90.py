@@ -43,8 +43,6 @@ BACKEND_NAME = "sm90_qk_s8_pv_e4m3"
 HEAD_DIMS = (64, 128)
 V_PERM_CHUNK = 32  # keys of one 8-bit k32 wgmma: the permutation period of v_e4m3_t_perm32
 kBlockKV = 128  # the kernel's KV tile = per-thread K scale block = v_t token padding
-kStatsChunk = 512  # tokens per partial-statistics chunk of the fused quantizer (workspace size)
-kStatsPlanes = 4  # workspace planes of the fused quantizer: K sum, V sum, V max, V min
 
 _ATTN_FN = "attn_fwd_sm90_qk_s8_pv_e4m3"
 _QUANT_FN = "quant_qkv_sm90_fused"
@@ -243,7 +241,7 @@ def quantize_qkv_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layo
     own_vm = v_mean is None and smooth_v
     # One allocation carved into every output and the workspace (one allocator call instead of
     # up to nine; the pieces start at 256-byte boundaries, the kernels need 16).
-    n_ws = kStatsPlanes * b * h_kv * (-(-s_kv // kStatsChunk)) * d
+    n_ws = sage_core.quant_qkv_sm90_workspace_size(b, h_kv, s_kv, d)
     specs = [("q", torch.int8, (b, h_q, s_q, d)),
              ("q_scale", f32, (b, h_q, -(-s_q // 16) * 8)),
              ("k", torch.int8, (b, h_kv, s_kv, d)),
