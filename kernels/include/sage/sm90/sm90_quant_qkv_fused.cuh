@@ -46,6 +46,7 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "sage/sm90/sm90_attn_fwd_qk_s8_pv_e4m3_params.hpp"
@@ -572,17 +573,20 @@ __global__ void __launch_bounds__(kThreads, 3) kv_tiles_kernel(const QuantQkvSm9
 }
 
 // ---- one ordered launch (default) ----------------------------------------------------------------
-// Every CTA takes a ticket (atomic counter) and the tickets walk the kv heads in order; per kv head
-// g = b * h_kv + h: [its n_chunks statistics chunks | the Q tiles of its rep query heads | its K
-// tiles | its V tiles]. The statistics CTA that completes a head's last chunk finalizes that head
-// (k_mean, v_mean, v_scale) and raises its ready flag; the head's K/V tile CTAs wait for the flag.
-// K and V are read by the tiles a few microseconds after the statistics read them, so the second
-// read comes from L2 (the three-launch path re-reads them from DRAM: 2 of its 5 bytes per element).
+// Every CTA takes a ticket (atomic counter); tickets are handed out in order to running CTAs. Per
+// kv head g = b * h_kv + h there are two job groups: A_g = [n_chunks statistics chunks | the Q
+// tiles of its rep query heads] (no dependency) and B_g = [its K tiles | its V tiles] (need g's
+// k_mean / v_mean / v_scale). The statistics CTA that completes a head's last chunk finalizes that
+// head and raises its ready flag; B_g's CTAs wait for the flag. Ticket order:
+//   A_0 .. A_{lag-1}, then [A_{g+lag}, B_g] for g = 0, 1, ..., then the remaining B_g,
+// with lag chosen so that ~2 waves of CTAs separate A_g from B_g: the statistics are done when the
+// tiles start (no spinning), and K and V (~2 waves of input) are still in L2 for their second read
+// (the three-launch path re-reads them from DRAM: 2 of its 5 bytes per element).
 // No deadlock: a waiting CTA holds a later ticket than every CTA it waits for, and tickets are
 // only taken by running CTAs, which never wait on later tickets.
 // Counters live after the partials in the workspace and are zeroed by a memset on the stream.
 struct OrderedPlan {
-  int n_chunks, q_tiles, kv_tiles, rep, jobs_per_head;
+  int n_chunks, q_tiles, kv_tiles, rep, a_jobs, b_jobs, lag, heads;
 };
 
 __device__ __forceinline__ int ld_acquire_gpu(const int* p) {
@@ -611,9 +615,23 @@ __global__ void __launch_bounds__(kThreads, 3) qkv_ordered_kernel(const QuantQkv
   int* const ready = counters + 1 + a.batch * a.heads_kv;
   if (threadIdx.x == 0) s_ticket = atomicAdd(ticket, 1);
   __syncthreads();
-  const int t = s_ticket;
-  const int g = t / pl.jobs_per_head;  // kv head b * h_kv + h
-  int r = t % pl.jobs_per_head;
+  // ticket -> (kv head g, job r within A_g, or r >= a_jobs within B_g)
+  int g, r;
+  {
+    const int t = s_ticket;
+    const int lead = pl.lag * pl.a_jobs;
+    const int blk = pl.a_jobs + pl.b_jobs;
+    const int mixed = (pl.heads - pl.lag) * blk;
+    if (t < lead) {
+      g = t / pl.a_jobs, r = t % pl.a_jobs;
+    } else if (t - lead < mixed) {
+      const int u = t - lead, o = u % blk;
+      g = u / blk + (o < pl.a_jobs ? pl.lag : 0), r = o;  // [A_{g+lag} | B_g]
+    } else {
+      const int w = t - lead - mixed;
+      g = pl.heads - pl.lag + w / pl.b_jobs, r = pl.a_jobs + w % pl.b_jobs;
+    }
+  }
   if (r < pl.n_chunks) {
     kv_stats_chunk<InTag, D>(a, pl.n_chunks, g * pl.n_chunks + r, sm.stats);
     __threadfence();  // this CTA's partials before the count (release, with the barrier below)
@@ -659,12 +677,20 @@ cudaError_t launch_quant_qkv_sm90(const QuantQkvSm90Args& a, cudaStream_t stream
   if (n_stats + q_jobs + 2 * kv_jobs > 0x7fffffff) return cudaErrorInvalidValue;
   if constexpr (SAGE_SM90_QUANT_ORDERED != 0) {
     const int rep = a.heads_q / a.heads_kv;
-    const OrderedPlan pl{int(n_chunks), int(q_tiles), int(kv_tiles), rep,
-                         int(n_chunks + rep * q_tiles + 2 * kv_tiles)};
-    int* counters = reinterpret_cast<int*>(a.workspace + 4 * n_stats * D);
-    cudaError_t err = cudaMemsetAsync(counters, 0, sizeof(int) * size_t(1 + 2 * bh_kv), stream);
+    int dev = 0, sms = 0;
+    cudaError_t err = cudaGetDevice(&dev);
     if (err != cudaSuccess) return err;
-    qkv_ordered_kernel<InTag, D><<<unsigned(bh_kv * pl.jobs_per_head), kThreads, 0, stream>>>(a, pl, counters);
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (err != cudaSuccess) return err;
+    const int64_t a_jobs = n_chunks + rep * q_tiles, b_jobs = 2 * kv_tiles;
+    const int64_t window = 2 * 3 * int64_t(sms);  // two waves at 3 CTAs per SM (launch bounds)
+    const int64_t lag = std::min<int64_t>(bh_kv, (window + a_jobs + b_jobs - 1) / (a_jobs + b_jobs));
+    const OrderedPlan pl{int(n_chunks), int(q_tiles), int(kv_tiles), rep, int(a_jobs), int(b_jobs), int(lag),
+                         int(bh_kv)};
+    int* counters = reinterpret_cast<int*>(a.workspace + 4 * n_stats * D);
+    err = cudaMemsetAsync(counters, 0, sizeof(int) * size_t(1 + 2 * bh_kv), stream);
+    if (err != cudaSuccess) return err;
+    qkv_ordered_kernel<InTag, D><<<unsigned(bh_kv * (a_jobs + b_jobs)), kThreads, 0, stream>>>(a, pl, counters);
     return cudaGetLastError();
   }
   stats_and_q_kernel<InTag, D><<<unsigned(n_stats + q_jobs), kThreads, 0, stream>>>(a, int(n_chunks), int(n_stats));
