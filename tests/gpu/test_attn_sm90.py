@@ -117,10 +117,9 @@ def _quant_poisoned(q, k, v, layout, k_mean, *, smooth_v=False, v_mean=None):
     )
     given = k_mean is not None
     km = k_mean.clone() if given else torch.full((b, h_kv, d), math.nan, dtype=f32, device=dev)
-    # workspace: K sum, V sum, V max, V min per 512-token chunk, then the launch's counters (poisoned:
-    # the launcher must zero what it uses)
+    # workspace (poisoned): K sum, V sum, V max, V min per 512-token chunk
     n_ws = sage_core.quant_qkv_sm90_workspace_size(b, h_kv, s_kv, d)
-    assert n_ws >= 4 * b * h_kv * (-(-s_kv // 512)) * d
+    assert n_ws == 4 * b * h_kv * (-(-s_kv // 512)) * d
     ws = torch.full((n_ws,), math.nan, dtype=f32, device=dev)
     extra = {}
     if v_mean is not None:
@@ -363,10 +362,13 @@ def test_attn_many_tiles_per_cta(d, layout, is_causal):
                                         return_lse=True, kv_block=128, q_granularity="per_thread",
                                         k_granularity="per_thread", smooth_v=True)
     assert torch.isfinite(o).all(), f"non-finite output: {msg}"
-    # per (batch, head) so one wrong tile cannot hide in the average
+    e = sage_quant.rel_l1(o, o_ref)
+    assert e <= 2e-3, f"rel-L1 vs emulation {e}: {msg}"
+    # and per (batch, head), so one wrong 128-row tile (>= 1/6 of a head's rows here) cannot hide in
+    # the average: the bound is loose for single heads (outlier inputs), tight for a wrong tile
     ob, rb = _bhsd(o, layout).float(), _bhsd(o_ref, layout).float()
     err = (ob - rb).abs().sum(dim=(2, 3)) / rb.abs().sum(dim=(2, 3)).clamp_min(1e-30)
-    assert err.max().item() <= 2e-3, f"worst (b, h) rel-L1 {err.max().item()}: {msg}"
+    assert err.max().item() <= 1e-2, f"worst (b, h) rel-L1 {err.max().item()}: {msg}"
     lse_err = ((lse - lse_ref).abs() - 5e-5 * lse_ref.abs() - slack).max().item()
     assert lse_err <= 2e-3, f"LSE max |diff| - 5e-5|lse| - fp32 slack of q.k_mean = {lse_err}: {msg}"
 

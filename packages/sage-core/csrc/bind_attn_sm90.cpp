@@ -323,7 +323,7 @@ void bind_attn_sm90(nb::module_& m) {
         "else written (token mean of V); v_out then holds E4M3((V - v_mean) / v_scale) and the attention\n"
         "kernel must add v_mean back (its v_mean argument).\n"
         "workspace f32 with >= quant_qkv_sm90_workspace_size(b, h_kv, s_kv, d) elements\n"
-        "(chunk partials, then the launch's int counters; the kernels zero what they need).");
+        "(= 4*b*h_kv*ceil(s_kv/512)*d: per-chunk K sums, V sums, V max, V min).");
   m.def(
       "quant_qkv_sm90_workspace_size",
       [](int64_t b, int64_t h_kv, int64_t s_kv, int64_t d) {

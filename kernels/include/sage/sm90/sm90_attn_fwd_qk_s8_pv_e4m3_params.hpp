@@ -106,15 +106,15 @@ struct QuantQkvSm90Args {
   bool k_mean_given = false;
   float* v_mean = nullptr;       // (b, h_kv, d): nullptr = no V smoothing; input if v_mean_given, else written
   bool v_mean_given = false;
-  // workspace, quant_qkv_sm90_workspace_floats(): 4 * b * h_kv * ceil(s_kv/512) * d floats (partial
-  // K sums, V sums, V max, V min), then 1 + 2 * b * h_kv int counters (zeroed by the launcher)
+  // workspace, quant_qkv_sm90_workspace_floats() = 4 * b * h_kv * ceil(s_kv/512) * d floats
+  // (partial K sums, V sums, V max, V min)
   float* workspace = nullptr;
 };
 
 cudaError_t quant_qkv_sm90_fused(const QuantQkvSm90Args& a, cudaStream_t stream);
 
 inline int64_t quant_qkv_sm90_workspace_floats(int64_t b, int64_t h_kv, int64_t s_kv, int64_t d) {
-  return 4 * b * h_kv * sm90_stats_chunks(s_kv) * d + 1 + 2 * b * h_kv;
+  return 4 * b * h_kv * sm90_stats_chunks(s_kv) * d;
 }
 
 }  // namespace sage::sm90

@@ -46,17 +46,10 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "sage/sm90/sm90_attn_fwd_qk_s8_pv_e4m3_params.hpp"
 #include "sage/common/cvt_e4m3.cuh"
-
-// 1 (default): one ordered launch (K/V statistics, then the same heads' tiles while their K and V
-// are still in L2); 0: the three-launch path (statistics + Q, finalize, K/V tiles). Same values.
-#ifndef SAGE_SM90_QUANT_ORDERED
-#define SAGE_SM90_QUANT_ORDERED 1
-#endif
 
 namespace sage::sm90 {
 namespace quant_detail {
@@ -333,7 +326,7 @@ __device__ __forceinline__ void qk_tile(const QuantQkvSm90Args& a, int job, Smem
   for (int i = 0; i < 8; ++i) mean[i] = 0.f;
   if (kIsK) {
     const float4* mp = reinterpret_cast<const float4*>(a.k_mean + int64_t(bh) * D + c8 * 8);
-    const float4 m0 = __ldcg(mp), m1 = __ldcg(mp + 1);  // L2: written by another CTA of this launch
+    const float4 m0 = mp[0], m1 = mp[1];
     mean[0] = m0.x, mean[1] = m0.y, mean[2] = m0.z, mean[3] = m0.w;
     mean[4] = m1.x, mean[5] = m1.y, mean[6] = m1.z, mean[7] = m1.w;
   }
@@ -442,7 +435,7 @@ __device__ __forceinline__ void v_tile(const QuantQkvSm90Args& a, int job, SmemV
   bool fast = true;
   {
     const float4* sp = reinterpret_cast<const float4*>(a.v_scale + int64_t(bh) * D + c8 * 8);
-    const float4 s0 = __ldcg(sp), s1 = __ldcg(sp + 1);  // L2: written by another CTA of this launch
+    const float4 s0 = sp[0], s1 = sp[1];
     sc[0] = s0.x, sc[1] = s0.y, sc[2] = s0.z, sc[3] = s0.w;
     sc[4] = s1.x, sc[5] = s1.y, sc[6] = s1.z, sc[7] = s1.w;
 #pragma unroll
@@ -453,7 +446,7 @@ __device__ __forceinline__ void v_tile(const QuantQkvSm90Args& a, int job, SmemV
     }
     if (a.v_mean != nullptr) {
       const float4* mp = reinterpret_cast<const float4*>(a.v_mean + int64_t(bh) * D + c8 * 8);
-      const float4 m0 = __ldcg(mp), m1 = __ldcg(mp + 1);
+      const float4 m0 = mp[0], m1 = mp[1];
       mean[0] = m0.x, mean[1] = m0.y, mean[2] = m0.z, mean[3] = m0.w;
       mean[4] = m1.x, mean[5] = m1.y, mean[6] = m1.z, mean[7] = m1.w;
     }
@@ -525,18 +518,19 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 }
 
-// Pass F for one (b, kv head) and channel c: k_mean, v_mean, v_scale from the chunk partials,
-// summed in chunk order (deterministic). Partials are read from L2 (other CTAs wrote them).
+// Pass F.
 template <int D>
-__device__ __forceinline__ void kv_stats_finalize_channel(const QuantQkvSm90Args& a, int n_chunks, int bh, int c) {
+__global__ void __launch_bounds__(D) kv_stats_finalize_kernel(const QuantQkvSm90Args a, int n_chunks) {
+  const int bh = blockIdx.x;
+  const int c = threadIdx.x;
   const int64_t n_part = int64_t(a.batch) * a.heads_kv * n_chunks * D;
   float ks = 0.f, vs = 0.f, mx = -INFINITY, mn = INFINITY;
   for (int ch = 0; ch < n_chunks; ++ch) {
     const int64_t idx = (int64_t(bh) * n_chunks + ch) * D + c;
-    ks += __ldcg(a.workspace + idx);
-    vs += __ldcg(a.workspace + n_part + idx);
-    mx = max_nan(mx, __ldcg(a.workspace + 2 * n_part + idx));
-    mn = min_nan(mn, __ldcg(a.workspace + 3 * n_part + idx));
+    ks += a.workspace[idx];
+    vs += a.workspace[n_part + idx];
+    mx = max_nan(mx, a.workspace[2 * n_part + idx]);
+    mn = min_nan(mn, a.workspace[3 * n_part + idx]);
   }
   const int64_t o = int64_t(bh) * D + c;
   if (!a.k_mean_given) a.k_mean[o] = __fdiv_rn(ks, float(a.seq_kv));
@@ -555,11 +549,6 @@ __device__ __forceinline__ void kv_stats_finalize_channel(const QuantQkvSm90Args
   a.v_scale[o] = amax == 0.f ? 1.f : __fdiv_rn(amax, kE4m3Max);
 }
 
-template <int D>
-__global__ void __launch_bounds__(D) kv_stats_finalize_kernel(const QuantQkvSm90Args a, int n_chunks) {
-  kv_stats_finalize_channel<D>(a, n_chunks, blockIdx.x, threadIdx.x);
-}
-
 // Pass B: [V tiles | K tiles].
 template <class InTag, int D>
 __global__ void __launch_bounds__(kThreads, 3) kv_tiles_kernel(const QuantQkvSm90Args a, int kv_jobs) {
@@ -572,127 +561,14 @@ __global__ void __launch_bounds__(kThreads, 3) kv_tiles_kernel(const QuantQkvSm9
   }
 }
 
-// ---- one ordered launch (default) ----------------------------------------------------------------
-// Every CTA takes a ticket (atomic counter); tickets are handed out in order to running CTAs. Per
-// kv head g = b * h_kv + h there are two job groups: A_g = [n_chunks statistics chunks | the Q
-// tiles of its rep query heads] (no dependency) and B_g = [its K tiles | its V tiles] (need g's
-// k_mean / v_mean / v_scale). The statistics CTA that completes a head's last chunk finalizes that
-// head and raises its ready flag; B_g's CTAs wait for the flag. Ticket order:
-//   A_0 .. A_{lag-1}, then [A_{g+lag}, B_g] for g = 0, 1, ..., then the remaining B_g,
-// with lag chosen so that ~2 waves of CTAs separate A_g from B_g: the statistics are done when the
-// tiles start (no spinning), and K and V (~2 waves of input) are still in L2 for their second read
-// (the three-launch path re-reads them from DRAM: 2 of its 5 bytes per element).
-// No deadlock: a waiting CTA holds a later ticket than every CTA it waits for, and tickets are
-// only taken by running CTAs, which never wait on later tickets.
-// Counters live after the partials in the workspace and are zeroed by a memset on the stream.
-struct OrderedPlan {
-  int n_chunks, q_tiles, kv_tiles, rep, a_jobs, b_jobs, lag, heads;
-};
-
-__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release_gpu(int* p, int v) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-template <int D>
-union SmemOrdered {
-  SmemStats<D> stats;
-  SmemQK qk;
-  SmemV<D> v;
-};
-
-template <class InTag, int D>
-__global__ void __launch_bounds__(kThreads, 3) qkv_ordered_kernel(const QuantQkvSm90Args a, const OrderedPlan pl,
-                                                                  int* counters) {
-  __shared__ __align__(16) SmemOrdered<D> sm;
-  __shared__ int s_ticket, s_last;
-  int* const ticket = counters;
-  int* const chunks_done = counters + 1;
-  int* const ready = counters + 1 + a.batch * a.heads_kv;
-  if (threadIdx.x == 0) s_ticket = atomicAdd(ticket, 1);
-  __syncthreads();
-  // ticket -> (kv head g, job r within A_g, or r >= a_jobs within B_g)
-  int g, r;
-  {
-    const int t = s_ticket;
-    const int lead = pl.lag * pl.a_jobs;
-    const int blk = pl.a_jobs + pl.b_jobs;
-    const int mixed = (pl.heads - pl.lag) * blk;
-    if (t < lead) {
-      g = t / pl.a_jobs, r = t % pl.a_jobs;
-    } else if (t - lead < mixed) {
-      const int u = t - lead, o = u % blk;
-      g = u / blk + (o < pl.a_jobs ? pl.lag : 0), r = o;  // [A_{g+lag} | B_g]
-    } else {
-      const int w = t - lead - mixed;
-      g = pl.heads - pl.lag + w / pl.b_jobs, r = pl.a_jobs + w % pl.b_jobs;
-    }
-  }
-  if (r < pl.n_chunks) {
-    kv_stats_chunk<InTag, D>(a, pl.n_chunks, g * pl.n_chunks + r, sm.stats);
-    __threadfence();  // this CTA's partials before the count (release, with the barrier below)
-    __syncthreads();
-    if (threadIdx.x == 0) s_last = atomicAdd(chunks_done + g, 1) == pl.n_chunks - 1;
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();  // acquire the other chunks' partials
-    if (threadIdx.x < D) kv_stats_finalize_channel<D>(a, pl.n_chunks, g, threadIdx.x);
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) st_release_gpu(ready + g, 1);
-    return;
-  }
-  r -= pl.n_chunks;
-  if (r < pl.rep * pl.q_tiles) {
-    const int b = g / a.heads_kv, hk = g % a.heads_kv;
-    const int hq = hk * pl.rep + r / pl.q_tiles;
-    qk_tile<InTag, D, false>(a, (b * a.heads_q + hq) * pl.q_tiles + r % pl.q_tiles, sm.qk);
-    return;
-  }
-  r -= pl.rep * pl.q_tiles;
-  if (threadIdx.x == 0) {
-    while (ld_acquire_gpu(ready + g) == 0) __nanosleep(200);
-  }
-  __syncthreads();
-  if (r < pl.kv_tiles) {
-    qk_tile<InTag, D, true>(a, g * pl.kv_tiles + r, sm.qk);
-  } else {
-    v_tile<InTag, D>(a, g * pl.kv_tiles + r - pl.kv_tiles, sm.v);
-  }
-}
-
 template <class InTag, int D>
 cudaError_t launch_quant_qkv_sm90(const QuantQkvSm90Args& a, cudaStream_t stream) {
   const int64_t n_chunks = sm90_stats_chunks(a.seq_kv);
   const int64_t bh_kv = int64_t(a.batch) * a.heads_kv;
   const int64_t n_stats = n_chunks * bh_kv;
-  const int64_t q_tiles = (a.seq_q + kTile - 1) / kTile;
-  const int64_t kv_tiles = (a.seq_kv + kTile - 1) / kTile;
-  const int64_t q_jobs = int64_t(a.batch) * a.heads_q * q_tiles;
-  const int64_t kv_jobs = bh_kv * kv_tiles;
-  if (n_stats + q_jobs + 2 * kv_jobs > 0x7fffffff) return cudaErrorInvalidValue;
-  if constexpr (SAGE_SM90_QUANT_ORDERED != 0) {
-    const int rep = a.heads_q / a.heads_kv;
-    int dev = 0, sms = 0;
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err != cudaSuccess) return err;
-    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (err != cudaSuccess) return err;
-    const int64_t a_jobs = n_chunks + rep * q_tiles, b_jobs = 2 * kv_tiles;
-    const int64_t window = 2 * 3 * int64_t(sms);  // two waves at 3 CTAs per SM (launch bounds)
-    const int64_t lag = std::min<int64_t>(bh_kv, (window + a_jobs + b_jobs - 1) / (a_jobs + b_jobs));
-    const OrderedPlan pl{int(n_chunks), int(q_tiles), int(kv_tiles), rep, int(a_jobs), int(b_jobs), int(lag),
-                         int(bh_kv)};
-    int* counters = reinterpret_cast<int*>(a.workspace + 4 * n_stats * D);
-    err = cudaMemsetAsync(counters, 0, sizeof(int) * size_t(1 + 2 * bh_kv), stream);
-    if (err != cudaSuccess) return err;
-    qkv_ordered_kernel<InTag, D><<<unsigned(bh_kv * (a_jobs + b_jobs)), kThreads, 0, stream>>>(a, pl, counters);
-    return cudaGetLastError();
-  }
+  const int64_t q_jobs = int64_t(a.batch) * a.heads_q * ((a.seq_q + kTile - 1) / kTile);
+  const int64_t kv_jobs = bh_kv * ((a.seq_kv + kTile - 1) / kTile);
+  if (n_stats + q_jobs > 0x7fffffff || 2 * kv_jobs > 0x7fffffff) return cudaErrorInvalidValue;
   stats_and_q_kernel<InTag, D><<<unsigned(n_stats + q_jobs), kThreads, 0, stream>>>(a, int(n_chunks), int(n_stats));
   kv_stats_finalize_kernel<D><<<unsigned(bh_kv), D, 0, stream>>>(a, int(n_chunks));
   kv_tiles_kernel<InTag, D><<<unsigned(2 * kv_jobs), kThreads, 0, stream>>>(a, int(kv_jobs));
