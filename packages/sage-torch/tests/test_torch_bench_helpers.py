@@ -1,0 +1,38 @@
+"""CPU checks of small helpers used on the GPU path: the bench's --recipes parser and the sm90
+backend's DLPack hand-off to sage_core."""
+
+import pytest
+import torch
+
+from sage_torch import bench
+
+
+def test_parse_forced_plain_and_options():
+    assert bench.parse_forced("qk_s8_pv_f16") == ("qk_s8_pv_f16", {})
+    recipe, opts = bench.parse_forced("qk_s8_pv_e4m3:pv_accum=f16_buffer,v_max=2.25,kv_block=64,smooth_v=false,x=none")
+    assert recipe == "qk_s8_pv_e4m3"
+    assert opts == {"pv_accum": "f16_buffer", "v_max": 2.25, "kv_block": 64, "smooth_v": False, "x": None}
+    assert isinstance(opts["kv_block"], int) and isinstance(opts["v_max"], float)
+
+
+@pytest.mark.parametrize("spec", ["qk_s8_pv_f16:pv_accum", "qk_s8_pv_f16:=3", "qk_s8_pv_f16:a=1,b"])
+def test_parse_forced_rejects_malformed(spec):
+    with pytest.raises(ValueError, match="opt=value"):
+        bench.parse_forced(spec)
+
+
+def test_bench_main_rejects_bad_spec_before_any_work():
+    with pytest.raises(ValueError, match="opt=value"):
+        bench.main(["--recipes", "qk_s8_pv_f16:oops"])
+
+
+def test_sm90_dl_capsule_roundtrip():
+    sm90 = pytest.importorskip("sage_torch.backends.sm90")
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)[:, 1:]  # a strided view
+    cap = sm90._dl(t)
+    assert type(cap).__name__ == "PyCapsule"
+    back = torch.utils.dlpack.from_dlpack(cap)
+    assert back.data_ptr() == t.data_ptr() and back.stride() == t.stride() and torch.equal(back, t)
+    assert sm90._dl(None) is None
+    g = torch.zeros(3, requires_grad=True)
+    assert sm90._dl(g) is g  # left to Tensor.__dlpack__, which refuses it with a clear error
