@@ -306,6 +306,25 @@ _ATTN_SHAPES = [
 ]
 
 
+def _kernel_and_emulation(q, k, v, *, layout, is_causal, smooth_v):
+    """(o, lse, lse_slack) of the kernel (poisoned output) and (o_ref, lse_ref) of the emulation."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    o, lse, slack = _run_kernel_poisoned(q, k, v, layout=layout, is_causal=is_causal, scale=scale,
+                                         return_lse=True, smooth_v=smooth_v)
+    o_ref, lse_ref = sage_quant.emulate(q, k, v, RECIPE, layout=layout, is_causal=is_causal, scale=scale,
+                                        return_lse=True, kv_block=128, q_granularity="per_thread",
+                                        k_granularity="per_thread", smooth_v=smooth_v)
+    return o, lse, slack, o_ref, lse_ref
+
+
+def _check_lse(lse, lse_ref, slack, live, msg):
+    # fp32 LSE of large scores (outlier K reaches |lse| ~ 50): 2e-3 plus a few fp32 ulps of the value
+    # (the kernel folds the scale into one FFMA; the emulation rounds twice) plus the slack of
+    # _run_kernel_poisoned
+    err = ((lse[live] - lse_ref[live]).abs() - 5e-5 * lse_ref[live].abs() - slack[live]).max().item()
+    assert err <= 2e-3, f"LSE max |diff| - 5e-5|lse| - slack = {err}: {msg}"
+
+
 @pytest.mark.parametrize("shape", _ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("d", [64, 128])
@@ -319,13 +338,9 @@ def test_attn_vs_emulation(shape, is_causal, d, dtype, layout, smooth_v):
     seed = _seed()
     dist = "outlier" if seed % 2 else "randn"
     q, k, v = _make(dist, b=b, h_q=h_q, h_kv=h_kv, s_q=s_q, s_kv=s_kv, d=d, dtype=dtype, layout=layout, seed=seed)
-    scale = 1.0 / math.sqrt(d)
     msg = f"seed={seed} dist={dist} shape={shape} causal={is_causal} d={d} {dtype} {layout} smooth_v={smooth_v}"
-    o, lse, slack = _run_kernel_poisoned(q, k, v, layout=layout, is_causal=is_causal, scale=scale,
-                                         return_lse=True, smooth_v=smooth_v)
-    o_ref, lse_ref = sage_quant.emulate(q, k, v, RECIPE, layout=layout, is_causal=is_causal, scale=scale,
-                                        return_lse=True, kv_block=128, q_granularity="per_thread",
-                                        k_granularity="per_thread", smooth_v=smooth_v)
+    o, lse, slack, o_ref, lse_ref = _kernel_and_emulation(q, k, v, layout=layout, is_causal=is_causal,
+                                                          smooth_v=smooth_v)
     assert o.shape == o_ref.shape and o.dtype == q.dtype
     assert torch.isfinite(o).all(), f"non-finite output: {msg}"
     masked = torch.isneginf(lse_ref)
@@ -335,11 +350,7 @@ def test_attn_vs_emulation(shape, is_causal, d, dtype, layout, smooth_v):
         assert (o_b[masked] == 0).all(), f"fully masked rows must be 0: {msg}"
     assert torch.equal(torch.isneginf(lse), masked), f"-inf LSE pattern differs: {msg}"
     if (~masked).any():
-        # fp32 LSE of large scores (outlier K reaches |lse| ~ 50): allow 2e-3 plus a few fp32
-        # ulps of the value (the kernel folds the scale into one FFMA; the emulation rounds twice)
-        live = ~masked
-        err = ((lse[live] - lse_ref[live]).abs() - 5e-5 * lse_ref[live].abs() - slack[live]).max().item()
-        assert err <= 2e-3, f"LSE max |diff| - 5e-5|lse| - fp32 slack of q.k_mean = {err}: {msg}"
+        _check_lse(lse, lse_ref, slack, ~masked, msg)
     if o_ref.abs().sum() > 0:
         e = sage_quant.rel_l1(o, o_ref)
         assert e <= 2e-3, f"rel-L1 vs emulation {e}: {msg}"
@@ -349,9 +360,9 @@ def test_attn_vs_emulation(shape, is_causal, d, dtype, layout, smooth_v):
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_attn_many_tiles_per_cta(d, layout, is_causal):
-    """More work tiles than SMs: the persistent grid (non-causal) walks several tiles per CTA with
-    double-buffered Q and a KV ring that runs across tiles; every tile is checked (poisoned
-    output, emulation), with an uneven tile count per CTA and GQA."""
+    """More work tiles than SMs (several uneven waves of CTAs), GQA: every tile is checked (poisoned
+    output, emulation, per head). Written for a persistent grid (measured slower and reverted,
+    docs/perf/sm90_qk_s8_pv_e4m3.md step 5); kept for any schedule that maps tiles to CTAs."""
     if _SKIP:
         pytest.skip(_SKIP)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -361,13 +372,9 @@ def test_attn_many_tiles_per_cta(d, layout, is_causal):
     dist = "outlier" if seed % 2 else "randn"
     q, k, v = _make(dist, b=b, h_q=h_q, h_kv=h_kv, s_q=s_q, s_kv=s_kv, d=d, dtype=torch.bfloat16, layout=layout,
                     seed=seed)
-    scale = 1.0 / math.sqrt(d)
     msg = f"seed={seed} dist={dist} causal={is_causal} d={d} {layout}"
-    o, lse, slack = _run_kernel_poisoned(q, k, v, layout=layout, is_causal=is_causal, scale=scale,
-                                         return_lse=True, smooth_v=True)
-    o_ref, lse_ref = sage_quant.emulate(q, k, v, RECIPE, layout=layout, is_causal=is_causal, scale=scale,
-                                        return_lse=True, kv_block=128, q_granularity="per_thread",
-                                        k_granularity="per_thread", smooth_v=True)
+    o, lse, slack, o_ref, lse_ref = _kernel_and_emulation(q, k, v, layout=layout, is_causal=is_causal,
+                                                          smooth_v=True)
     assert torch.isfinite(o).all(), f"non-finite output: {msg}"
     e = sage_quant.rel_l1(o, o_ref)
     assert e <= 2e-3, f"rel-L1 vs emulation {e}: {msg}"
@@ -376,8 +383,7 @@ def test_attn_many_tiles_per_cta(d, layout, is_causal):
     ob, rb = _bhsd(o, layout).float(), _bhsd(o_ref, layout).float()
     err = (ob - rb).abs().sum(dim=(2, 3)) / rb.abs().sum(dim=(2, 3)).clamp_min(1e-30)
     assert err.max().item() <= 1e-2, f"worst (b, h) rel-L1 {err.max().item()}: {msg}"
-    lse_err = ((lse - lse_ref).abs() - 5e-5 * lse_ref.abs() - slack).max().item()
-    assert lse_err <= 2e-3, f"LSE max |diff| - 5e-5|lse| - fp32 slack of q.k_mean = {lse_err}: {msg}"
+    _check_lse(lse, lse_ref, slack, torch.isfinite(lse_ref), msg)  # s_q <= s_kv: every row sees a key
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
