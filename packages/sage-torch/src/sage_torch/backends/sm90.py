@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 import sage_core
 
@@ -156,9 +157,6 @@ def _rows_aligned(x: torch.Tensor) -> bool:
     # the fused quantizer reads 16-byte vectors of 8 fp16/bf16 values
     return (x.stride(-1) == 1 and all(s % 8 == 0 for s in x.stride()[:3])
             and x.data_ptr() % 16 == 0)
-
-
-from torch.utils.dlpack import to_dlpack as _to_dlpack  # noqa: E402 - next to its only user
 
 
 def _dl(t: Optional[torch.Tensor]):
