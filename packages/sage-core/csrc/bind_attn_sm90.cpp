@@ -45,6 +45,79 @@ void check_positive(int64_t v, const char* what, const char* fn) {
   if (v <= 0) fail_value(std::string(fn) + ": " + what + " must be >= 1, got " + std::to_string(v));
 }
 
+
+// The output/LSE/shape fields of the attention args (out and lse validated by the caller).
+void fill_attn_args(AttnFwdQkS8PvE4m3Args& a, const Array& out, const std::optional<Array>& lse, int64_t b,
+                    int64_t h_q, int64_t h_kv, int64_t s_q, int64_t s_kv, int64_t d, float sm_scale,
+                    bool is_causal) {
+  a.o = out.data();
+  a.o_stride_b = stride(out, 0);
+  a.o_stride_h = stride(out, 1);
+  a.o_stride_s = stride(out, 2);
+  if (lse) {
+    a.lse = static_cast<float*>(lse->data());
+    a.lse_stride_b = stride(*lse, 0);
+    a.lse_stride_h = stride(*lse, 1);
+  }
+  a.batch = int(b);
+  a.heads_q = int(h_q);
+  a.heads_kv = int(h_kv);
+  a.seq_q = int(s_q);
+  a.seq_kv = int(s_kv);
+  a.head_dim = int(d);
+  a.sm_scale = sm_scale;
+  a.mask = is_causal ? sage::sm90::MaskKind::kCausal : sage::sm90::MaskKind::kNone;
+}
+
+// The instantiation for (head dim, output dtype); called without the GIL.
+cudaError_t launch_attn(const AttnFwdQkS8PvE4m3Args& a, bool bf16, cudaStream_t s) {
+  if (a.head_dim == 64) {
+    return bf16 ? sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim64_bf16(a, s)
+                : sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim64_f16(a, s);
+  }
+  return bf16 ? sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim128_bf16(a, s)
+              : sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim128_f16(a, s);
+}
+
+void check_attn_launch(cudaError_t err, const char* fn) {
+  if (err == cudaErrorNotSupported) {
+    throw std::runtime_error(std::string(fn) +
+                             ": the CUDA driver does not provide cuTensorMapEncodeTiled (no driver, or older than 12.0)");
+  }
+  check_launch(err, fn);
+}
+
+// out (fp16/bf16 logical (b, h_q, s_q, d)) and lse (None or f32 (b, h_q, s_q)) of an attention call.
+void check_attn_out(const Array& out, const std::optional<Array>& lse, const Array& ref, int64_t b, int64_t h_q,
+                    int64_t s_q, int64_t d, const char* fn) {
+  check_cuda(out, "out");
+  check_same_device(ref, "q", out, "out");
+  check_dtype(out, "out", {kF16, kBF16});
+  check_shape(out, "out", {b, h_q, s_q, d});
+  check_last_dim_contiguous(out, "out");
+  // The epilogue stores two elements (4 bytes) at a time.
+  check_aligned(out, "out", 4);
+  for (size_t i = 0; i < 3; ++i) {
+    if (stride(out, i) % 2 != 0) {
+      fail_value(std::string(fn) + ": out strides must be even (4-byte aligned rows), got strides " +
+                 strides_str(out));
+    }
+  }
+  if (lse) {
+    check_cuda(*lse, "lse");
+    check_same_device(ref, "q", *lse, "lse");
+    check_dtype(*lse, "lse", {kF32});
+    check_shape(*lse, "lse", {b, h_q, s_q});
+    check_last_dim_contiguous(*lse, "lse");
+  }
+}
+
+void check_sm_scale(float sm_scale, const char* fn) {
+  if (!(sm_scale > 0.f) || !std::isfinite(sm_scale)) {
+    fail_value(std::string(fn) + ": sm_scale must be a finite positive float, got " + std::to_string(sm_scale));
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 void attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v_t, Array q_scale, Array k_scale, Array v_scale,
                                  Array out, std::optional<Array> lse, int64_t seq_kv, float sm_scale,
@@ -101,33 +174,11 @@ void attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v_t, Array q_scale, Arr
     check_aligned(*v_mean, "v_mean", 8);  // read as float2
   }
 
-  check_cuda(out, "out");
-  check_same_device(q, "q", out, "out");
-  check_dtype(out, "out", {kF16, kBF16});
-  check_shape(out, "out", {b, h_q, s_q, d});
-  check_last_dim_contiguous(out, "out");
-  // The epilogue stores two elements (4 bytes) at a time.
-  check_aligned(out, "out", 4);
-  for (size_t i = 0; i < 3; ++i) {
-    if (stride(out, i) % 2 != 0) {
-      fail_value(std::string(fn) + ": out strides must be even (4-byte aligned rows), got strides " +
-                 strides_str(out));
-    }
-  }
+  check_attn_out(out, lse, q, b, h_q, s_q, d, fn);
   check_aligned(q, "q", 16);  // TMA: 16-byte aligned global base
   check_aligned(k, "k", 16);
   check_aligned(v_t, "v_t", 16);
-
-  if (lse) {
-    check_cuda(*lse, "lse");
-    check_same_device(q, "q", *lse, "lse");
-    check_dtype(*lse, "lse", {kF32});
-    check_shape(*lse, "lse", {b, h_q, s_q});
-    check_last_dim_contiguous(*lse, "lse");
-  }
-  if (!(sm_scale > 0.f) || !std::isfinite(sm_scale)) {
-    fail_value(std::string(fn) + ": sm_scale must be a finite positive float, got " + std::to_string(sm_scale));
-  }
+  check_sm_scale(sm_scale, fn);
   if (b > 65535 || h_q > 65535) {
     fail_value(std::string(fn) + ": batch and q heads must be <= 65535 (grid limits), got batch=" +
                std::to_string(b) + ", heads=" + std::to_string(h_q));
@@ -144,43 +195,16 @@ void attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v_t, Array q_scale, Arr
   a.k_scale = static_cast<const float*>(k_scale.data());
   a.v_scale = static_cast<const float*>(v_scale.data());
   a.v_mean = v_mean ? static_cast<const float*>(v_mean->data()) : nullptr;
-  a.o = out.data();
-  a.o_stride_b = stride(out, 0);
-  a.o_stride_h = stride(out, 1);
-  a.o_stride_s = stride(out, 2);
-  if (lse) {
-    a.lse = static_cast<float*>(lse->data());
-    a.lse_stride_b = stride(*lse, 0);
-    a.lse_stride_h = stride(*lse, 1);
-  }
-  a.batch = int(b);
-  a.heads_q = int(h_q);
-  a.heads_kv = int(h_kv);
-  a.seq_q = int(s_q);
-  a.seq_kv = int(seq_kv);
-  a.head_dim = int(d);
-  a.sm_scale = sm_scale;
-  a.mask = is_causal ? sage::sm90::MaskKind::kCausal : sage::sm90::MaskKind::kNone;
+  fill_attn_args(a, out, lse, b, h_q, h_kv, s_q, seq_kv, d, sm_scale, is_causal);
   const bool bf16 = same_dtype(out.dtype(), kBF16);
 
   DeviceGuard guard(q.device_id());
   cudaError_t err;
   {
     nb::gil_scoped_release release;
-    cudaStream_t s = as_stream(stream);
-    if (d == 64) {
-      err = bf16 ? sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim64_bf16(a, s)
-                 : sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim64_f16(a, s);
-    } else {
-      err = bf16 ? sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim128_bf16(a, s)
-                 : sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim128_f16(a, s);
-    }
+    err = launch_attn(a, bf16, as_stream(stream));
   }
-  if (err == cudaErrorNotSupported) {
-    throw std::runtime_error(std::string(fn) +
-                             ": the CUDA driver does not provide cuTensorMapEncodeTiled (no driver, or older than 12.0)");
-  }
-  check_launch(err, fn);
+  check_attn_launch(err, fn);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -204,6 +228,50 @@ void check_input_bhsd(const Array& x, const char* what, const Array& ref) {
   }
 }
 
+struct QkvShape {
+  int64_t b, h_q, s_q, d, h_kv, s_kv;
+};
+
+// fp16/bf16 q, k, v, logical (b, h, s, d), as the fused quantizer reads them; the grid limits.
+QkvShape check_qkv_inputs(const Array& q, const Array& k, const Array& v, const char* fn) {
+  check_cuda(q, "q");
+  check_input_bhsd(q, "q", q);
+  check_input_bhsd(k, "k", q);
+  check_input_bhsd(v, "v", q);
+  const QkvShape sh{dim(q, 0), dim(q, 1), dim(q, 2), dim(q, 3), dim(k, 1), dim(k, 2)};
+  check_positive(sh.b, "batch", fn);
+  check_positive(sh.h_q, "q heads", fn);
+  check_positive(sh.s_q, "q length", fn);
+  check_positive(sh.s_kv, "kv length", fn);
+  check_head_dim(sh.d, fn);
+  check_heads(sh.h_q, sh.h_kv, fn);
+  check_shape(k, "k", {sh.b, sh.h_kv, sh.s_kv, sh.d});
+  check_shape(v, "v", {sh.b, sh.h_kv, sh.s_kv, sh.d});
+  if (sh.b * sh.h_kv > 65535) {
+    fail_value(std::string(fn) + ": batch * kv heads must be <= 65535, got " + std::to_string(sh.b * sh.h_kv));
+  }
+  if (sh.b > 65535 || sh.h_q > 65535) {
+    fail_value(std::string(fn) + ": batch and q heads must be <= 65535 (grid limits), got batch=" +
+               std::to_string(sh.b) + ", heads=" + std::to_string(sh.h_q));
+  }
+  if (sh.s_q > (int64_t(1) << 30) || sh.s_kv > (int64_t(1) << 30)) {
+    fail_value(std::string(fn) + ": sequence lengths must be < 2^30");
+  }
+  return sh;
+}
+
+void fill_quant_inputs(QuantQkvSm90Args& a, const Array& q, const Array& k, const Array& v, const QkvShape& sh) {
+  a.q = q.data();
+  a.k = k.data();
+  a.v = v.data();
+  a.q_stride_b = stride(q, 0), a.q_stride_h = stride(q, 1), a.q_stride_s = stride(q, 2);
+  a.k_stride_b = stride(k, 0), a.k_stride_h = stride(k, 1), a.k_stride_s = stride(k, 2);
+  a.v_stride_b = stride(v, 0), a.v_stride_h = stride(v, 1), a.v_stride_s = stride(v, 2);
+  a.batch = int(sh.b), a.heads_q = int(sh.h_q), a.heads_kv = int(sh.h_kv);
+  a.seq_q = int(sh.s_q), a.seq_kv = int(sh.s_kv), a.head_dim = int(sh.d);
+  a.in_bf16 = same_dtype(q.dtype(), kBF16);
+}
+
 void check_out(const Array& x, const char* what, const Array& ref, DType dt, const std::vector<int64_t>& shape) {
   check_cuda(x, what);
   check_same_device(ref, "q", x, what);
@@ -217,24 +285,8 @@ void quant_qkv_sm90_fused(Array q, Array k, Array v, Array q_out, Array q_scale,
                           Array v_out, Array v_scale, Array k_mean, bool k_mean_given, Array workspace,
                           uintptr_t stream, std::optional<Array> v_mean, bool v_mean_given) {
   constexpr const char* fn = "quant_qkv_sm90_fused";
-  check_cuda(q, "q");
-  check_input_bhsd(q, "q", q);
-  check_input_bhsd(k, "k", q);
-  check_input_bhsd(v, "v", q);
-  const int64_t b = dim(q, 0), h_q = dim(q, 1), s_q = dim(q, 2), d = dim(q, 3);
-  const int64_t h_kv = dim(k, 1), s_kv = dim(k, 2);
-  check_positive(b, "batch", fn);
-  check_positive(h_q, "q heads", fn);
-  check_positive(s_q, "q length", fn);
-  check_positive(s_kv, "kv length", fn);
-  check_head_dim(d, fn);
-  check_heads(h_q, h_kv, fn);
-  check_shape(k, "k", {b, h_kv, s_kv, d});
-  check_shape(v, "v", {b, h_kv, s_kv, d});
-  if (b * h_kv > 65535) {
-    fail_value(std::string(fn) + ": batch * kv heads must be <= 65535, got " + std::to_string(b * h_kv));
-  }
-  if (s_q > (int64_t(1) << 30) || s_kv > (int64_t(1) << 30)) fail_value(std::string(fn) + ": sequence lengths must be < 2^30");
+  const QkvShape sh = check_qkv_inputs(q, k, v, fn);
+  const int64_t b = sh.b, h_q = sh.h_q, s_q = sh.s_q, d = sh.d, h_kv = sh.h_kv, s_kv = sh.s_kv;
   check_out(q_out, "q_out", q, kI8, {b, h_q, s_q, d});
   check_out(q_scale, "q_scale", q, kF32, {b, h_q, sage::sm90::sm90_q_scale_groups(s_q)});
   check_out(k_out, "k_out", q, kI8, {b, h_kv, s_kv, d});
@@ -260,15 +312,7 @@ void quant_qkv_sm90_fused(Array q, Array k, Array v, Array q_out, Array q_scale,
   }
 
   QuantQkvSm90Args a;
-  a.q = q.data();
-  a.k = k.data();
-  a.v = v.data();
-  a.q_stride_b = stride(q, 0), a.q_stride_h = stride(q, 1), a.q_stride_s = stride(q, 2);
-  a.k_stride_b = stride(k, 0), a.k_stride_h = stride(k, 1), a.k_stride_s = stride(k, 2);
-  a.v_stride_b = stride(v, 0), a.v_stride_h = stride(v, 1), a.v_stride_s = stride(v, 2);
-  a.batch = int(b), a.heads_q = int(h_q), a.heads_kv = int(h_kv);
-  a.seq_q = int(s_q), a.seq_kv = int(s_kv), a.head_dim = int(d);
-  a.in_bf16 = same_dtype(q.dtype(), kBF16);
+  fill_quant_inputs(a, q, k, v, sh);
   a.q_out = static_cast<int8_t*>(q_out.data());
   a.q_scale = static_cast<float*>(q_scale.data());
   a.k_out = static_cast<int8_t*>(k_out.data());
@@ -288,6 +332,69 @@ void quant_qkv_sm90_fused(Array q, Array k, Array v, Array q_out, Array q_scale,
     err = sage::sm90::quant_qkv_sm90_fused(a, as_stream(stream));
   }
   check_launch(err, fn);
+}
+
+// ------------------------------------------------------------------------------------------------
+// One call = the whole host path of an attention call: quantization (3 launches) and attention
+// (1 launch) over one caller-allocated workspace, no Python between them.
+void quant_attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v, Array out, std::optional<Array> lse,
+                                       Array workspace, float sm_scale, bool is_causal, bool smooth_k,
+                                       bool smooth_v, uintptr_t stream) {
+  constexpr const char* fn = "quant_attn_fwd_sm90_qk_s8_pv_e4m3";
+  const QkvShape sh = check_qkv_inputs(q, k, v, fn);
+  check_attn_out(out, lse, q, sh.b, sh.h_q, sh.s_q, sh.d, fn);
+  check_sm_scale(sm_scale, fn);
+  const sage::sm90::QuantAttnSm90Workspace w =
+      sage::sm90::quant_attn_sm90_workspace(sh.b, sh.h_q, sh.s_q, sh.h_kv, sh.s_kv, sh.d);
+  check_cuda(workspace, "workspace");
+  check_same_device(q, "q", workspace, "workspace");
+  check_dtype(workspace, "workspace", {kU8});
+  check_contiguous(workspace, "workspace");
+  check_aligned(workspace, "workspace", 16);
+  int64_t ws_bytes = 1;
+  for (size_t i = 0; i < workspace.ndim(); ++i) ws_bytes *= dim(workspace, i);
+  if (ws_bytes < w.total) {
+    fail_value(std::string(fn) + ": workspace needs >= " + std::to_string(w.total) + " bytes, got " +
+               std::to_string(ws_bytes));
+  }
+  uint8_t* base = static_cast<uint8_t*>(workspace.data());
+  auto at = [base](int64_t off) { return base + off; };
+
+  QuantQkvSm90Args qa;
+  fill_quant_inputs(qa, q, k, v, sh);
+  qa.q_out = reinterpret_cast<int8_t*>(at(w.q));
+  qa.q_scale = reinterpret_cast<float*>(at(w.q_scale));
+  qa.k_out = reinterpret_cast<int8_t*>(at(w.k));
+  qa.k_scale = reinterpret_cast<float*>(at(w.k_scale));
+  qa.v_out = at(w.v_t);
+  qa.v_scale = reinterpret_cast<float*>(at(w.v_scale));
+  qa.k_mean = reinterpret_cast<float*>(at(w.k_mean));
+  qa.k_mean_given = !smooth_k;  // no K smoothing: a zero mean, written below
+  qa.v_mean = smooth_v ? reinterpret_cast<float*>(at(w.v_mean)) : nullptr;
+  qa.v_mean_given = false;
+  qa.workspace = reinterpret_cast<float*>(at(w.stats));
+
+  AttnFwdQkS8PvE4m3Args aa;
+  aa.q = qa.q_out;
+  aa.k = qa.k_out;
+  aa.v_t = qa.v_out;
+  aa.q_scale = qa.q_scale;
+  aa.k_scale = qa.k_scale;
+  aa.v_scale = qa.v_scale;
+  aa.v_mean = qa.v_mean;
+  fill_attn_args(aa, out, lse, sh.b, sh.h_q, sh.h_kv, sh.s_q, sh.s_kv, sh.d, sm_scale, is_causal);
+  const bool bf16 = same_dtype(out.dtype(), kBF16);
+
+  DeviceGuard guard(q.device_id());
+  cudaError_t err = cudaSuccess;
+  {
+    nb::gil_scoped_release release;
+    cudaStream_t s = as_stream(stream);
+    if (!smooth_k) err = cudaMemsetAsync(qa.k_mean, 0, size_t(4 * sh.b * sh.h_kv * sh.d), s);
+    if (err == cudaSuccess) err = sage::sm90::quant_qkv_sm90_fused(qa, s);
+    if (err == cudaSuccess) err = launch_attn(aa, bf16, s);
+  }
+  check_attn_launch(err, fn);
 }
 
 }  // namespace
@@ -324,6 +431,25 @@ void bind_attn_sm90(nb::module_& m) {
         "kernel must add v_mean back (its v_mean argument).\n"
         "workspace f32 with >= quant_qkv_sm90_workspace_size(b, h_kv, s_kv, d) elements\n"
         "(= 4*b*h_kv*ceil(s_kv/512)*d: per-chunk K sums, V sums, V max, V min).");
+  m.def("quant_attn_fwd_sm90_qk_s8_pv_e4m3", &quant_attn_fwd_sm90_qk_s8_pv_e4m3, nb::arg("q"), nb::arg("k"),
+        nb::arg("v"), nb::arg("out"), nb::arg("lse").none(), nb::arg("workspace"), nb::arg("sm_scale"),
+        nb::arg("is_causal"), nb::arg("smooth_k"), nb::arg("smooth_v"), nb::arg("stream"),
+        "Whole Hopper attention call, recipe qk_s8_pv_e4m3: the fused quantization (3 launches) and the\n"
+        "attention forward (1 launch) in one binding call, over one workspace.\n\n"
+        "q, k, v: fp16/bf16 logical (b, h, s, d) as for quant_qkv_sm90_fused; out, lse as for\n"
+        "attn_fwd_sm90_qk_s8_pv_e4m3 (the LSE is of the smoothed scores: add q.k_mean*scale, k_mean\n"
+        "being the f32 (b, h_kv, d) tensor at the workspace's start). workspace: uint8, contiguous,\n"
+        ">= quant_attn_fwd_sm90_workspace_size(b, h_q, s_q, h_kv, s_kv, d) bytes, 16-byte aligned.");
+  m.def(
+      "quant_attn_fwd_sm90_workspace_size",
+      [](int64_t b, int64_t h_q, int64_t s_q, int64_t h_kv, int64_t s_kv, int64_t d) {
+        if (b <= 0 || h_q <= 0 || s_q <= 0 || h_kv <= 0 || s_kv <= 0 || d <= 0) {
+          throw nb::value_error("quant_attn_fwd_sm90_workspace_size: every size must be positive");
+        }
+        return sage::sm90::quant_attn_sm90_workspace(b, h_q, s_q, h_kv, s_kv, d).total;
+      },
+      nb::arg("b"), nb::arg("h_q"), nb::arg("s_q"), nb::arg("h_kv"), nb::arg("s_kv"), nb::arg("d"),
+      "bytes of the workspace quant_attn_fwd_sm90_qk_s8_pv_e4m3 needs (k_mean f32 (b, h_kv, d) first).");
   m.def(
       "quant_qkv_sm90_workspace_size",
       [](int64_t b, int64_t h_kv, int64_t s_kv, int64_t d) {

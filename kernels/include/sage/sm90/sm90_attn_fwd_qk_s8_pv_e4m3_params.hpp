@@ -117,4 +117,38 @@ inline int64_t quant_qkv_sm90_workspace_floats(int64_t b, int64_t h_kv, int64_t 
   return 4 * b * h_kv * sm90_stats_chunks(s_kv) * d;
 }
 
+// ---- one call: quantization + attention over a single caller-allocated byte workspace ---------
+// The host path of a whole attention call (the binding quant_attn_fwd_sm90_qk_s8_pv_e4m3) carves
+// every quantized tensor out of one buffer, so a call costs one allocation and one binding call.
+// Pieces start at kSm90CarveAlign-byte boundaries (TMA needs 16, float2 loads 8). k_mean comes
+// first so that the caller can view it (the LSE correction q·k_mean·scale).
+constexpr int64_t kSm90CarveAlign = 256;
+
+struct QuantAttnSm90Workspace {
+  int64_t k_mean = 0, v_mean = 0, q = 0, q_scale = 0, k = 0, k_scale = 0, v_t = 0, v_scale = 0, stats = 0;
+  int64_t total = 0;  // bytes
+};
+
+inline QuantAttnSm90Workspace quant_attn_sm90_workspace(int64_t b, int64_t h_q, int64_t s_q, int64_t h_kv,
+                                                        int64_t s_kv, int64_t d) {
+  QuantAttnSm90Workspace w;
+  int64_t at = 0;
+  auto take = [&at](int64_t bytes) {
+    const int64_t off = at;
+    at += (bytes + kSm90CarveAlign - 1) / kSm90CarveAlign * kSm90CarveAlign;
+    return off;
+  };
+  w.k_mean = take(4 * b * h_kv * d);
+  w.v_mean = take(4 * b * h_kv * d);
+  w.q = take(b * h_q * s_q * d);
+  w.q_scale = take(4 * b * h_q * sm90_q_scale_groups(s_q));
+  w.k = take(b * h_kv * s_kv * d);
+  w.k_scale = take(4 * b * h_kv * sm90_k_scale_groups(s_kv));
+  w.v_t = take(b * h_kv * d * sm90_v_pad(s_kv));
+  w.v_scale = take(4 * b * h_kv * d);
+  w.stats = take(4 * quant_qkv_sm90_workspace_floats(b, h_kv, s_kv, d));
+  w.total = at;
+  return w;
+}
+
 }  // namespace sage::sm90

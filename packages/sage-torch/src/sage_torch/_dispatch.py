@@ -154,10 +154,12 @@ def _build_table() -> None:
 
 
 def refresh() -> None:
-    """Re-evaluate every backend's ``available()`` (e.g. after building sage_core)."""
+    """Re-evaluate every backend's ``available()`` (e.g. after building sage_core) and forget the
+    per-signature decisions of the fast path (e.g. after changing a ``SAGE_`` environment switch)."""
     global _table_generation
     with _table_lock:
         _table_generation = -1
+        _fast_cache.clear()
     _build_table()
 
 
@@ -197,6 +199,18 @@ def _first_supported(specs: tuple[BackendSpec, ...], call: dict[str, Any] | None
             return spec, ""
         reasons.append(f"{spec.name}: {why}")
     return None, "; ".join(reasons)
+
+
+def _auto_torch_reason_for_call(backend: str, call: dict[str, Any]) -> str | None:
+    q, k = call["q"], call["k"]
+    kw = call["kwargs"]
+    if kw.get("layout", "bhsd") == "bhsd":
+        b, h_q, s_q, d = q.shape
+        s_kv = k.shape[2]
+    else:
+        b, s_q, h_q, d = q.shape
+        s_kv = k.shape[1]
+    return auto_torch_reason(backend, b, h_q, s_q, s_kv, d, bool(kw.get("is_causal", False)))
 
 
 def resolve(arch: str, dtype: torch.dtype, head_dim: int, recipe: str = RECIPE_AUTO, *,
@@ -244,6 +258,10 @@ def resolve(arch: str, dtype: torch.dtype, head_dim: int, recipe: str = RECIPE_A
             vetoes = []
             for candidate in prefs:
                 spec, veto = _first_supported(lookup(arch, candidate, dtype, head_dim), call)
+                # strict mode asks for sage's kernel: the speed rule does not apply there
+                if (spec is not None and call is not None and not strict_flag
+                        and (routed := _auto_torch_reason_for_call(spec.name, call))):
+                    return Decision(KIND_TORCH, None, reason=routed, warn=True)
                 if spec is not None:
                     return Decision(KIND_KERNEL, candidate, spec)
                 if veto:
@@ -267,6 +285,98 @@ def resolve(arch: str, dtype: torch.dtype, head_dim: int, recipe: str = RECIPE_A
     if strict_flag:
         raise SageDispatchError(f"sage_torch strict mode: {why}; not falling back to the emulation")
     return Decision(KIND_EMULATION, requested, reason=why, warn=True)
+
+
+# ----------------------------------------------------------------------------- auto's routing rule
+
+#: ``recipe="auto"`` runs PyTorch's SDPA where sage's kernel path is slower on this device:
+#: decode-shaped calls (few query rows: the quantization of the whole KV cache per call costs
+#: more than the attention) and problems so small that a call is launch-bound (sage launches
+#: four kernels, SDPA one). Per backend auto would pick: (min query rows, min MACs per call =
+#: b*h_q*s_q*s_kv*d, halved for causal). Measured on an H200 (docs/perf/sm90_host_path.md).
+AUTO_TORCH_RULES: dict[str, tuple[int, int]] = {
+    "sm90_qk_s8_pv_e4m3": (64, 1 << 30),
+}
+
+
+def auto_torch_reason(backend: str, b: int, h_q: int, s_q: int, s_kv: int, d: int,
+                      is_causal: bool) -> str | None:
+    """Why ``recipe="auto"`` runs PyTorch's SDPA instead of ``backend`` for this shape, or None."""
+    rule = AUTO_TORCH_RULES.get(backend)
+    if rule is None:
+        return None
+    min_rows, min_macs = rule
+    if s_q < min_rows:
+        return (f"q_len={s_q} < {min_rows} for {backend}: decode-shaped calls are faster on PyTorch's SDPA "
+                f"(sage_torch._dispatch.AUTO_TORCH_RULES)")
+    macs = b * h_q * s_q * s_kv * d
+    if is_causal:
+        macs //= 2
+    if macs < min_macs:
+        return (f"b*h*q_len*kv_len*head_dim = {macs} < {min_macs} for {backend}: a call this small is "
+                f"launch-bound and faster on PyTorch's SDPA (sage_torch._dispatch.AUTO_TORCH_RULES)")
+    return None
+
+
+# ----------------------------------------------------------------------------- fast path
+
+# (device, dtypes, head dim, layout, is_causal, recipe, ...) -> (backend fast fn | None, auto?, backend name)
+_fast_cache: dict[tuple, tuple] = {}
+
+
+def _fast_entry(key: tuple, q: torch.Tensor, recipe: str) -> tuple:
+    entry: tuple = (None, False, "")
+    arch = device_arch(q.device)
+    try:
+        decision = resolve(arch, q.dtype, q.shape[-1], recipe)
+    except Exception:  # noqa: BLE001 - the validated path raises it with the full message
+        decision = None
+    if (decision is not None and decision.kind == KIND_KERNEL and not decision.warn
+            and decision.backend is not None and decision.backend.fast is not None):
+        requested = recipe if recipe != RECIPE_AUTO else (_env.env_forced_recipe() or RECIPE_AUTO)
+        entry = (decision.backend.fast, requested == RECIPE_AUTO, decision.backend.name)
+    with _table_lock:
+        _fast_cache[key] = entry
+    return entry
+
+
+def fast_call(q: Any, k: Any, v: Any, layout: Any, is_causal: Any, scale: Any, recipe: Any) -> torch.Tensor | None:
+    """The host fast path of ``attention()`` for a plain call (no recipe options, no LSE).
+
+    What depends only on the call's signature (dispatch decision, environment switches) is
+    decided once per signature and cached; what varies per call (shapes, strides, the auto
+    routing rule) is checked here or in the backend's ``fast``. Returns None whenever anything
+    is unusual: the validated path then runs the call (and raises or warns as it always does).
+    Environment switches are read when a signature is first seen; :func:`refresh` re-reads them.
+    """
+    if (type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor
+            or q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.device.type != "cuda"
+            or torch.compiler.is_compiling()):  # compiled graphs see the custom op instead
+        return None
+    if scale is None:
+        scale = q.shape[3] ** -0.5
+    elif type(scale) is not float or not 0.0 < scale < float("inf"):
+        return None
+    key = (q.device, q.dtype, k.dtype, v.dtype, k.device, v.device, q.shape[3], layout, is_causal, recipe,
+           q.stride(3), k.stride(3), v.stride(3))
+    entry = _fast_cache.get(key)
+    if entry is None:
+        if not (is_causal is True or is_causal is False) or layout not in ("bhsd", "bshd"):
+            return None
+        entry = _fast_entry(key, q, recipe)
+    fast, auto, backend = entry
+    if fast is None:
+        return None
+    if auto:
+        if layout == "bhsd":
+            b, h_q, s_q, d = q.shape
+            s_kv = k.shape[2]
+        else:
+            b, s_q, h_q, d = q.shape
+            s_kv = k.shape[1]
+        if auto_torch_reason(backend, b, h_q, s_q, s_kv, d, is_causal) is not None:
+            return None  # the validated path runs SDPA and says so once
+    return fast(q, k, v, layout, is_causal, scale)
 
 
 # ----------------------------------------------------------------------------- options

@@ -98,6 +98,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     Returns:
         ``o`` with q's shape, dtype and layout (contiguous), or ``(o, lse)`` with ``return_lse``.
     """
+    if not recipe_options and return_lse is False:
+        o = _dispatch.fast_call(q, k, v, layout, is_causal, scale, recipe)
+        if o is not None:
+            return o
     emulate = recipe_options.pop("emulate", None)
     strict = recipe_options.pop("strict", None)
     for name, flag in (("emulate", emulate), ("strict", strict)):
@@ -171,6 +175,8 @@ def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, sc
 def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *, strict: bool | None):
     why, warn = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if why is None:
+        if strict is None:  # no keyword: attention()'s host fast path applies
+            return attention(query, key, value, layout="bhsd", is_causal=bool(is_causal), scale=scale)
         return attention(query, key, value, layout="bhsd", is_causal=bool(is_causal), scale=scale, strict=strict)
     if warn:
         strict_flag = _dispatch._resolve_flags(None, strict)[1]

@@ -67,6 +67,11 @@ class BackendSpec:
     #: The archs it was written for (a subset of ``archs``); on these it comes before backends
     #: of the same recipe that merely run there (e.g. sm80 mma.sync kernels built for sm_90a).
     native_archs: frozenset[str] = frozenset()
+    #: Optional host fast path for the plain call (recipe defaults, no LSE):
+    #: ``fast(q, k, v, layout, is_causal, scale) -> o``, or None to take the validated path
+    #: (e.g. a layout it cannot read without a copy). Called only after the dispatcher chose this
+    #: backend for the call's signature; it must check what varies per call (shapes, strides).
+    fast: Callable[..., torch.Tensor | None] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -96,6 +101,7 @@ def register_backend(name: str, recipe: str, archs: Iterable[str], head_dims: It
                      dtypes: Iterable[torch.dtype] = SUPPORTED_DTYPES,
                      supports: Callable[..., str | None] | None = None,
                      native_archs: Iterable[str] | None = None,
+                     fast: Callable[..., torch.Tensor | None] | None = None,
                      replace: bool = False) -> BackendSpec:
     """Register a kernel backend.
 
@@ -111,6 +117,7 @@ def register_backend(name: str, recipe: str, archs: Iterable[str], head_dims: It
         supports: optional per-call filter returning None (ok) or a reason string.
         native_archs: the archs among ``archs`` it was written for (default: all of them). For one
             (arch, recipe, dtype, head dim), native backends come first, then registration order.
+        fast: optional host fast path, see :attr:`BackendSpec.fast`.
         replace: allow replacing a backend of the same name.
 
     Returns the stored :class:`BackendSpec`.
@@ -137,13 +144,16 @@ def register_backend(name: str, recipe: str, archs: Iterable[str], head_dims: It
         raise TypeError(f"register_backend({name!r}): fn and available must be callable")
     if supports is not None and not callable(supports):
         raise TypeError(f"register_backend({name!r}): supports must be callable or None")
+    if fast is not None and not callable(fast):
+        raise TypeError(f"register_backend({name!r}): fast must be callable or None")
     native_set = arch_set if native_archs is None else frozenset(
         native_archs if not isinstance(native_archs, str) else (native_archs,))
     if not native_set <= arch_set:
         raise ValueError(f"register_backend({name!r}): native_archs {sorted(map(str, native_set))} must be "
                          f"among archs {sorted(arch_set)}")
     module = getattr(fn, "__module__", None)
-    spec = BackendSpec(name, recipe, arch_set, hd_set, dtype_set, fn, available, supports, module, native_set)
+    spec = BackendSpec(name, recipe, arch_set, hd_set, dtype_set, fn, available, supports, module, native_set,
+                       fast)
     with _lock:
         if name in _registry and not replace:
             raise ValueError(f"register_backend: a backend named {name!r} is already registered "

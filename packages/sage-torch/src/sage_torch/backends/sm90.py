@@ -171,7 +171,15 @@ def _dl(t: Optional[torch.Tensor]):
     return t if t is None or t.requires_grad else _to_dlpack(t)
 
 
+try:  # the raw handle without building a torch.cuda.Stream object (~2 us less per call)
+    _raw_stream = torch._C._cuda_getCurrentRawStream
+except AttributeError:  # a CPU-only torch build
+    _raw_stream = None
+
+
 def _stream(device: torch.device) -> int:
+    if _raw_stream is not None:
+        return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
     return torch.cuda.current_stream(device).cuda_stream
 
 
@@ -325,6 +333,46 @@ def _launch_attn(qz: Dict[str, torch.Tensor], o_bhsd: torch.Tensor, lse: Optiona
                                           scale, is_causal, _stream(o_bhsd.device), **extra)
 
 
+# One binding call for a whole attention call (quantizer + attention over one workspace); an
+# older sage_core without it runs the two-call path.
+_ONE_CALL = getattr(sage_core._C, "quant_attn_fwd_sm90_qk_s8_pv_e4m3", None)
+_ONE_CALL_WS = getattr(sage_core._C, "quant_attn_fwd_sm90_workspace_size", None)
+
+
+def _one_call(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, o_bhsd: torch.Tensor,
+              lse: Optional[torch.Tensor], scale: float, is_causal: bool, smooth_k: bool,
+              smooth_v: bool) -> torch.Tensor:
+    """Quantize and attend in one sage_core call; returns the workspace (k_mean is its first piece)."""
+    b, h_q, s_q, d = qb.shape
+    h_kv, s_kv = kb.shape[1], kb.shape[2]
+    ws = torch.empty((_ONE_CALL_WS(b, h_q, s_q, h_kv, s_kv, d),), dtype=torch.uint8, device=qb.device)
+    _ONE_CALL(_to_dlpack(qb), _to_dlpack(kb), _to_dlpack(vb), _to_dlpack(o_bhsd),
+              None if lse is None else _to_dlpack(lse), _to_dlpack(ws), scale, is_causal, smooth_k, smooth_v,
+              _stream(qb.device))
+    return ws
+
+
+def _fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool,
+          scale: float) -> Optional[torch.Tensor]:
+    """Host fast path (recipe defaults, no LSE): the per-call checks, one allocation each for O and
+    the workspace, one sage_core call. None = let the validated path handle (and word) this call."""
+    if _ONE_CALL is None or q.requires_grad or k.requires_grad or v.requires_grad:
+        return None
+    if layout == "bhsd":
+        qb, kb, vb = q, k, v
+    else:
+        qb, kb, vb = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    b, h_q, s_q, d = qb.shape
+    _, h_kv, s_kv, _ = kb.shape
+    if (kb.shape != vb.shape or kb.shape[0] != b or kb.shape[3] != d or h_kv < 1 or h_q % h_kv
+            or s_q < 1 or s_kv < 1 or b > 65535 or h_q > 65535 or b * h_kv > 65535
+            or not (_rows_aligned(qb) and _rows_aligned(kb) and _rows_aligned(vb))):
+        return None
+    o, o_bhsd = _alloc_out(q, layout, b, h_q, s_q, d)
+    _one_call(qb, kb, vb, o_bhsd, None, scale, is_causal, True, True)
+    return o
+
+
 def attention_sm90_qk_s8_pv_e4m3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
                                  is_causal: bool, scale: float, return_lse: bool,
                                  **options: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -357,15 +405,22 @@ def attention_sm90_qk_s8_pv_e4m3(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     smooth_k = bool(options.get("smooth_k", True))
     smooth_v = bool(options.get("smooth_v", True))  # V smoothing: qz["v_mean"] is added back by the epilogue
 
-    qz = quantize_qkv_sm90(q, k, v, layout=layout, smooth_k=smooth_k, smooth_v=smooth_v)
     qb = _bhsd(q, layout)
     b, h_q, s_q, _ = qb.shape
     o, o_bhsd = _alloc_out(q, layout, b, h_q, s_q, d)
     lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device) if return_lse else None
-    _launch_attn(qz, o_bhsd, lse, float(scale), bool(is_causal))
+    if _ONE_CALL is not None:
+        kb, vb = _bhsd(k, layout), _bhsd(v, layout)
+        qb, kb, vb = (x if _rows_aligned(x) else x.contiguous() for x in (qb, kb, vb))
+        ws = _one_call(qb, kb, vb, o_bhsd, lse, float(scale), bool(is_causal), smooth_k, smooth_v)
+        h_kv = kb.shape[1]
+        km = ws[:4 * b * h_kv * d].view(torch.float32).view(b, h_kv, d)
+    else:
+        qz = quantize_qkv_sm90(q, k, v, layout=layout, smooth_k=smooth_k, smooth_v=smooth_v)
+        _launch_attn(qz, o_bhsd, lse, float(scale), bool(is_causal))
+        km = qz["k_mean"]
     if lse is not None and smooth_k:
         # LSE of the unsmoothed scores: softmax ignored the per-row constant q·k_mean·scale.
-        km = qz["k_mean"]
         h_kv = km.shape[1]
         if h_q != h_kv:
             km = km.repeat_interleave(h_q // h_kv, dim=1)
@@ -413,4 +468,5 @@ register_backend(
     available=kernels_available,
     dtypes=(torch.float16, torch.bfloat16),
     supports=_supports,
+    fast=_fast,
 )

@@ -1,0 +1,148 @@
+"""Host cost and auto's routing rule: ``python -m sage_torch.bench_host [--out DIR]``.
+
+Two measurements, both against PyTorch's default SDPA in the same run:
+
+* **Per call in a loop** (``--loop``, default 1000 calls): wall time per call of a tight Python
+  loop, synchronized once at the end, so launch-bound shapes show host cost. Rows: SDPA
+  (default backend), ``sage_torch.attention`` with ``recipe="auto"`` and with the kernel recipe
+  forced (``qk_s8_pv_e4m3`` on sm90), so a route to SDPA can never hide a slow kernel.
+* **Crossover sweep**: per-call time of the forced kernel path vs SDPA over query lengths and
+  problem sizes, the data behind ``sage_torch._dispatch.AUTO_TORCH_RULES``.
+
+Writes ``host.json`` (device, torch, commit, command) and prints a table. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import api
+from ._dispatch import AUTO_TORCH_RULES, device_arch
+
+KERNEL_RECIPE = {"sm90": "qk_s8_pv_e4m3"}
+
+
+def _commit() -> str:
+    env = os.environ.get("SAGE_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def per_call_us(fn, calls: int) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def _inputs(b, h_q, h_kv, s_q, s_kv, d, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(b, h_q, s_q, d, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(b, h_kv, s_kv, d, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(b, h_kv, s_kv, d, device="cuda", dtype=dtype, generator=g)
+    return q, k, v
+
+
+def _row(name, b, h_q, h_kv, s_q, s_kv, d, causal, calls, recipe):
+    q, k, v = _inputs(b, h_q, h_kv, s_q, s_kv, d)
+    gqa = h_q != h_kv
+    sdpa_causal = causal and s_q == s_kv  # PyTorch's is_causal is top-left otherwise
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=sdpa_causal, enable_gqa=gqa)
+
+    def auto():
+        return api.attention(q, k, v, is_causal=sdpa_causal)
+
+    def kernel():
+        return api.attention(q, k, v, is_causal=sdpa_causal, recipe=recipe)
+
+    with torch.inference_mode():
+        t_sdpa = per_call_us(sdpa, calls)
+        t_auto = per_call_us(auto, calls)
+        t_kernel = per_call_us(kernel, calls) if recipe else float("nan")
+    return {"name": name, "b": b, "h_q": h_q, "h_kv": h_kv, "s_q": s_q, "s_kv": s_kv, "d": d,
+            "causal": causal, "calls": calls, "sdpa_us": t_sdpa, "auto_us": t_auto, "kernel_us": t_kernel,
+            "auto_over_sdpa": t_auto / t_sdpa, "kernel_over_sdpa": t_kernel / t_sdpa}
+
+
+LOOP_SHAPES = [
+    # name, b, h_q, h_kv, s_q, s_kv, d, causal
+    ("launch-bound (issue 8 host floor)", 1, 8, 8, 128, 128, 64, False),
+    ("tiny d128", 1, 16, 16, 128, 128, 128, False),
+    ("decode b8 kv8k", 8, 32, 8, 1, 8192, 128, False),
+    ("decode b1 kv4k q16", 1, 32, 8, 16, 4096, 128, False),
+    ("llama 1k causal", 1, 32, 8, 1024, 1024, 128, True),
+    ("llama 4k causal", 1, 32, 8, 4096, 4096, 128, True),
+    ("dit 4k", 1, 24, 24, 4096, 4096, 128, False),
+    ("b1 h8 n1k d64", 1, 8, 8, 1024, 1024, 64, False),
+    ("b1 h8 n2k d64", 1, 8, 8, 2048, 2048, 64, False),
+]
+
+
+def sweep_shapes():
+    out = []
+    for d in (64, 128):
+        for h in (8, 32):
+            for n in (128, 256, 512, 1024, 2048):
+                for causal in (False, True):
+                    out.append((f"sweep h{h} n{n} d{d}{' causal' if causal else ''}", 1, h, h, n, n, d, causal))
+    for s_q in (1, 4, 16, 32, 64, 128):
+        out.append((f"sweep decode q{s_q} kv4k", 4, 32, 8, s_q, 4096, 128, False))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sage_torch.bench_host", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.environ.get("SAGE_BENCH_OUT", "bench-out"))
+    p.add_argument("--loop", type=int, default=1000, help="calls per timed loop")
+    p.add_argument("--no-sweep", action="store_true")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_host: no CUDA GPU visible; nothing timed (host cost is only meaningful on a GPU)")
+        return 0
+    arch = device_arch(torch.device("cuda"))
+    recipe = KERNEL_RECIPE.get(arch)
+    rows = []
+    shapes = LOOP_SHAPES + ([] if a.no_sweep else sweep_shapes())
+    for shape in shapes:
+        calls = a.loop if shape[0] in [s[0] for s in LOOP_SHAPES] else max(50, a.loop // 5)
+        try:
+            r = _row(*shape, calls=calls, recipe=recipe)
+        except Exception as exc:  # noqa: BLE001 - one shape failing must not lose the rest
+            r = {"name": shape[0], "error": f"{type(exc).__name__}: {exc}"}
+        rows.append(r)
+        if "error" in r:
+            print(f"{r['name']:40s} ERROR {r['error']}")
+        else:
+            print(f"{r['name']:40s} sdpa {r['sdpa_us']:8.1f} us  auto {r['auto_us']:8.1f} "
+                  f"({r['auto_over_sdpa']:.2f}x)  kernel {r['kernel_us']:8.1f} ({r['kernel_over_sdpa']:.2f}x)")
+    result = {"device": torch.cuda.get_device_name(), "arch": arch, "torch": torch.__version__,
+              "commit": _commit(), "command": " ".join([sys.executable, "-m", "sage_torch.bench_host"] +
+                                                       (argv if argv is not None else sys.argv[1:])),
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "auto_rules": AUTO_TORCH_RULES, "rows": rows}
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "host.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

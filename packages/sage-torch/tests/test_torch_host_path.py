@@ -1,0 +1,45 @@
+"""CPU tests of the host fast path and auto's routing rule (the GPU side: tests/gpu/test_sm90_host_path.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from sage_torch import _dispatch
+
+
+def test_fast_call_declines_what_it_cannot_run():
+    q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+    assert _dispatch.fast_call(q, q, q, "bhsd", False, None, "auto") is None  # CPU tensors
+    assert _dispatch.fast_call(q[0], q, q, "bhsd", False, None, "auto") is None  # 3-D
+    assert _dispatch.fast_call("q", q, q, "bhsd", False, None, "auto") is None
+
+
+def test_auto_rule_decode_and_tiny():
+    min_rows, min_macs = _dispatch.AUTO_TORCH_RULES["sm90_qk_s8_pv_e4m3"]
+    why = _dispatch.auto_torch_reason("sm90_qk_s8_pv_e4m3", 8, 32, 1, 8192, 128, False)
+    assert why is not None and "decode-shaped" in why
+    why = _dispatch.auto_torch_reason("sm90_qk_s8_pv_e4m3", 1, 8, 128, 128, 64, False)
+    assert why is not None and "launch-bound" in why
+    assert _dispatch.auto_torch_reason("sm90_qk_s8_pv_e4m3", 1, 32, 16384, 16384, 128, True) is None
+    assert _dispatch.auto_torch_reason("sm80_qk_s8_pv_f16", 1, 8, 1, 128, 64, False) is None  # no rule there
+    # causal halves the work: the same shape can be routed causal and not routed non-causal
+    n = 1
+    while 32 * n * n * 128 < min_macs:
+        n *= 2
+    assert _dispatch.auto_torch_reason("sm90_qk_s8_pv_e4m3", 1, 32, n, n, 128, False) is None
+    assert _dispatch.auto_torch_reason("sm90_qk_s8_pv_e4m3", 1, 32, n, n, 128, True) is not None
+
+
+def test_resolve_applies_the_rule_only_for_auto_and_not_in_strict_mode(as_arch, fake_backend, monkeypatch):
+    as_arch("sm90")
+    fake_backend("qk_s8_pv_e4m3", archs=("sm90",), name="fake_sm90")
+    monkeypatch.setitem(_dispatch.AUTO_TORCH_RULES, "fake_sm90", (64, 1 << 30))
+    q = torch.empty(1, 8, 1, 64)
+    k = torch.empty(1, 8, 4096, 64)
+    call = {"q": q, "k": k, "v": k, "kwargs": {"layout": "bhsd", "is_causal": False}}
+    d = _dispatch.resolve("sm90", torch.bfloat16, 64, "auto", call=call, strict=False)
+    assert d.kind == _dispatch.KIND_TORCH and "decode-shaped" in d.reason and d.warn
+    d = _dispatch.resolve("sm90", torch.bfloat16, 64, "auto", call=call, strict=True)
+    assert d.kind == _dispatch.KIND_KERNEL and d.backend.name == "fake_sm90"
+    d = _dispatch.resolve("sm90", torch.bfloat16, 64, "qk_s8_pv_e4m3", call=call, strict=False)
+    assert d.kind == _dispatch.KIND_KERNEL  # an explicit recipe is never routed
