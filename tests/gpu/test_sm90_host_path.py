@@ -108,7 +108,7 @@ def test_attention_fast_path_equals_validated_path():
 
 def test_fast_path_hands_unusual_calls_to_the_validated_path():
     q, k, v = _qkv(1, 8, 8, 256, 256, 64, torch.bfloat16, "bhsd")
-    odd = torch.randn(1, 8, 256, 72, device="cuda", dtype=torch.bfloat16)[..., :64]  # rows not 16-byte aligned
+    odd = torch.randn(1, 8, 256, 68, device="cuda", dtype=torch.bfloat16)[..., :64]  # rows not 16-byte aligned
     assert sm90_backend._fast(odd, k, v, "bhsd", False, 0.125) is None
     with torch.inference_mode():
         o_odd = sage_torch.attention(odd, k, v, recipe="qk_s8_pv_e4m3")
@@ -127,6 +127,9 @@ def test_auto_routes_decode_and_tiny_calls_to_sdpa_once():
             o = sage_torch.attention(q, k, v)
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         assert torch.equal(o, ref)
+        q_small = q[:, :, :1].clone()
+        _dispatch.refresh()
+        assert torch.equal(sage_torch.attention(q_small, k, v, layout="bhsd"), ref[:, :, :1])  # fast path
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             sage_torch.attention(q, k, v)  # said once

@@ -112,7 +112,10 @@ def test_backend_vs_float64_and_emulation(recipe, dtype, d, layout, is_causal, s
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_auto_uses_the_default_kernel(dtype, d, seed):
+def test_auto_uses_the_default_kernel(dtype, d, seed, monkeypatch):
+    # this small shape is one auto routes to SDPA for speed (AUTO_TORCH_RULES): test the kernel
+    monkeypatch.setattr(_dispatch, "AUTO_TORCH_RULES", {})
+    _dispatch.refresh()
     decision = _dispatch.resolve(_arch(), dtype, d, "auto", strict=False)
     if decision.kind != "kernel":
         pytest.skip(f"auto on {_arch()} {dtype} d={d} falls back: {decision.reason}")

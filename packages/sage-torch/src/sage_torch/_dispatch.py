@@ -293,9 +293,11 @@ def resolve(arch: str, dtype: torch.dtype, head_dim: int, recipe: str = RECIPE_A
 #: decode-shaped calls (few query rows: the quantization of the whole KV cache per call costs
 #: more than the attention) and problems so small that a call is launch-bound (sage launches
 #: four kernels, SDPA one). Per backend auto would pick: (min query rows, min MACs per call =
-#: b*h_q*s_q*s_kv*d, halved for causal). Measured on an H200 (docs/perf/sm90_host_path.md).
+#: b*h_q*s_q*s_kv*d, halved for causal). Measured on an H200 (docs/perf/sm90_host_path.md):
+#: the sm90 kernel path is 1.5-2x slower than cuDNN SDPA up to 2k tokens x 32 heads (d=128) and
+#: even at 4k (2^35 MACs causal at 32 heads) only ties it.
 AUTO_TORCH_RULES: dict[str, tuple[int, int]] = {
-    "sm90_qk_s8_pv_e4m3": (64, 1 << 30),
+    "sm90_qk_s8_pv_e4m3": (64, 1 << 35),
 }
 
 
@@ -307,14 +309,14 @@ def auto_torch_reason(backend: str, b: int, h_q: int, s_q: int, s_kv: int, d: in
         return None
     min_rows, min_macs = rule
     if s_q < min_rows:
-        return (f"q_len={s_q} < {min_rows} for {backend}: decode-shaped calls are faster on PyTorch's SDPA "
-                f"(sage_torch._dispatch.AUTO_TORCH_RULES)")
+        return (f"q_len < {min_rows}: decode-shaped calls are faster on PyTorch's SDPA than on {backend} "
+                f"(rule: sage_torch._dispatch.AUTO_TORCH_RULES)")
     macs = b * h_q * s_q * s_kv * d
     if is_causal:
         macs //= 2
     if macs < min_macs:
-        return (f"b*h*q_len*kv_len*head_dim = {macs} < {min_macs} for {backend}: a call this small is "
-                f"launch-bound and faster on PyTorch's SDPA (sage_torch._dispatch.AUTO_TORCH_RULES)")
+        return (f"b*h*q_len*kv_len*head_dim (halved if causal) < {min_macs}: a call this small is faster "
+                f"on PyTorch's SDPA than on {backend} (rule: sage_torch._dispatch.AUTO_TORCH_RULES)")
     return None
 
 
@@ -370,12 +372,19 @@ def fast_call(q: Any, k: Any, v: Any, layout: Any, is_causal: Any, scale: Any, r
     if auto:
         if layout == "bhsd":
             b, h_q, s_q, d = q.shape
-            s_kv = k.shape[2]
+            _, h_kv, s_kv, _ = k.shape
         else:
             b, s_q, h_q, d = q.shape
-            s_kv = k.shape[1]
-        if auto_torch_reason(backend, b, h_q, s_q, s_kv, d, is_causal) is not None:
-            return None  # the validated path runs SDPA and says so once
+            _, s_kv, h_kv, _ = k.shape
+        why = auto_torch_reason(backend, b, h_q, s_q, s_kv, d, is_causal)
+        if why is not None:
+            # PyTorch's SDPA with sage semantics, after the checks the validated path would make
+            if (k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h_kv < 1 or h_q % h_kv
+                    or s_q < 1 or s_kv < 1 or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1
+                    or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+                return None
+            _warn_torch(why, {})
+            return torch_attention(q, k, v, layout=layout, is_causal=is_causal, scale=scale, return_lse=False)[0]
     return fast(q, k, v, layout, is_causal, scale)
 
 
@@ -481,12 +490,16 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, is_ca
         return _run_emulation(q, k, v, decision.recipe, kwargs, options)
 
     if decision.warn:
-        ignored = f" Recipe options {sorted(options)} are ignored on this path." if options else ""
-        warn_once(f"torch:{decision.reason}",
-                  f"sage_torch: falling back to torch.nn.functional.scaled_dot_product_attention "
-                  f"(sage semantics kept: bottom-right causal) because {decision.reason}.{ignored} "
-                  f"Set strict=True or SAGE_STRICT=1 to make this an error.")
+        _warn_torch(decision.reason, options)
     return torch_attention(q, k, v, layout=layout, is_causal=is_causal, scale=scale_value, return_lse=return_lse)
+
+
+def _warn_torch(reason: str, options: dict[str, Any]) -> None:
+    ignored = f" Recipe options {sorted(options)} are ignored on this path." if options else ""
+    warn_once(f"torch:{reason}",
+              f"sage_torch: falling back to torch.nn.functional.scaled_dot_product_attention "
+              f"(sage semantics kept: bottom-right causal) because {reason}.{ignored} "
+              f"Set strict=True or SAGE_STRICT=1 to make this an error.", stacklevel=5)
 
 
 def _run_emulation(q, k, v, recipe: str, kwargs: dict[str, Any], options: dict[str, Any]):
