@@ -1,23 +1,25 @@
-"""Repository-wide pytest hooks: GPU tests skip with a visible reason where no GPU is present."""
-import pytest
+"""Repository-wide pytest hooks: GPU skipping by explicit marker and the ``seed`` fixture.
+
+The logic lives in tests/sage_pytest_plugin.py, shared with every packages/*/tests/conftest.py
+(a per-package run has the package as its rootdir and does not see this file).
+"""
+import importlib.util
+import pathlib
+import sys
 
 
-def _cuda_reason() -> str | None:
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU visible on this machine"
-    return None
+def _load_plugin():
+    name = "sage_pytest_plugin"
+    if name not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parent / "tests" / "sage_pytest_plugin.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def pytest_collection_modifyitems(config, items):
-    reason = _cuda_reason()
-    if reason is None:
-        return
-    skip = pytest.mark.skip(reason=f"GPU test skipped: {reason}")
-    for item in items:
-        # get_closest_marker: a folder named gpu/ is a keyword too, but not a marker
-        if item.get_closest_marker("gpu") is not None:
-            item.add_marker(skip)
+_plugin = _load_plugin()
+pytest_configure = _plugin.pytest_configure
+pytest_collection_modifyitems = _plugin.pytest_collection_modifyitems
+seed = _plugin.seed

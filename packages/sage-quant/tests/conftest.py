@@ -1,28 +1,23 @@
-import os
-import random
-
-import pytest
-import torch
-
-
-@pytest.fixture
-def seed(request):
-    """A fresh seed per test (printed, so a failure can be replayed with SAGE_TEST_SEED)."""
-    env = os.environ.get("SAGE_TEST_SEED")
-    s = int(env) if env else random.SystemRandom().randrange(1 << 31)
-    print(f"[seed] {request.node.nodeid}: SAGE_TEST_SEED={s}")
-    torch.manual_seed(s)
-    return s
+"""sage-quant tests: GPU skipping (explicit gpu/sm80/sm90 markers only) and the ``seed`` fixture (fixed per
+test id, printed; SAGE_TEST_SEED / SAGE_TEST_FRESH_SEEDS) come from tests/sage_pytest_plugin.py."""
+import importlib.util
+import pathlib
+import sys
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped with a reason when none is present)")
+def _load_plugin():
+    """tests/sage_pytest_plugin.py of the repository, the one module for skipping and seeds."""
+    name = "sage_pytest_plugin"
+    if name not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parents[3] / "tests" / "sage_pytest_plugin.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+_plugin = _load_plugin()
+pytest_configure = _plugin.pytest_configure
+pytest_collection_modifyitems = _plugin.pytest_collection_modifyitems
+seed = _plugin.seed

@@ -1,29 +1,34 @@
-"""Shared fixtures: a clean dispatcher per test, fresh random inputs with printed seeds."""
+"""Shared fixtures: a clean dispatcher per test. GPU skipping (explicit markers) and the ``seed``
+fixture (fixed per test, printed) come from tests/sage_pytest_plugin.py (also loaded by the repository's conftest.py)."""
 
 from __future__ import annotations
 
-import os
-import random
+import importlib.util
+import pathlib
+import sys
 
 import pytest
-import torch
 
 from sage_torch import _dispatch, backends
 from sage_torch_testing import FakeBackend
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped with a reason when none is present)")
+def _load_plugin():
+    """tests/sage_pytest_plugin.py of the repository, the one module for skipping and seeds."""
+    name = "sage_pytest_plugin"
+    if name not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parents[3] / "tests" / "sage_pytest_plugin.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
-    here = os.path.dirname(os.path.abspath(__file__))
-    for item in items:
-        if "gpu" in item.keywords and str(item.path).startswith(here):
-            item.add_marker(skip)
+_plugin = _load_plugin()
+pytest_configure = _plugin.pytest_configure
+pytest_collection_modifyitems = _plugin.pytest_collection_modifyitems
+seed = _plugin.seed
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +40,7 @@ def clean_dispatch(monkeypatch, request):
         monkeypatch.delenv(name, raising=False)
     backends.load_backend_modules()
     saved = dict(backends._registry)
-    if "gpu" not in request.node.keywords:
+    if request.node.get_closest_marker("gpu") is None:
         with backends._lock:
             backends._registry.clear()
             backends._generation += 1
@@ -46,13 +51,6 @@ def clean_dispatch(monkeypatch, request):
         backends._registry.update(saved)
         backends._generation += 1
     _dispatch.reset_warnings()
-
-
-@pytest.fixture
-def seed(request):
-    value = random.SystemRandom().randrange(1 << 31)
-    print(f"[{request.node.name}] seed={value}")
-    return value
 
 
 @pytest.fixture

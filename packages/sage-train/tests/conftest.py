@@ -1,5 +1,8 @@
-import os
-import random
+"""sage-train tests. The ``seed`` fixture (fixed per test, printed, seeds torch) and GPU skipping
+come from tests/sage_pytest_plugin.py (also loaded by the repository's conftest.py)."""
+import importlib.util
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -7,13 +10,22 @@ import torch
 import sage_train
 
 
-@pytest.fixture
-def seed():
-    """A fresh seed per test (printed; set SAGE_TEST_SEED to reproduce a failure)."""
-    s = int(os.environ.get("SAGE_TEST_SEED", random.SystemRandom().randrange(2**31)))
-    print(f"seed={s}")
-    torch.manual_seed(s)
-    return s
+def _load_plugin():
+    """tests/sage_pytest_plugin.py of the repository, the one module for skipping and seeds."""
+    name = "sage_pytest_plugin"
+    if name not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parents[3] / "tests" / "sage_pytest_plugin.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+_plugin = _load_plugin()
+pytest_configure = _plugin.pytest_configure
+pytest_collection_modifyitems = _plugin.pytest_collection_modifyitems
+seed = _plugin.seed
 
 
 @pytest.fixture(autouse=True)
