@@ -543,3 +543,21 @@ def test_wrapper_errors_before_launch():
         K.quant_v_s8(torch.zeros(1, 2, 8, 60, device="cuda", dtype=torch.float16))
     with pytest.raises(ValueError, match="CUDA tensor"):
         K.token_mean(torch.zeros(1, 2, 8, 64, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("block", [2**31 - 1, 2**31 - 64])
+def test_huge_user_block_tile_counts_do_not_overflow(seed, block):
+    """Tile counts come from s + block - 1, computed in int64 (int32 overflowed for a block near
+    2^31: a negative grid or a refused launch). One block then covers every token."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    x = make_input(1, 2, 300, 64, torch.float16, "bhsd", seed, "outlier")
+    got = K.block_mean(x, block)
+    assert got.shape == (1, 2, 1, 64), f"seed={seed}"
+    torch.testing.assert_close(got[:, :, 0], K.token_mean(x), rtol=0, atol=0, msg=f"seed={seed}")
+    for gran, role in (("per_block", "k"), ("per_thread", "k")):
+        b = block - block % 8 if gran == "per_thread" else block
+        vals, scale = K.quant_int(x, bits=8, granularity=gran, role=role, block=b)
+        rv, rs = R.quant_int(x, bits=8, granularity=gran, role=role, block=304)  # same groups: block >= s
+        assert torch.equal(vals, rv) and torch.equal(scale, rs), f"{gran} block={b} seed={seed}"

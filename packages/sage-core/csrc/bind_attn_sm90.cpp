@@ -165,6 +165,7 @@ void attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v_t, Array q_scale, Arr
   check_dtype(v_scale, "v_scale", {kF32});
   check_shape(v_scale, "v_scale", {b, h_kv, d});
   check_contiguous(v_scale, "v_scale");
+  check_aligned(v_scale, "v_scale", 8);  // read as float2 in the epilogue (d even: every head's row too)
   if (v_mean) {
     check_cuda(*v_mean, "v_mean");
     check_same_device(q, "q", *v_mean, "v_mean");

@@ -46,7 +46,14 @@ inline IntTiling int_tiling(const QuantIntParams& p) {
     case Granularity::kPerThreadK: t.tile_tokens = p.block; t.groups_per_tile = kKThreadGroups; break;
     case Granularity::kPerToken: t.tile_tokens = kTokenTile; t.groups_per_tile = kTokenTile; break;
   }
-  t.num_tiles = (s + t.tile_tokens - 1) / t.tile_tokens;
+  // int64: s + tile - 1 overflows int32 for s near 2^31 and a large user block. -1 = invalid
+  // (no tile count that fits a grid dimension; the launcher refuses it).
+  if (t.tile_tokens <= 0) {
+    t.num_tiles = -1;
+    return t;
+  }
+  const int64_t tiles = (static_cast<int64_t>(s) + t.tile_tokens - 1) / t.tile_tokens;
+  t.num_tiles = tiles > INT32_MAX ? -1 : static_cast<int>(tiles);
   return t;
 }
 
@@ -91,7 +98,7 @@ __global__ void __launch_bounds__(kQuantThreads)
   const int row = tid / lanes, lane = tid % lanes;
   const int tile = blockIdx.x, j = blockIdx.y, i = blockIdx.z;
   const int t0 = tile * tiling.tile_tokens;
-  const int t1 = min(t0 + tiling.tile_tokens, p.x.s);
+  const int t1 = static_cast<int>(min(static_cast<int64_t>(t0) + tiling.tile_tokens, static_cast<int64_t>(p.x.s)));
   const int g0 = tile * tiling.groups_per_tile;
   const int d = p.x.d;
 

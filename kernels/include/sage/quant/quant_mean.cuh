@@ -18,8 +18,8 @@ __global__ void __launch_bounds__(kMeanThreads) block_mean_kernel(MeanParams p, 
   const int row = tid / lanes, lane = tid % lanes;
   const int blk = blockIdx.x, j = blockIdx.y, i = blockIdx.z;
   const int t0 = blk * p.block;
-  const int t1 = min(t0 + p.block, p.x.s);
-  const int nblk = (p.x.s + p.block - 1) / p.block;
+  const int t1 = static_cast<int>(min(static_cast<int64_t>(t0) + p.block, static_cast<int64_t>(p.x.s)));
+  const int nblk = static_cast<int>((static_cast<int64_t>(p.x.s) + p.block - 1) / p.block);
   const int width = lanes * kVec;  // channels per pass
   float* out = p.out + ((static_cast<int64_t>(i) * p.x.h + j) * nblk + blk) * p.x.d;
   const float count = static_cast<float>(t1 - t0);
@@ -51,7 +51,13 @@ __global__ void __launch_bounds__(kMeanThreads) block_mean_kernel(MeanParams p, 
 
 template <typename T>
 cudaError_t launch_block_mean_t(const MeanParams& p, cudaStream_t stream) {
-  const int nblk = (p.x.s + p.block - 1) / p.block;
+  // int64: s + block - 1 overflows int32 for s near 2^31 and a large user block.
+  if (p.x.ptr == nullptr || p.out == nullptr || p.block <= 0 || p.x.s <= 0 || p.x.d <= 0 || p.x.h <= 0 ||
+      p.x.b <= 0 || p.x.h > 65535 || p.x.b > 65535)
+    return cudaErrorInvalidValue;
+  const int64_t nblk64 = (static_cast<int64_t>(p.x.s) + p.block - 1) / p.block;
+  if (nblk64 > INT32_MAX) return cudaErrorInvalidValue;
+  const int nblk = static_cast<int>(nblk64);
   const int lanes = lanes_per_row(p.x.d);
   dim3 grid(nblk, p.x.h, p.x.b);
   block_mean_kernel<T><<<grid, kMeanThreads, 0, stream>>>(p, lanes, all_strides_vec_ok(p.x));
