@@ -126,11 +126,51 @@ def sweep_shapes():
     return out
 
 
+def profile_host(recipe: str) -> None:
+    """Where the host time of one forced-kernel call goes: the bare sage_core call (capsules made
+    once), the backend's fast path, attention(), and a cProfile of attention() by own time."""
+    import cProfile
+    import pstats
+
+    from torch.utils.dlpack import to_dlpack
+
+    from .backends import sm90
+
+    q, k, v = _inputs(1, 8, 8, 128, 128, 64)
+    o = torch.empty_like(q)
+    n_ws = sm90._ONE_CALL_WS(1, 8, 128, 8, 128, 64)
+    ws = torch.empty((n_ws,), dtype=torch.uint8, device="cuda")
+    caps = [to_dlpack(t) for t in (q, k, v, o)]
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def bare():  # a capsule is consumed once: make fresh ones (to_dlpack ~1 us each) per call
+        sm90._ONE_CALL(to_dlpack(q), to_dlpack(k), to_dlpack(v), to_dlpack(o), None, to_dlpack(ws), 0.125,
+                       False, True, True, stream)
+
+    del caps
+    with torch.inference_mode():
+        for name, fn in (("sage_core call (+5 to_dlpack)", bare),
+                         ("backend fast path", lambda: sm90._fast(q, k, v, "bhsd", False, 0.125)),
+                         ("attention(recipe=kernel)", lambda: api.attention(q, k, v, recipe=recipe)),
+                         ("5x to_dlpack", lambda: [to_dlpack(t) for t in (q, k, v, o, ws)]),
+                         ("2x torch.empty", lambda: (torch.empty_like(q), torch.empty((n_ws,), dtype=torch.uint8,
+                                                                                        device="cuda")))):
+            print(f"[profile] {name:32s} host-only {host_only_us(fn):6.1f} us per call")
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(2000):
+            api.attention(q, k, v, recipe=recipe)
+        pr.disable()
+        torch.cuda.synchronize()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(12)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sage_torch.bench_host", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.environ.get("SAGE_BENCH_OUT", "bench-out"))
     p.add_argument("--loop", type=int, default=1000, help="calls per timed loop")
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--profile", action="store_true", help="only: where the host time of one call goes")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_host: no CUDA GPU visible; nothing timed (host cost is only meaningful on a GPU)")
@@ -144,6 +184,9 @@ def main(argv=None) -> int:
     del x
     arch = device_arch(torch.device("cuda"))
     recipe = KERNEL_RECIPE.get(arch)
+    if a.profile:
+        profile_host(recipe)
+        return 0
     rows = []
     shapes = LOOP_SHAPES + ([] if a.no_sweep else sweep_shapes())
     for shape in shapes:
