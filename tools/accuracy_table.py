@@ -6,7 +6,7 @@
 
 Emulation (``sage_quant.emulate``) follows the kernels' dataflow exactly (groups, rounding,
 saturation, online softmax, accumulator), so these numbers are what a correct kernel produces
-up to accumulation order (kernel vs emulation must agree to rel-L1 <= 2e-3, NUMERICS.md).
+up to accumulation order (kernel vs emulation must agree to rel-L1 <= 2e-3, docs/design/NUMERICS.md).
 Inputs: ``sage_quant.make_qkv`` (randn / outlier), bf16, fixed seeds (listed in the output).
 """
 
@@ -92,8 +92,8 @@ def main_table(r: Runner, lines: List[str]):
 
 def headline(r: Runner, lines: List[str]):
     n = r.args.n_headline
-    lines.append(f"## Headline shape of NUMERICS.md (b={r.args.b}, h={r.args.h}, n={n}, d=128, non-causal, "
-                 f"{r.args.dtype}; NUMERICS.md's figures are b=1, h=8, n=2048)\n")
+    lines.append(f"## Headline shape of docs/design/NUMERICS.md (b={r.args.b}, h={r.args.h}, n={n}, d=128, non-causal, "
+                 f"{r.args.dtype}; docs/design/NUMERICS.md's figures are b=1, h=8, n=2048)\n")
     lines.append("| recipe | dist | cos | rel-L1 | RMSE |")
     lines.append("|---|---|---|---|---|")
     for dist in ("outlier", "randn"):
@@ -250,7 +250,7 @@ def comparison(r: Runner) -> str:
 Only figures we are sure of are quoted. Our numbers are read from the tables above: d=128,
 non-causal, outlier inputs unless said; headline n={nh}, ablations n={na}.
 
-* **Reference measurements in NUMERICS.md** (official SageAttention 2.2.0 on one H200, b=1, h=8,
+* **Reference measurements in docs/design/NUMERICS.md** (official SageAttention 2.2.0 on one H200, b=1, h=8,
   n=2048, d=128, bf16, the same `outlier`/`randn` definitions): Hopper `qk_s8_pv_e4m3` outlier
   cos 0.999991, rel-L1 0.0041, randn rel-L1 0.038; mma.sync INT8 + FP16 P·V outlier cos 0.999996,
   rel-L1 0.0025; bf16 SDPA outlier cos 0.999999, rel-L1 0.0014, randn rel-L1 0.0022.
@@ -260,7 +260,7 @@ non-causal, outlier inputs unless said; headline n={nh}, ablations n={na}.
     rel-L1 {e4_off:.4f}; randn rel-L1 {rel(e4, 'randn', smooth_v=False):.4f}:
     {'**agree**' if near(e4_off, 0.0041) else '**disagree**'} with the official kernel (0.0041 / 0.038). With our default V smoothing: rel-L1 {rel(e4):.4f} on outlier
     (randn {rel(e4, 'randn'):.4f}, no bias to remove).
-  - `qk_s8_pv_f16` with SageAttention 1's INT8 *per-block* scales (Q 128 / K 64), as NUMERICS.md
+  - `qk_s8_pv_f16` with SageAttention 1's INT8 *per-block* scales (Q 128 / K 64), as docs/design/NUMERICS.md
     first describes it: cos {cos('qk_s8_pv_f16', n=na, **f16_pb):.6f}, rel-L1 {f16_blk:.4f},
     {'**worse**' if f16_blk > 1.1 * 0.0025 else 'as good as'} than the official FP16-P·V kernel (0.0025);
     with *per-thread* INT8 scales (our default, as the official kernel): cos {cos('qk_s8_pv_f16', n=na):.6f},
@@ -290,7 +290,7 @@ non-causal, outlier inputs unless said; headline n={nh}, ablations n={na}.
   `test_fp4_two_level_p_beats_direct_with_attention_sink`).
 * **INT-FlashAttention** (`qk_s8_pv_s8`): P with a fixed 1/127 scale rounds small probabilities
   to 0 or 1/127{', so it is the least accurate 8-bit recipe here' if s8s8_worst else ''} (outlier rel-L1
-  {s8s8:.4f}). We apply K smoothing by default (NUMERICS.md: always on for INT Q·K); the
+  {s8s8:.4f}). We apply K smoothing by default (docs/design/NUMERICS.md: always on for INT Q·K); the
   paper's own kernel does not smooth.
 * **FP16-accumulate P·V** (SageAttention2's FP16-buffer variant for GeForce Ada, V range 2.25;
   SageAttention's FP16 accumulation option): `qk_s8_pv_f16` FP32 {f16_thr:.4f} vs FP16 buffer
@@ -318,7 +318,7 @@ def main(argv=None):
     p.add_argument("--b", type=int, default=1)
     p.add_argument("--h", type=int, default=8)
     p.add_argument("--n", type=int, default=1024, help="sequence length of the full table (default 1024)")
-    p.add_argument("--n-headline", type=int, default=2048, help="sequence length of the NUMERICS.md headline shape")
+    p.add_argument("--n-headline", type=int, default=2048, help="sequence length of the docs/design/NUMERICS.md headline shape")
     p.add_argument("--n-ablation", type=int, default=2048, help="sequence length of the ablations")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     p.add_argument("--skip-main", action="store_true", help="only the headline shape and the ablations")

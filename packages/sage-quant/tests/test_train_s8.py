@@ -152,7 +152,7 @@ def _q8(x: torch.Tensor):
 
 
 def _naive_train_s8(q, k, v, do, *, is_causal, bq, bkv, dp_precision):
-    """Loops over (batch, head, q tile, kv tile) exactly as NUMERICS.md's train_s8 row reads."""
+    """Loops over (batch, head, q tile, kv tile) exactly as docs/design/NUMERICS.md's train_s8 row reads."""
     q, k, v, do = (x.to(torch.float32) for x in (q, k, v, do))
     b, h, sq, d = q.shape
     hkv, skv, dv = k.shape[1], k.shape[2], v.shape[3]

@@ -1,5 +1,5 @@
 """GPU: attention() end to end on CUDA, every registered+available backend, vs float64 and vs the
-emulation of the same recipe (NUMERICS.md budgets). Skipped without a GPU; a recipe without a
+emulation of the same recipe (docs/design/NUMERICS.md budgets). Skipped without a GPU; a recipe without a
 kernel on this device is skipped with the reason (sage_torch.info() says why)."""
 
 import math
@@ -15,9 +15,9 @@ from sage_torch_testing import make_qkv
 
 pytestmark = pytest.mark.gpu
 
-#: Kernel vs emulation of the same recipe (NUMERICS.md: a larger gap is a bug).
+#: Kernel vs emulation of the same recipe (docs/design/NUMERICS.md: a larger gap is a bug).
 kKernelVsEmulationRelL1 = 2e-3
-#: Kernel vs float64 attention of the unquantized inputs, randn inputs (NUMERICS.md figures
+#: Kernel vs float64 attention of the unquantized inputs, randn inputs (docs/design/NUMERICS.md figures
 #: with margin: 8-bit Hopper rel-L1 0.038 on randn d=128).
 kBudget = {  # measured on the emulation (3 seeds x SHAPES x d 64/128, causal), then margin
     "qk_s8_pv_f16": dict(cos=0.999, rel_l1=0.03, lse_atol=0.05),
@@ -168,7 +168,7 @@ def test_cuda_fallback_semantics(seed):
 
 
 @pytest.mark.parametrize("recipe, cos_min, rel_l1_max", [
-    # NUMERICS.md reference figures (official SageAttention 2.2.0, one H200, same inputs):
+    # docs/design/NUMERICS.md reference figures (official SageAttention 2.2.0, one H200, same inputs):
     # e4m3 cos 0.999991 / rel-L1 0.0041, f16 cos 0.999996 / rel-L1 0.0025. Our emulation (CPU,
     # seeds 1, 2): e4m3 0.999991 / 0.0039-0.0040, f16 (per-block Q/K scales) 0.999993 / 0.0031-0.0033.
     ("qk_s8_pv_e4m3", 0.99998, 0.0050),

@@ -3,7 +3,7 @@
 * ``sage_quant.reference``: PyTorch references of every quantized format
   (contract: ``docs/design/quant-formats.md``).
 * ``sage_quant.ops``: ``quantize_*`` (CUDA kernel when available, else the reference).
-* ``sage_quant.emulate`` / ``sage_quant.RECIPES``: exact emulation of the NUMERICS.md recipes;
+* ``sage_quant.emulate`` / ``sage_quant.RECIPES``: exact emulation of the docs/design/NUMERICS.md recipes;
   ``sage_quant.reference_attention``: float64 attention.
 * ``sage_quant.metrics``: cosine, relative L1, RMSE; ``sage_quant.inputs.make_qkv``.
 """

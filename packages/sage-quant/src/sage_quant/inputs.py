@@ -1,4 +1,4 @@
-"""Test inputs for attention accuracy (NUMERICS.md, "Input distributions").
+"""Test inputs for attention accuracy (docs/design/NUMERICS.md, "Input distributions").
 
 ``make_qkv`` draws Q, K, V in float32 from a CPU ``torch.Generator`` seeded with ``seed`` (so a
 seed reproduces the same tensors on every device), then casts to ``dtype`` and moves to ``device``.

@@ -1,4 +1,4 @@
-"""Accuracy metrics against a reference (NUMERICS.md, "Accuracy: how it is measured").
+"""Accuracy metrics against a reference (docs/design/NUMERICS.md, "Accuracy: how it is measured").
 
 All metrics flatten both tensors and compute in float64. A NaN anywhere in either tensor makes
 every metric NaN: a broken output must never look fine. An infinite element makes the

@@ -1,4 +1,4 @@
-"""Recipe names and the front end's fixed limits (NUMERICS.md defines the recipes)."""
+"""Recipe names and the front end's fixed limits (docs/design/NUMERICS.md defines the recipes)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-#: Forward recipes of NUMERICS.md. sage_quant.RECIPES is the authority when it is importable;
+#: Forward recipes of docs/design/NUMERICS.md. sage_quant.RECIPES is the authority when it is importable;
 #: this list keeps validation working (and messages readable) without it.
 FORWARD_RECIPES: tuple[str, ...] = (
     "qk_s8_pv_f16",

@@ -1,6 +1,6 @@
 """Exact emulation of the ``train_s8`` recipe (SageBwd: 8-bit attention for training).
 
-Recipe (``NUMERICS.md``, SageAttention3 "SageBwd"); every quantization below is symmetric INT8
+Recipe (``docs/design/NUMERICS.md``, SageAttention3 "SageBwd"); every quantization below is symmetric INT8
 with the arithmetic of ``docs/design/quant-formats.md`` (``s = amax / 127``, ``amax == 0 -> s = 1``,
 ``q = clamp(round_half_even(x / s), -127, 127)``, IEEE division):
 
