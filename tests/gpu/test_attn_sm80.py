@@ -441,3 +441,22 @@ def test_f16_buffer_binding_rejects_unknown_accumulation():
     sage_core.attn_fwd_sm80_qk_s8_pv_f16(q, q, v, o, None, qs, qs, **kw, pv_accum="f16_buffer")
     torch.cuda.synchronize()
     assert torch.equal(o, torch.zeros_like(o))
+
+
+@pytest.mark.gpu
+@pytest.mark.sm80
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_bf16_v_beyond_fp16_range(layout, seed):
+    """qk_s8_pv_f16 converts bf16 V to FP16: channels beyond 65504 are scaled by a power of two
+    (sage_quant.reference.v_fp16_range_scale) and O's channel multiplied back, as the emulation."""
+    recipe = "qk_s8_pv_f16"
+    _require(recipe)
+    seed, q, k, v = _inputs(seed, "randn", b=1, h_q=4, h_kv=2, s_q=130, s_kv=200, d=64, dtype=torch.bfloat16,
+                            layout=layout)
+    vb = R.to_bhsd(v, layout)
+    vb[0, 1, 17, 3] = 7e4
+    vb[0, 0, 100, 40] = -3e5
+    _check_vs_emulation(recipe, seed, q, k, v, layout=layout, is_causal=True)
+    o, _ = _kernel(recipe, q, k, v, layout=layout, is_causal=False, return_lse=False)
+    ref = sage_quant.reference_attention(q, k, v, layout=layout)
+    assert sage_quant.rel_l1(o, ref) <= 0.02, f"seed={seed}"

@@ -69,7 +69,7 @@ def test_bad_arguments(qkv):
         sage_torch.attention(q, k, v, is_causal=1)
     with pytest.raises(TypeError, match="return_lse must be a bool"):
         sage_torch.attention(q, k, v, return_lse="yes")
-    with pytest.raises(ValueError, match="scale must be None or a positive finite float"):
+    with pytest.raises(ValueError, match="scale must be None or a positive finite real number"):
         sage_torch.attention(q, k, v, scale=float("nan"))
     with pytest.raises(TypeError, match="recipe must be a str"):
         sage_torch.attention(q, k, v, recipe=None)

@@ -53,6 +53,7 @@ __all__ = [
     "fake_quant_fp4",
     "e2m1_round",
     "swizzle_scale_offsets",
+    "v_fp16_range_scale",
     "swizzle_scales",
     "unswizzle_scales",
 ]
@@ -109,6 +110,29 @@ def to_bhsd(x: torch.Tensor, layout: str = "bhsd") -> torch.Tensor:
 def _f32_bhsd(x: torch.Tensor, layout: str, name: str = "x") -> torch.Tensor:
     _check_float_tensor(x, name)
     return to_bhsd(x, layout).to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# V in FP16 range (qk_s8_pv_f16)
+# --------------------------------------------------------------------------------------------
+kF16Max = 65504.0
+
+
+def v_fp16_range_scale(v: torch.Tensor, layout: str = "bhsd") -> torch.Tensor:
+    """Per (b, h, channel) power of two ``f >= 1``, float32 ``(b, h, d)``, such that
+    ``amax_tokens|V| / f <= 65504`` (FP16's max).
+
+    ``qk_s8_pv_f16`` computes P·V with FP16 V; a bf16 (or fp32) V channel above FP16's range
+    would become Inf and poison every row. The recipe divides such a channel by ``f`` before the
+    FP16 conversion and multiplies O's channel by ``f`` in the epilogue (both exact: powers of
+    two). ``f = 1`` for every channel already in range (then nothing changes), and for channels
+    whose amax is NaN or Inf (NaN/Inf propagate as before)."""
+    amax = _f32_bhsd(v, layout, "v").abs().amax(dim=2)
+    e = torch.ceil(torch.log2(amax / kF16Max)).clamp(min=0)
+    e = torch.where(torch.isfinite(amax), e, torch.zeros_like(e))
+    f = torch.exp2(e)
+    f = torch.where(torch.isfinite(amax) & (amax / f > kF16Max), f * 2, f)  # log2 rounding at a power of two
+    return f.contiguous()
 
 
 # --------------------------------------------------------------------------------------------

@@ -446,6 +446,43 @@ def check_options(recipe: str | None, options: dict[str, Any]) -> None:
                         f"accepted: {sorted(names) or 'none'}")
 
 
+def check_option_values(arch: str, recipe: str, options: dict[str, Any]) -> None:
+    """Option *values* are checked against the recipe's declared values (``sage_quant.recipe_options``)
+    before anything is dispatched: a bad value (``kv_block=7``, ``pv_accum="bogus"``) is a ValueError,
+    never a backend veto that silently falls back. For ``recipe="auto"`` the candidates are the
+    recipes auto can pick here (the forced recipe or the arch's preference list, else every recipe
+    that has these option names); the values must be valid for at least one of them."""
+    if not options or recipe == RECIPE_TORCH:
+        return
+    try:
+        import sage_quant
+        validate = sage_quant.recipe_options
+    except (ImportError, AttributeError):
+        return  # no declared values here: the backend/emulation validates
+    if recipe != RECIPE_AUTO:
+        candidates = [recipe]
+    else:
+        forced = _env.env_forced_recipe()
+        candidates = [forced] if forced not in (None, RECIPE_TORCH) else list(ARCH_DEFAULT_RECIPES.get(arch, ()))
+    names = set(options) - set(FRONT_END_OPTIONS)
+    described = [r for r in candidates if (n := recipe_option_names(r)) is not None and names <= n]
+    if recipe == RECIPE_AUTO and not described:
+        described = [r for r in known_recipes() if (n := recipe_option_names(r)) is not None and names <= n]
+    errors = []
+    for r in described:
+        try:
+            validate(r, **{k: options[k] for k in names})
+        except ValueError as exc:
+            errors.append(f"{r}: {exc}")
+        except TypeError:
+            continue  # unknown names: check_options reports them
+        else:
+            return
+    if errors:
+        raise ValueError(f"invalid recipe option value(s) {sorted(names)} for recipe={recipe!r}: "
+                         + "; ".join(errors))
+
+
 # ----------------------------------------------------------------------------- execution
 
 
@@ -472,7 +509,9 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, is_ca
     scale_value = float(scale) if scale is not None else d ** -0.5
     kwargs = {"layout": layout, "is_causal": is_causal, "scale": scale_value, "return_lse": return_lse}
     call = {"q": q, "k": k, "v": v, "kwargs": {**kwargs, **options}}
-    decision = resolve(device_arch(q.device), q.dtype, d, recipe, emulate=emulate, strict=strict, call=call)
+    arch = device_arch(q.device)
+    check_option_values(arch, recipe, options)  # before dispatch: a bad value never falls back
+    decision = resolve(arch, q.dtype, d, recipe, emulate=emulate, strict=strict, call=call)
     check_options(decision.recipe, options)
 
     if decision.kind == KIND_KERNEL:

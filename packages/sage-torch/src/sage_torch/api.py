@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -19,16 +20,41 @@ def _shape_text(layout: str) -> str:
     return "(batch, heads, seq, head_dim)" if layout == "bhsd" else "(batch, seq, heads, head_dim)"
 
 
+def _is_numpy_bool(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    """A Python bool, or numpy.bool_ (np.True_) converted; anything else is a TypeError."""
+    if value is True or value is False:
+        return value
+    if _is_numpy_bool(value):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True/False; numpy.bool_ is accepted), got {value!r} "
+                    f"of type {type(value).__module__}.{type(value).__qualname__}")
+
+
+def _as_scale(scale: Any) -> float | None:
+    """None, or a positive finite real number (int, float, numpy scalar) as a float."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or _is_numpy_bool(scale) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be None or a positive finite real number (int, float or a numpy "
+                        f"scalar such as np.float32), got {scale!r} of type "
+                        f"{type(scale).__module__}.{type(scale).__qualname__}")
+    value = float(scale)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scale must be None or a positive finite real number, got {scale!r}")
+    return value
+
+
 def _validate(q: Any, k: Any, v: Any, *, layout: Any, is_causal: Any, scale: Any, return_lse: Any) -> None:
     """Every check the front end owns; raises TypeError/ValueError naming what was given."""
     if not isinstance(layout, str) or layout not in SUPPORTED_LAYOUTS:
         raise ValueError(f"layout must be one of {SUPPORTED_LAYOUTS}, got {layout!r}")
     for name, flag in (("is_causal", is_causal), ("return_lse", return_lse)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale) or scale <= 0):
-        raise ValueError(f"scale must be None or a positive finite float, got {scale!r}")
+        _as_bool(name, flag)
+    _as_scale(scale)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -98,6 +124,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     Returns:
         ``o`` with q's shape, dtype and layout (contiguous), or ``(o, lse)`` with ``return_lse``.
     """
+    if type(is_causal) is not bool:  # np.True_ hashes like True: normalize before the cached fast path
+        is_causal = _as_bool("is_causal", is_causal)
     if not recipe_options and return_lse is False:
         o = _dispatch.fast_call(q, k, v, layout, is_causal, scale, recipe)
         if o is not None:
@@ -110,9 +138,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
     if not isinstance(recipe, str):
         raise TypeError(f"recipe must be a str, got {type(recipe).__name__}")
     _validate(q, k, v, layout=layout, is_causal=is_causal, scale=scale, return_lse=return_lse)
+    is_causal, return_lse = bool(is_causal), bool(return_lse)  # numpy bools accepted above
     _check_no_grad(q, k, v)
     options_text = _dispatch.encode_options(recipe_options)  # also rejects non-literal values
-    scale_arg = None if scale is None else float(scale)
+    scale_arg = _as_scale(scale)
     if torch.compiler.is_compiling():
         o, lse = torch.ops.sage.attention_fwd(q, k, v, layout, is_causal, scale_arg, recipe, return_lse,
                                               options_text, emulate, strict)
@@ -165,7 +194,8 @@ def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, sc
     if is_causal and query.shape[2] != key.shape[2]:
         return ("is_causal with q_len != kv_len: PyTorch aligns that mask top-left, sage bottom-right; "
                 "PyTorch's SDPA keeps PyTorch's meaning"), True
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
+    if scale is not None and (isinstance(scale, bool) or _is_numpy_bool(scale)
+                              or not isinstance(scale, numbers.Real) or not 0 < float(scale) < math.inf):
         return f"scale={scale!r}", True
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "inputs require grad (sage attention is forward-only; sage_train is the training path)", True

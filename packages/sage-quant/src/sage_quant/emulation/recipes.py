@@ -306,6 +306,12 @@ def _prepare_pv(recipe, v, opts, rep, v_mean=None):
     s_kv = v.shape[2]
     if recipe == "qk_s8_pv_f16":
         pv_dtype = torch.float16 if opts["pv_dtype"] == "fp16" else torch.bfloat16
+        v_range = None
+        if pv_dtype == torch.float16 and v.dtype != torch.float16:
+            # a channel beyond FP16's range is divided by a power of two, multiplied back in the
+            # epilogue (R.v_fp16_range_scale; f = 1 for channels in range: no change)
+            v_range = R.v_fp16_range_scale(v)
+            v = v.to(torch.float32) / v_range[:, :, None, :]
         v_lp = _expand_kv(v.to(pv_dtype).to(torch.float32), rep)
         f16_buffer = opts["pv_accum"] == "f16_buffer"
 
@@ -315,7 +321,7 @@ def _prepare_pv(recipe, v, opts, rep, v_mean=None):
                 return o_scaled + _f16_buffer(p_lp, v_lp[:, :, j0:j1], kMmaChunkKeysF16)
             return o_scaled + torch.matmul(p_lp, v_lp[:, :, j0:j1])
 
-        return 0.0, block, None
+        return 0.0, block, (None if v_range is None else _expand_kv(v_range, rep))
 
     if recipe in ("qk_s8_pv_e4m3", "qk_s4_pv_e4m3"):
         v_t, v_scale = R.quant_v_e4m3_t(v, mean=v_mean, v_max=opts["v_max"])  # V - v_mean if smoothing

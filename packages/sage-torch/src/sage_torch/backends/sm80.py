@@ -11,7 +11,9 @@ Kernel facts that options must respect (``supports`` vetoes anything else, with 
   * the online softmax steps over 64-key tiles: ``kv_block`` must be 64 (also the default here,
     while ``sage_quant.RECIPES`` defaults e4m3 recipes to the Hopper tile 128);
   * ``qk_s8_pv_f16`` computes P·V in fp16 (bf16 V is converted to fp16 in shared memory, as the
-    original SageAttention does): ``pv_dtype="fp16"``;
+    original SageAttention does): ``pv_dtype="fp16"``; a bf16 V channel beyond FP16's range is
+    divided by a power of two first and O's channel multiplied back (``sage_quant.reference.
+    v_fp16_range_scale``; the emulation does the same);
   * Q smoothing (``smooth_q``) only in ``qk_s4_pv_e4m3``, with ``delta_s="quantized_k"`` and
     ``q_block`` a multiple of 64; e4m3 recipes: the hardware accumulator (``acc_mantissa_bits``
     default) and ``pv_accum="two_level"``;
@@ -53,6 +55,7 @@ __all__ = [
     "kCtaRows",
     "resolve_options",
     "unsupported_reason",
+    "grid_limit_reason",
     "quant_v_t_p32",
     "kernel_names",
     "attn_qk_s8_pv_f16",
@@ -66,6 +69,7 @@ kCtaRows = 64  # query rows per CTA (kSm80BlockM): Q smoothing blocks must be mu
 kVChunk = 32  # tokens of one 8-bit k32 MMA: the permutation period of v_*_t_p32
 kVTokenPad = _ref.kVTokenPad  # 128, as v_e4m3_t
 kRowAlignBytes = 16  # cp.async rows
+kMaxGridYZ = 65535  # CUDA grid dims y (heads) and z (batch)
 HEAD_DIMS = (64, 128)
 
 RECIPES = ("qk_s8_pv_f16", "qk_s8_pv_s8", "qk_s8_pv_e4m3", "qk_s4_pv_e4m3")
@@ -244,10 +248,21 @@ def _run(recipe: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layo
                   softmax_scale=float(scale), is_causal=bool(is_causal), stream=stream)
     if recipe in _F16_BUFFER_RECIPES:
         common["pv_accum"] = opts["pv_accum"]
+    v_range = None
     if recipe == "qk_s8_pv_f16":
+        if vb.dtype != torch.float16:
+            # The kernel converts bf16 V to FP16: a channel beyond 65504 would be Inf in every row.
+            # Divide such channels by a power of two and multiply O's channel back (exact; f = 1
+            # for channels in range). Costs one amax pass and one scaled copy of V, one pass over O.
+            v_range = _ref.v_fp16_range_scale(vb)  # (b, h_kv, d)
+            vb = (vb * (1.0 / v_range)[:, :, None, :].to(vb.dtype)).contiguous()
         if not _aligned_rows(vb):  # the kernel reads V in place with 16-byte cp.async rows
             vb = vb.contiguous()
         sage_core.attn_fwd_sm80_qk_s8_pv_f16(q_vals, k_vals, vb, ob, lse, q_scale, k_scale, **common)
+        if v_range is not None:
+            rep = h_q // h_kv
+            f = v_range.repeat_interleave(rep, dim=1) if rep > 1 else v_range
+            ob.mul_(f[:, :, None, :].to(ob.dtype))
     else:
         v_max = opts.get("v_max", _ref.kFp8E4m3Max)
         v_t, v_scale = quant_v_t_p32(v, _V_FMT[recipe], layout=layout, v_max=v_max)
@@ -277,8 +292,22 @@ def _make_fn(recipe: str):
     return fn
 
 
+def grid_limit_reason(q: torch.Tensor, layout: str) -> Optional[str]:
+    """The kernel's grid is (q tiles, h_q, b) and the quantizers' (tiles, h, b): CUDA caps grid
+    dims y and z at 65535, so larger batch or head counts are declined (dispatch falls back and
+    says why) instead of reaching sage_core's launch check."""
+    b, h_q = q.shape[0], (q.shape[1] if layout == "bhsd" else q.shape[2])
+    if b > kMaxGridYZ or h_q > kMaxGridYZ:
+        return (f"the sm80 kernel launches one CTA row per (head, batch): batch and q heads must be "
+                f"<= {kMaxGridYZ} (CUDA grid y/z limit), got batch={b}, heads={h_q}")
+    return None
+
+
 def _make_supports(recipe: str):
     def supports(q, k, v, *, layout, is_causal, scale, return_lse, **options) -> Optional[str]:
+        why = grid_limit_reason(q, layout)
+        if why is not None:
+            return why
         try:
             opts = resolve_options(recipe, options)
         except (TypeError, ValueError) as exc:
