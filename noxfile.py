@@ -177,10 +177,17 @@ def _wheel_core(session: nox.Session, src: pathlib.Path, archs: str, extra: list
                 external=True)
     (whl,) = raw.glob("sage_core-*.whl")
     # auditwheel grafts nothing (the module needs only libc/libstdc++/libgcc_s) and retags the
-    # wheel with the most compatible manylinux tag its symbols allow (docs/packaging.md).
-    session.run("auditwheel", "repair", "-w", str(ROOT / "dist"), str(whl), external=True)
-    session.run("auditwheel", "show", *sorted(str(w) for w in (ROOT / "dist").glob("sage_core-*manylinux*.whl")),
-                external=True)
+    # wheel with the most compatible manylinux tag its symbols allow (docs/packaging.md: built on
+    # glibc >= 2.34, cudart_static binds dlopen/pthread_* at GLIBC_2.34, so manylinux_2_34).
+    # SAGE_WHEEL_PLAT=manylinux_2_28_x86_64 makes anything less compatible an error (release builds).
+    plat = os.environ.get("SAGE_WHEEL_PLAT")
+    dist = ROOT / "dist"
+    dist.mkdir(exist_ok=True)
+    before = set(dist.glob("sage_core-*.whl"))
+    session.run("auditwheel", "repair", *(["--plat", plat, "--only-plat"] if plat else []),
+                "-w", str(dist), str(whl), external=True)
+    for repaired in sorted(set(dist.glob("sage_core-*.whl")) - before) or [whl]:
+        session.run("auditwheel", "show", str(repaired), external=True)
 
 
 @nox.session(python=VENV)
