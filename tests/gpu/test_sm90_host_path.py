@@ -108,12 +108,16 @@ def test_attention_fast_path_equals_validated_path():
 
 def test_fast_path_hands_unusual_calls_to_the_validated_path():
     q, k, v = _qkv(1, 8, 8, 256, 256, 64, torch.bfloat16, "bhsd")
-    odd = torch.randn(1, 8, 256, 68, device="cuda", dtype=torch.bfloat16)[..., :64]  # rows not 16-byte aligned
+    g = torch.Generator(device="cuda").manual_seed(SEED)
+    odd = torch.randn(1, 8, 256, 68, device="cuda", dtype=torch.bfloat16, generator=g)[..., :64]  # rows not 16-byte aligned
     assert sm90_backend._fast(odd, k, v, "bhsd", False, 0.125) is None
     with torch.inference_mode():
         o_odd = sage_torch.attention(odd, k, v, recipe="qk_s8_pv_e4m3")
         o_ref = sage_torch.attention(odd.contiguous(), k, v, recipe="qk_s8_pv_e4m3")
     assert torch.equal(o_odd, o_ref)
+    assert sm90_backend._fast(q, k[:, :, :100], v, "bhsd", False, 0.125) is None  # k, v lengths differ
+    with pytest.raises(ValueError, match="k and v must have the same heads and length"):
+        sage_torch.attention(q, k[:, :, :100], v, recipe="qk_s8_pv_e4m3")
     qg = q.clone().requires_grad_(True)
     with pytest.raises(RuntimeError, match="inference-only"):
         sage_torch.attention(qg, k, v, recipe="qk_s8_pv_e4m3")
@@ -142,6 +146,6 @@ def test_auto_routes_decode_and_tiny_calls_to_sdpa_once():
 def test_auto_rule_is_what_the_table_says():
     min_rows, min_macs = _dispatch.AUTO_TORCH_RULES["sm90_qk_s8_pv_e4m3"]
     assert _dispatch.auto_torch_reason("sm90_qk_s8_pv_e4m3", 1, 32, min_rows - 1, 8192, 128, False) is not None
-    n = 4096
+    n = 8192
     assert _dispatch.auto_torch_reason("sm90_qk_s8_pv_e4m3", 1, 32, n, n, 128, True) is None
     assert 1 * 32 * n * n * 128 // 2 >= min_macs

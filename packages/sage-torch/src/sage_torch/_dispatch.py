@@ -295,9 +295,10 @@ def resolve(arch: str, dtype: torch.dtype, head_dim: int, recipe: str = RECIPE_A
 #: four kernels, SDPA one). Per backend auto would pick: (min query rows, min MACs per call =
 #: b*h_q*s_q*s_kv*d, halved for causal). Measured on an H200 (docs/perf/sm90_host_path.md):
 #: the sm90 kernel path is 1.5-2x slower than cuDNN SDPA up to 2k tokens x 32 heads (d=128) and
-#: even at 4k (2^35 MACs causal at 32 heads) only ties it.
+#: at 4k tokens it only ties (Llama-style 32 heads causal, 2^35 MACs) or loses inside a model
+#: (DiT-style 24 heads, 2^35.6 MACs: 0.955x per forward at 30f64fa). Rule: below 2^36.
 AUTO_TORCH_RULES: dict[str, tuple[int, int]] = {
-    "sm90_qk_s8_pv_e4m3": (64, 1 << 35),
+    "sm90_qk_s8_pv_e4m3": (64, 1 << 36),
 }
 
 
