@@ -145,6 +145,18 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=VENV)
+def bench_models(session: nox.Session) -> None:
+    """GPU: whole models (transformers Llama prefill, DiT-style stack) with SDPA vs sage, per forward."""
+    _install_deps(session)
+    if not SYSTEM:
+        _pip(session, "transformers", "matplotlib")
+    gpu = _gpu_arch(session)
+    _build_core(session, ARCH_TARGETS.get(gpu or "", "none") if gpu else "none")
+    _install_pure(session)
+    session.run("python", "-m", "sage_torch.bench", "--models", *session.posargs, external=True)
+
+
+@nox.session(python=VENV)
 def lint(session: nox.Session) -> None:
     if not SYSTEM:
         _pip(session, "ruff")

@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else list(argv)
     if "--models" in args_in:  # the model-level benchmark (its own options follow)
         from . import bench_models
-        return bench_models.main([x for x in args_in if x != "--models"])
+        args_in.remove("--models")  # the first one; bench_models has a --models option of its own
+        return bench_models.main(args_in)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d", type=int, nargs="+", default=[64, 128])
     p.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
