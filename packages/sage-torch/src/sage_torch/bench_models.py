@@ -1,67 +1,162 @@
-"""Model-level benchmark: ``python -m sage_torch.bench --models`` (or ``python -m sage_torch.bench_models``).
+"""Model-level benchmark: whole forwards of randomly initialised transformer stacks, sage vs SDPA.
 
-Randomly initialised transformer stacks in bf16, batch 1, timed per forward (CUDA events, median)
-through the integration points users call:
+    python -m sage_torch.bench_models [--models llama dit] [--llama-tokens ...] [--dit-tokens ...]
+                                      [--iters 10] [--warmup 3] [--quick] [--out bench-out/models]
+    python -m sage_torch.bench --models ...        (the same; there a second --models picks models)
 
-* **Llama-style causal GQA prefill**: transformers' ``LlamaModel`` from a ``LlamaConfig`` (2 layers,
-  width 4096, 32 query / 8 kv heads, head dim 128, MLP 14336), run with
-  ``attn_implementation="sdpa"`` (PyTorch's default SDPA backend), the same under
-  ``sdpa_kernel(CUDNN_ATTENTION)``, ``"eager"`` (accuracy reference, short inputs only) and
-  ``"sage"`` (``sage_torch.integrations.register_hf``).
-* **DiT-style non-causal stack**: 4 pre-norm blocks, width 3072, 24 heads (d=128), a packed qkv
-  projection whose strided q/k/v views go to ``F.scaled_dot_product_attention``; run with the
-  default SDPA, SDPA forced to cuDNN, the math backend (accuracy reference, short inputs only) and
-  ``sage_torch.patch_sdpa()``.
+Two models, bf16, batch 1, random weights (nothing is downloaded):
 
-Per model and size: ms per forward, speedup of sage over default SDPA and over cuDNN, and the
-output's rel-L1 to the default-SDPA run next to the reference implementation's. JSON + markdown
-table (+ PNG when matplotlib imports) under ``--out`` (default ``bench-out/models``).
-``--quick`` runs tiny configurations (the CPU test uses it; without a GPU nothing is timed).
+* ``llama``: transformers' ``LlamaForCausalLM`` from a ``LlamaConfig`` (2 layers, hidden 4096,
+  32 query / 8 kv heads, head dim 128, MLP 14336, vocab 32000), causal GQA prefill of n tokens,
+  ``use_cache=False``. Variants go through transformers' own attention switch
+  (``set_attn_implementation``): ``sdpa`` (PyTorch's SDPA, default backend choice),
+  ``sdpa_cudnn`` (the same under ``sdpa_kernel(SDPBackend.CUDNN_ATTENTION)``), ``eager``
+  (transformers' matmul-softmax attention: the accuracy yardstick), ``sage`` (sage's
+  transformers integration, :func:`sage_torch.register_hf`) and ``no_attention`` (attention
+  replaced by a copy of q: the rest of the forward, to estimate attention's share).
+* ``dit``: a plain PyTorch DiT-style stack (4 pre-norm blocks, width 3072, 24 heads of 128, a
+  packed qkv Linear whose output is viewed into strided q/k/v, non-causal
+  ``F.scaled_dot_product_attention``, MLP 4x with GELU). Variants: ``sdpa``, ``sdpa_cudnn``,
+  ``math`` (``SDPBackend.MATH``), ``float32`` (the whole model in float32, default SDPA; accuracy
+  only), ``sage`` (:class:`sage_torch.patch_sdpa` around the forward) and ``no_attention``.
+
+Per model, size and variant: median milliseconds per forward (CUDA events, ``--warmup`` runs,
+then ``--iters`` timed runs, each synchronised, under ``torch.inference_mode``), speedup over
+``sdpa`` and ``sdpa_cudnn``, and the relative L1 difference (sum|a-b| / sum|b|, float64) and
+cosine of the output (llama: logits and last hidden state; dit: the final hidden state) against
+the ``sdpa`` run. For the ``sage`` run it also records what sage actually ran per attention call
+signature (kernel, emulation or PyTorch, with the dispatcher's reason) and how many attention
+calls reached sage. Writes ``models.json``, ``models.md`` and ``models.png`` (matplotlib
+optional) under ``--out``. A size that runs out of memory is a row with ``skipped`` and the
+reason; every run frees its tensors before the next.
+
+Without a CUDA GPU the timing is skipped (said so on stdout and in the JSON); the ``--quick``
+models (tiny configs, a few dozen tokens) then run on the CPU through the same code paths, with
+sage's attention as the CPU emulation of ``--cpu-recipe`` (the sm90 default recipe unless
+given), so the accuracy columns and the whole pipeline can be checked on any machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import gc
 import json
+import math
 import os
+import pathlib
 import subprocess
 import sys
 import time
-from typing import Callable
+import warnings
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LLAMA = dict(layers=2, width=4096, heads=32, kv_heads=8, mlp=14336, vocab=32000)
-LLAMA_QUICK = dict(layers=1, width=128, heads=4, kv_heads=2, mlp=256, vocab=128)
-DIT = dict(blocks=4, width=3072, heads=24)
-DIT_QUICK = dict(blocks=1, width=128, heads=2)
-LLAMA_TOKENS = [1024, 4096, 16384, 32768]
-DIT_TOKENS = [1024, 4096, 16384, 32768]
-REF_MAX_TOKENS = 4096  # eager / math references materialise s x s scores: short inputs only
+# ----------------------------------------------------------------------------- configurations
+
+LLAMA_FULL = {"layers": 2, "hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128,
+              "intermediate": 14336, "vocab": 32000}
+LLAMA_QUICK = {"layers": 2, "hidden": 256, "heads": 4, "kv_heads": 2, "head_dim": 64,
+               "intermediate": 512, "vocab": 512}
+DIT_FULL = {"blocks": 4, "width": 3072, "heads": 24, "mlp_ratio": 4}
+DIT_QUICK = {"blocks": 2, "width": 256, "heads": 4, "mlp_ratio": 4}
+TOKENS_FULL = {"llama": [1024, 4096, 16384, 32768], "dit": [1024, 4096, 16384, 32768]}
+TOKENS_QUICK = {"llama": [64, 128], "dit": [64, 128]}
+MODELS = ("llama", "dit")
+
+#: Variants per model, in run order. The first is the baseline every other one is compared to.
+LLAMA_VARIANTS = ("sdpa", "sdpa_cudnn", "eager", "sage", "no_attention")
+DIT_VARIANTS = ("sdpa", "sdpa_cudnn", "math", "float32", "sage", "no_attention")
+#: Variants that are accuracy references only (never timed).
+UNTIMED_VARIANTS = ("float32",)
+#: The accuracy yardstick per model: what switching the baseline to a different exact
+#: attention (or precision) changes, printed next to sage's difference.
+REFERENCE_VARIANTS = {"llama": ("eager",), "dit": ("math", "float32")}
+#: Variants that materialise the (heads, n, n) score matrix, skipped above --dense-max-tokens.
+DENSE_VARIANTS = ("eager", "math")
+
+NO_ATTENTION_HF_NAME = "sage_bench_no_attention"
+COMPARE_CHUNK_ELEMENTS = 1 << 24  # float64 elements per chunk of the output comparison
 
 
-def _commit() -> str:
-    if os.environ.get("SAGE_COMMIT"):
-        return os.environ["SAGE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
+# ----------------------------------------------------------------------------- the DiT-style stack
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block as in DiT-style image/video models (adaLN left out).
+
+    q, k and v are strided views of one packed ``qkv`` projection, ``(b, h, n, d)`` with a
+    contiguous last dim, handed straight to ``F.scaled_dot_product_attention`` (looked up at
+    call time, so :class:`sage_torch.patch_sdpa` reaches it).
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.fc1 = nn.Linear(width, mlp_ratio * width)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(mlp_ratio * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (b, h, n, d) views, strides (n*3c, d, 3c, 1)
+        o = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(o.transpose(1, 2).reshape(b, n, c))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
-def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).abs().sum() / b.abs().sum().clamp_min(1e-30))
+class DiTStack(nn.Module):
+    def __init__(self, blocks: int, width: int, heads: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_ratio) for _ in range(blocks))
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
 
 
-def time_ms(fn: Callable[[], torch.Tensor], iters: int, warmup: int = 2) -> float:
-    if not torch.cuda.is_available():
-        fn()
-        return float("nan")
+# ----------------------------------------------------------------------------- helpers
+
+def compare(a: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """rel-L1 (sum|a-ref| / sum|ref|) and cosine in float64, in row chunks (logits are large).
+
+    NaN when either tensor has a non-finite element."""
+    if a.shape != ref.shape:
+        raise ValueError(f"shape mismatch {tuple(a.shape)} vs {tuple(ref.shape)}")
+    a2, r2 = a.reshape(-1, a.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    step = max(1, COMPARE_CHUNK_ELEMENTS // max(1, a2.shape[1]))
+    num = den = dot = na = nr = 0.0
+    finite = True
+    for i in range(0, a2.shape[0], step):
+        x = a2[i:i + step].to(torch.float64)
+        y = r2[i:i + step].to(device=x.device, dtype=torch.float64)
+        finite = finite and bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())
+        num += float((x - y).abs().sum())
+        den += float(y.abs().sum())
+        dot += float((x * y).sum())
+        na += float((x * x).sum())
+        nr += float((y * y).sum())
+    if not finite:
+        return {"rel_l1": math.nan, "cos": math.nan}
+    rel = num / den if den > 0 else (0.0 if num == 0 else math.nan)
+    cos = dot / math.sqrt(na * nr) if na > 0 and nr > 0 else math.nan
+    return {"rel_l1": rel, "cos": cos}
+
+
+def time_forward(fn: Callable[[], object], warmup: int, iters: int) -> dict[str, Any]:
+    """Median/min/max milliseconds of fn() with CUDA events (each run synchronised)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -71,217 +166,579 @@ def time_ms(fn: Callable[[], torch.Tensor], iters: int, warmup: int = 2) -> floa
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
+        end.synchronize()
         times.append(start.elapsed_time(end))
     times.sort()
-    return times[len(times) // 2]
+    return {"ms": times[len(times) // 2], "ms_min": times[0], "ms_max": times[-1], "iters": iters,
+            "warmup": warmup}
 
 
-def _cudnn():
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    return isinstance(exc, oom_types) or "out of memory" in str(exc).lower()
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:400]
+
+
+def sdpa_backend_context(name: str | None):
+    """A context forcing one SDPA backend (``"cudnn"``, ``"math"``) or a no-op for None."""
+    if name is None:
+        return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
+
+    return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name])
 
 
-def _math():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel(SDPBackend.MATH)
+@contextlib.contextmanager
+def cpu_sage_emulation(recipe: str) -> Iterator[None]:
+    """On the CPU only: let sage's SDPA drop-in take CPU tensors and run ``recipe``'s emulation.
+
+    sage's kernels need CUDA, so on CPU tensors its drop-in goes to PyTorch's SDPA; this widens
+    ``api.SDPA_DEVICE_TYPES`` to the CPU and forces the recipe's emulation through the documented
+    environment switches (``SAGE_FORCE_RECIPE``, ``SAGE_FORCE_EMULATION``) for the block."""
+    from . import api
+
+    saved_types = api.SDPA_DEVICE_TYPES
+    saved_env = {k: os.environ.get(k) for k in ("SAGE_FORCE_RECIPE", "SAGE_FORCE_EMULATION")}
+    api.SDPA_DEVICE_TYPES = tuple(dict.fromkeys((*saved_types, "cpu")))
+    os.environ["SAGE_FORCE_RECIPE"] = recipe
+    os.environ["SAGE_FORCE_EMULATION"] = "1"
+    try:
+        yield
+    finally:
+        api.SDPA_DEVICE_TYPES = saved_types
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-# ----------------------------------------------------------------------------- models
-class DiTBlock(nn.Module):
-    """Pre-norm attention + MLP with a packed qkv projection (q/k/v are strided views, as in DiTs)."""
+@contextlib.contextmanager
+def record_sage_calls() -> Iterator[dict[str, Any]]:
+    """Count the attention calls that reach :func:`sage_torch.attention` (the drop-in's hand-off
+    to sage) and ask the dispatcher, once per call signature, what it runs there. Also collects
+    sage's fallback warnings (re-armed for the block). For the probe forward only, never timed."""
+    from . import _dispatch, api
 
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+    log: dict[str, Any] = {"attention_calls": 0, "signatures": {}, "warnings": []}
+    inner = api.attention
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, w = x.shape
-        qkv = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, w // self.heads)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (b, h, n, d) strided views
-        o = F.scaled_dot_product_attention(q, k, v)
-        x = x + self.proj(o.transpose(1, 2).reshape(b, n, w))
-        return x + self.mlp(self.norm2(x))
+    def spy(q, k, v, **kwargs):
+        log["attention_calls"] += 1
+        key = (f"q{tuple(q.shape)} k{tuple(k.shape)} {str(q.dtype).replace('torch.', '')} "
+               f"causal={kwargs.get('is_causal', False)}")
+        entry = log["signatures"].setdefault(key, {"calls": 0})
+        entry["calls"] += 1
+        if "decision" not in entry:
+            try:
+                call = {"q": q, "k": k, "v": v,
+                        "kwargs": {"layout": kwargs.get("layout", "bhsd"),
+                                   "is_causal": bool(kwargs.get("is_causal", False)),
+                                   "scale": kwargs.get("scale") or q.shape[-1] ** -0.5, "return_lse": False}}
+                entry["decision"] = _dispatch.resolve(_dispatch.device_arch(q.device), q.dtype, q.shape[-1],
+                                                      kwargs.get("recipe", "auto"), strict=False,
+                                                      call=call).describe()
+            except Exception as exc:  # noqa: BLE001 - a report, never a failure
+                entry["decision"] = {"error": _error_text(exc)}
+        return inner(q, k, v, **kwargs)
+
+    api.attention = spy
+    _dispatch.reset_warnings()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield log
+    finally:
+        api.attention = inner
+    from ._dispatch import SageFallbackWarning
+
+    log["warnings"] = list(dict.fromkeys(str(w.message) for w in caught
+                                         if issubclass(w.category, SageFallbackWarning)))
 
 
-def make_dit(cfg: dict, device, dtype) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(*[DiTBlock(cfg["width"], cfg["heads"]) for _ in range(cfg["blocks"])]).to(device, dtype).eval()
+def summarize_sage(log: dict[str, Any], expected_calls: int) -> str:
+    """'kernel qk_s8_pv_e4m3 x2' / 'torch x2 (reason)' / 'PyTorch SDPA (drop-in fallback) x2'."""
+    parts = []
+    for entry in log["signatures"].values():
+        d = entry.get("decision", {})
+        what = d.get("kind", "?")
+        if d.get("recipe"):
+            what += f" {d['recipe']}"
+        if d.get("kind") == "torch" and d.get("reason"):
+            what += f" ({d['reason'][:80]})"
+        parts.append(f"{what} x{entry['calls']}")
+    missing = expected_calls - log["attention_calls"]
+    if missing > 0:
+        parts.append(f"PyTorch SDPA (drop-in fallback) x{missing}")
+    return "; ".join(parts) or "none"
 
 
-def make_llama(cfg: dict, max_tokens: int, device, dtype):
-    from transformers import LlamaConfig, LlamaModel
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=cfg["width"], num_attention_heads=cfg["heads"],
-                         num_key_value_heads=cfg["kv_heads"], intermediate_size=cfg["mlp"],
-                         num_hidden_layers=cfg["layers"], vocab_size=cfg["vocab"],
-                         max_position_embeddings=max(max_tokens, 2048), attn_implementation="sdpa")
-    return LlamaModel(config).to(device, dtype).eval()
+# ----------------------------------------------------------------------------- the runs
+
+class Runner:
+    """Runs variants of one model at one size: probe forward (accuracy), then timing."""
+
+    def __init__(self, args, device: torch.device, timed: bool) -> None:
+        self.args, self.device, self.timed = args, device, timed
+        self.rows: list[dict[str, Any]] = []
+
+    def run_size(self, model_name: str, n: int, variants: dict[str, Callable[[], Any]],
+                 outputs_of: Callable[[Any], dict[str, torch.Tensor]], expected_calls: int,
+                 skip: dict[str, str]) -> None:
+        baseline: dict[str, torch.Tensor] | None = None
+        base_name = next(iter(variants))
+        rows = []
+        for name, make in variants.items():
+            row: dict[str, Any] = {"model": model_name, "tokens": n, "variant": name}
+            rows.append(row)
+            if name in skip:
+                row["skipped"] = skip[name]
+                print(json.dumps(row), flush=True)
+                continue
+            fwd = None
+            try:
+                fwd, context = make()
+                with torch.inference_mode():
+                    if name == "sage":
+                        with record_sage_calls() as log, context():
+                            out = fwd()
+                        row["sage_attention_calls"] = log["attention_calls"]
+                        row["attention_calls_expected"] = expected_calls
+                        row["sage_signatures"] = log["signatures"]
+                        row["sage_warnings"] = log["warnings"]
+                        row["sage_ran"] = summarize_sage(log, expected_calls)
+                    else:
+                        with context():
+                            out = fwd()
+                    outs = outputs_of(out)
+                    del out
+                    if name == base_name:
+                        baseline = outs
+                    elif name != "no_attention" and baseline is not None:
+                        row["vs_" + base_name] = {k: compare(v, baseline[k]) for k, v in outs.items()}
+                    del outs
+                    if self.timed and name not in UNTIMED_VARIANTS:
+                        def timed_call(fwd=fwd, context=context):
+                            with context():
+                                fwd()
+                        row.update(time_forward(timed_call, self.args.warmup, self.args.iters))
+                    elif not self.timed:
+                        row["timing"] = "skipped: CPU run"
+            except Exception as exc:  # noqa: BLE001 - a failing variant is a row, not a crash
+                if _is_oom(exc):
+                    row["skipped"] = f"out of memory: {_error_text(exc)[:200]}"
+                else:
+                    row["error"] = _error_text(exc)
+            finally:
+                fwd = None
+                free_memory()
+            print(json.dumps(row, default=str), flush=True)
+        by = {r["variant"]: r for r in rows}
+        for r in rows:
+            for base in ("sdpa", "sdpa_cudnn"):
+                if "ms" in r and "ms" in by.get(base, {}):
+                    r[f"speedup_vs_{base}"] = by[base]["ms"] / r["ms"]
+        null = by.get("no_attention", {})
+        for r in rows:
+            if "ms" in r and "ms" in null and r is not null:
+                r["attention_fraction_est"] = max(0.0, (r["ms"] - null["ms"]) / r["ms"])
+        del baseline
+        free_memory()
+        self.rows.extend(rows)
+
+
+def _dense_skip(variants, n: int, args) -> dict[str, str]:
+    return {v: (f"{v} materialises the (heads, n, n) score matrix: skipped above "
+                f"--dense-max-tokens={args.dense_max_tokens}")
+            for v in variants if v in DENSE_VARIANTS and n > args.dense_max_tokens}
+
+
+def _cuda_only_skip(variants, device: torch.device) -> dict[str, str]:
+    if device.type == "cuda":
+        return {}
+    return {v: "the cuDNN SDPA backend needs a CUDA GPU" for v in variants if v == "sdpa_cudnn"}
+
+
+def hf_versions() -> dict[str, str]:
+    """Installed versions of the third-party distributions this benchmark touches (not imported)."""
+    from importlib import metadata
+
+    out = {}
+    for dist in ("transformers", "huggingface-hub", "tokenizers", "safetensors", "numpy", "matplotlib"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _hf_no_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers attention function that does no attention (output: a copy of q)."""
+    return query.transpose(1, 2).contiguous(), None
+
+
+def _register_hf_no_attention() -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NO_ATTENTION_HF_NAME, _hf_no_attention)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        ALL_MASK_ATTENTION_FUNCTIONS.register(NO_ATTENTION_HF_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    except (ImportError, KeyError, AttributeError):
+        pass
+    return NO_ATTENTION_HF_NAME
 
 
 def _set_attn(model, name: str) -> None:
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(name)
-    else:  # older transformers
+    else:  # older transformers: the implementation is read from the config per forward
         model.config._attn_implementation = name
 
 
-# ----------------------------------------------------------------------------- runs
-def _row(model: str, tokens: int, outs: dict, times: dict, ref_name: str) -> dict:
-    base = outs["sdpa"]
-    row = {"model": model, "tokens": tokens, **{f"ms_{k}": v for k, v in times.items()}}
-    row["speedup_vs_sdpa"] = times["sdpa"] / times["sage"]
-    row["speedup_vs_cudnn"] = times["sdpa_cudnn"] / times["sage"] if "sdpa_cudnn" in times else float("nan")
-    row["rel_l1_sage_vs_sdpa"] = rel_l1(outs["sage"], base)
-    row[f"rel_l1_{ref_name}_vs_sdpa"] = rel_l1(outs[ref_name], base) if ref_name in outs else None
-    return row
+def bench_llama(runner: Runner, cfg: dict[str, int], tokens: list[int]) -> None:
+    args, device = runner.args, runner.device
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except Exception as exc:  # noqa: BLE001
+        reason = f"transformers is not importable: {_error_text(exc)}"
+        print(f"[bench_models] llama SKIPPED: {reason}")
+        runner.rows.append({"model": "llama", "skipped": reason})
+        return
+    try:
+        import sage_torch
+
+        sage_name = sage_torch.register_hf()
+    except Exception as exc:  # noqa: BLE001 - report it, do not work around it
+        sage_name = None
+        sage_skip = f"sage's transformers integration failed: {_error_text(exc)}"
+        print(f"[bench_models] {sage_skip}")
+    null_name = _register_hf_no_attention()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"],
+                         num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                         num_key_value_heads=cfg["kv_heads"], head_dim=cfg["head_dim"],
+                         max_position_embeddings=max(tokens), use_cache=False)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model = model.to(torch.bfloat16).eval()
+    impl = {"sdpa": ("sdpa", None), "sdpa_cudnn": ("sdpa", "cudnn"), "eager": ("eager", None),
+            "sage": (sage_name, None), "no_attention": (null_name, None)}
+    for n in tokens:
+        gen = torch.Generator(device=device).manual_seed(1000 + n)
+        ids = torch.randint(0, cfg["vocab"], (1, n), device=device, generator=gen)
+        skip = {**_dense_skip(LLAMA_VARIANTS, n, args), **_cuda_only_skip(LLAMA_VARIANTS, device)}
+        if sage_name is None:
+            skip["sage"] = sage_skip
+
+        variants = {name: _llama_variant(model, ids, *impl[name]) for name in LLAMA_VARIANTS}
+        runner.run_size("llama", n, variants, lambda out: out, cfg["layers"], skip)
+        variants = ids = None
+        free_memory()
+    _set_attn(model, "sdpa")
+    model = None
+    free_memory()
 
 
-def bench_llama(cfg: dict, tokens_list: list[int], iters: int, device, dtype, *, spy=None) -> list[dict]:
-    from .integrations import register_hf
-    name = register_hf()
-    model = make_llama(cfg, max(tokens_list), device, dtype)
-    rows = []
-    for n in tokens_list:
-        g = torch.Generator(device="cpu").manual_seed(n)
-        ids = torch.randint(0, cfg["vocab"], (1, n), generator=g).to(device)
-        outs, times = {}, {}
+def _llama_variant(model, ids: torch.Tensor, attn: str | None, backend: str | None):
+    """Builder of one llama variant: selects the attention implementation, returns (forward, context).
 
-        def fwd():
-            return model(input_ids=ids).last_hidden_state
-
-        variants = [("sdpa", "sdpa", contextlib.nullcontext), ("sdpa_cudnn", "sdpa", _cudnn), ("sage", name, contextlib.nullcontext)]
-        if n <= REF_MAX_TOKENS:
-            variants.append(("eager", "eager", contextlib.nullcontext))
-        for label, impl, ctx in variants:
-            if label == "sdpa_cudnn" and device.type != "cuda":
-                continue
-            _set_attn(model, impl)
-            try:
-                with torch.inference_mode(), ctx():
-                    outs[label] = fwd().float().cpu()
-                    times[label] = time_ms(fwd, iters) if label != "eager" else float("nan")
-            except torch.OutOfMemoryError as exc:
-                times[label] = float("nan")
-                print(f"[bench_models] llama {n}: {label} skipped (out of memory: {exc})")
-            torch.cuda.empty_cache() if device.type == "cuda" else None
-        _set_attn(model, "sdpa")
-        if "sdpa" in outs and "sage" in outs:
-            rows.append(_row("llama", n, outs, times, "eager"))
-    del model
-    return rows
-
-
-def bench_dit(cfg: dict, tokens_list: list[int], iters: int, device, dtype) -> list[dict]:
-    from .integrations import patch_sdpa
-    model = make_dit(cfg, device, dtype)
-    rows = []
-    for n in tokens_list:
-        g = torch.Generator(device="cpu").manual_seed(n)
-        x = torch.randn(1, n, cfg["width"], generator=g).to(device, dtype)
-        outs, times = {}, {}
+    The first (probe) call returns what is compared (last hidden state and logits = lm_head of
+    it, exactly what ``LlamaForCausalLM.forward`` computes); the timed calls run the full model."""
+    def build():
+        _set_attn(model, attn)
+        state = {"probe": True}
 
         def fwd():
-            return model(x)
+            if state["probe"]:
+                state["probe"] = False
+                hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+                return {"hidden": hidden, "logits": model.lm_head(hidden)}
+            return model(input_ids=ids, use_cache=False)
+        return fwd, (lambda: sdpa_backend_context(backend))
+    return build
 
-        variants = [("sdpa", contextlib.nullcontext), ("sdpa_cudnn", _cudnn), ("sage", patch_sdpa)]
-        if n <= REF_MAX_TOKENS:
-            variants.append(("math", _math))
-        for label, ctx in variants:
-            if label == "sdpa_cudnn" and device.type != "cuda":
-                continue
+
+def bench_dit(runner: Runner, cfg: dict[str, int], tokens: list[int]) -> None:
+    args, device = runner.args, runner.device
+    try:
+        from sage_torch import patch_sdpa
+    except Exception as exc:  # noqa: BLE001 - report it, do not work around it
+        patch_sdpa = None
+        sage_skip = f"sage_torch.patch_sdpa failed to import: {_error_text(exc)}"
+        print(f"[bench_models] {sage_skip}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DiTStack(cfg["blocks"], cfg["width"], cfg["heads"], cfg["mlp_ratio"])
+    model = model.to(torch.bfloat16).eval()
+
+    for n in tokens:
+        gen = torch.Generator(device=device).manual_seed(2000 + n)
+        x = torch.randn(1, n, cfg["width"], device=device, generator=gen).to(torch.bfloat16)
+        skip = {**_dense_skip(DIT_VARIANTS, n, args), **_cuda_only_skip(DIT_VARIANTS, device)}
+        if patch_sdpa is None:
+            skip["sage"] = sage_skip
+        variants = {
+            "sdpa": _dit_variant(model, x, contextlib.nullcontext),
+            "sdpa_cudnn": _dit_variant(model, x, lambda: sdpa_backend_context("cudnn")),
+            "math": _dit_variant(model, x, lambda: sdpa_backend_context("math")),
+            "float32": _dit_float32_variant(model, x),
+            "sage": _dit_variant(model, x, patch_sdpa if patch_sdpa is not None else contextlib.nullcontext),
+            "no_attention": _dit_variant(model, x, _no_attention_sdpa),
+        }
+        runner.run_size("dit", n, variants, lambda out: {"hidden": out}, cfg["blocks"], skip)
+        variants = x = None
+        free_memory()
+    model = None
+    free_memory()
+
+
+@contextlib.contextmanager
+def _no_attention_sdpa() -> Iterator[None]:
+    """F.scaled_dot_product_attention returns q itself (no attention) for the block."""
+    saved = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: q
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = saved
+
+
+def _dit_variant(model: nn.Module, x: torch.Tensor, context: Callable[[], Any]):
+    return lambda: ((lambda: model(x)), context)
+
+
+def _dit_float32_variant(model: nn.Module, x: torch.Tensor):
+    """The whole model and input in float32, default SDPA: one forward (accuracy only), then freed."""
+    def build():
+        holder = {"model": copy.deepcopy(model).float(), "x": x.float()}
+
+        def fwd():
             try:
-                with torch.inference_mode(), ctx():
-                    outs[label] = fwd().float().cpu()
-                    times[label] = time_ms(fwd, iters) if label != "math" else float("nan")
-            except torch.OutOfMemoryError as exc:
-                times[label] = float("nan")
-                print(f"[bench_models] dit {n}: {label} skipped (out of memory: {exc})")
-        if "sdpa" in outs and "sage" in outs:
-            rows.append(_row("dit", n, outs, times, "math"))
-    del model
-    return rows
+                return holder["model"](holder["x"])
+            finally:
+                holder.clear()
+        return fwd, contextlib.nullcontext
+    return build
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| model | tokens | SDPA default ms | SDPA cuDNN ms | sage ms | sage / default | sage / cuDNN "
-             "| rel-L1 sage vs SDPA | rel-L1 reference vs SDPA |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ref = r.get("rel_l1_eager_vs_sdpa", r.get("rel_l1_math_vs_sdpa"))
-        ref_txt = "—" if ref is None else f"{ref:.4f} ({'eager' if r['model'] == 'llama' else 'math'})"
-        lines.append(f"| {r['model']} | {r['tokens']} | {r['ms_sdpa']:.2f} | {r.get('ms_sdpa_cudnn', float('nan')):.2f} "
-                     f"| {r['ms_sage']:.2f} | {r['speedup_vs_sdpa']:.3f}x | {r['speedup_vs_cudnn']:.3f}x "
-                     f"| {r['rel_l1_sage_vs_sdpa']:.4f} | {ref_txt} |")
+# ----------------------------------------------------------------------------- report
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _row(rows, model, n, variant) -> dict[str, Any]:
+    return next((r for r in rows if r.get("model") == model and r.get("tokens") == n
+                 and r.get("variant") == variant), {})
+
+
+def _cell_ms(r: dict[str, Any]) -> str:
+    if "ms" in r:
+        return f"{r['ms']:.2f}"
+    if "skipped" in r:
+        return "skip"
+    if "error" in r:
+        return "err"
+    return "-"
+
+
+def _rel(r: dict[str, Any], key: str) -> str:
+    vs = r.get("vs_sdpa", {})
+    if vs:
+        return _fmt(vs.get(key, {}).get("rel_l1"), ".2e")
+    return "skip" if "skipped" in r else "err" if "error" in r else "-"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for model in MODELS:
+        sub = [r for r in rows if r.get("model") == model and "tokens" in r]
+        lines += [f"\n### {model}: SKIPPED ({r['skipped']})" for r in rows
+                  if r.get("model") == model and "tokens" not in r and "skipped" in r]
+        if not sub:
+            continue
+        keys = ("logits", "hidden") if model == "llama" else ("hidden",)
+        refs = REFERENCE_VARIANTS[model]
+        lines.append(f"\n### {model} (ms per forward, median; rel-L1 of "
+                     f"{' / '.join(keys)} vs the sdpa run)\n")
+        head = ["tokens", "sdpa ms", "cuDNN ms", "sage ms", "sage vs sdpa", "sage vs cuDNN",
+                "rel-L1 sage"] + [f"rel-L1 {ref}" for ref in refs] + ["attn share (sdpa)", "sage ran"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|---" * len(head) + "|")
+        for n in sorted({r["tokens"] for r in sub}):
+            sdpa, cudnn, sage = (_row(sub, model, n, v) for v in ("sdpa", "sdpa_cudnn", "sage"))
+            sage_rel = " / ".join(_rel(sage, k) for k in keys)
+            ref_rel = [" / ".join(_rel(_row(sub, model, n, ref), k) for k in keys) for ref in refs]
+            cells = [f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n), _cell_ms(sdpa), _cell_ms(cudnn),
+                     _cell_ms(sage), _fmt(sage.get("speedup_vs_sdpa"), ".2f") + ("x" if "speedup_vs_sdpa" in sage else ""),
+                     _fmt(sage.get("speedup_vs_sdpa_cudnn"), ".2f") + ("x" if "speedup_vs_sdpa_cudnn" in sage else ""),
+                     sage_rel, *ref_rel, _fmt(sdpa.get("attention_fraction_est"), ".0%"),
+                     sage.get("sage_ran", sage.get("skipped", sage.get("error", "-")))[:120]]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> bool:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("[bench_models] matplotlib is not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for model in sorted({r["model"] for r in rows}):
-        rs = [r for r in rows if r["model"] == model]
-        ax.plot([r["tokens"] for r in rs], [r["speedup_vs_sdpa"] for r in rs], marker="o", label=f"{model}: vs default SDPA")
-        ax.plot([r["tokens"] for r in rs], [r["speedup_vs_cudnn"] for r in rs], marker="x", ls="--", label=f"{model}: vs cuDNN")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("speedup of sage (per forward)")
-    ax.legend(fontsize=7)
+        print("[bench_models] matplotlib not installed: no plot")
+        return False
+    models = [m for m in MODELS if any(r.get("model") == m and "ms" in r for r in rows)]
+    if not models:
+        return False
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sub = [r for r in rows if r.get("model") == model and "speedup_vs_sdpa" in r]
+        for variant in dict.fromkeys(r["variant"] for r in sub):
+            if variant in ("sdpa", "no_attention"):
+                continue
+            pts = sorted((r["tokens"], r["speedup_vs_sdpa"]) for r in sub if r["variant"] == variant)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{model}: forward speedup over default SDPA")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("sdpa ms / variant ms")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sage_torch.bench_models", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=os.path.join(os.environ.get("SAGE_BENCH_OUT", "bench-out"), "models"))
-    p.add_argument("--quick", action="store_true", help="tiny configurations (CPU test)")
-    p.add_argument("--models", nargs="*", default=["llama", "dit"], choices=["llama", "dit"])
-    p.add_argument("--tokens", type=int, nargs="*", default=None, help="override the sizes")
-    p.add_argument("--iters", type=int, default=5)
-    a = p.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if not cuda and not a.quick:
-        print("[bench_models] no CUDA GPU visible: timing skipped (run with --quick for a CPU smoke run)")
-        return 0
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16
-    rows: list[dict] = []
-    if "llama" in a.models:
+def commit() -> str:
+    """``SAGE_COMMIT``, else ``git rev-parse --short HEAD`` of the current directory, else of this file's checkout."""
+    if os.environ.get("SAGE_COMMIT"):
+        return os.environ["SAGE_COMMIT"]
+    for cwd in (None, pathlib.Path(__file__).resolve().parent):
         try:
-            rows += bench_llama(LLAMA_QUICK if a.quick else LLAMA, a.tokens or ([64, 128] if a.quick else LLAMA_TOKENS),
-                                a.iters, device, dtype)
-        except ImportError as exc:
-            print(f"[bench_models] llama skipped: transformers does not import ({exc})")
-    if "dit" in a.models:
-        rows += bench_dit(DIT_QUICK if a.quick else DIT, a.tokens or ([64, 128] if a.quick else DIT_TOKENS),
-                          a.iters, device, dtype)
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "commit": _commit(), "command": " ".join(["python -m sage_torch.bench_models"] + (argv if argv is not None else sys.argv[1:])),
-              "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "configs": {"llama": LLAMA, "dit": DIT},
-              "rows": rows}
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "models.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    md = table(rows)
-    with open(os.path.join(a.out, "models.md"), "w") as f:
-        f.write(f"device {result['device']}, torch {result['torch']}, commit {result['commit']}, {result['time']}\n"
-                f"command: `{result['command']}`\n\n{md}\n")
-    if rows and cuda:
-        plot(rows, os.path.join(a.out, "models.png"))
-    print(md)
+            return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                  check=True, cwd=cwd).stdout.strip()
+        except Exception:  # noqa: BLE001 - not a checkout
+            continue
+    return "unknown"
+
+
+def _meta(args, device: torch.device, timed: bool, command: str, configs: dict[str, Any]) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device_capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "commit": commit(),
+        "command": command,
+        "timestamp": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "timing": ("CUDA events, median of --iters after --warmup, each run synchronised, inference_mode"
+                   if timed else "skipped: no GPU used (the --quick models ran on the CPU for accuracy only)"),
+        "quick": bool(args.quick),
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "dtype": "bfloat16",
+        "batch": 1,
+        "configs": configs,
+        "python": sys.version.split()[0],
+        "libraries": hf_versions(),
+    }
+    if device.type == "cpu":
+        meta["sage_cpu_recipe"] = args.cpu_recipe
+    try:
+        import sage_torch
+
+        meta["sage_info"] = json.loads(json.dumps(sage_torch.info(device), default=str))
+    except Exception as exc:  # noqa: BLE001
+        meta["sage_info"] = f"unavailable: {_error_text(exc)}"
+    return meta
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m sage_torch.bench_models") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", "--only", dest="models", nargs="+", choices=MODELS, default=list(MODELS),
+                   help="models to run (python -m sage_torch.bench --models takes the first --models as "
+                        "its switch, so there: --models --models dit)")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="sizes for every model")
+    p.add_argument("--llama-tokens", type=int, nargs="+", default=None, help="sizes for llama (over --tokens)")
+    p.add_argument("--dit-tokens", type=int, nargs="+", default=None, help="sizes for dit (over --tokens)")
+    p.add_argument("--iters", type=int, default=10, help="timed forwards per variant (median)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dense-max-tokens", type=int, default=16384,
+                   help="skip eager/math (dense score matrix) above this many tokens")
+    p.add_argument("--quick", action="store_true", help="tiny configs and sizes (pipeline check; CPU test)")
+    p.add_argument("--cpu-recipe", default=None,
+                   help="recipe whose emulation sage runs on the CPU (default: the sm90 default recipe)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: the GPU when there is one; cpu: the CPU path (no timing, sage emulated)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--out", default=os.environ.get("SAGE_BENCH_MODELS_OUT", "bench-out/models"))
+    args = p.parse_args(argv)
+    command = prog + "".join(" " + a for a in (sys.argv[1:] if argv is None else argv))
+    for flag in ("iters", "warmup"):
+        if getattr(args, flag) < (1 if flag == "iters" else 0):
+            p.error(f"--{flag} must be >= {1 if flag == 'iters' else 0}")
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible")
+    timed = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device("cuda") if timed else torch.device("cpu")
+    if not timed:
+        print("[bench_models] " + ("--device cpu" if args.device == "cpu" else "no CUDA GPU visible")
+              + ": the timing benchmark is SKIPPED (it needs a GPU).")
+        if not args.quick:
+            print("[bench_models] running the --quick models on the CPU instead (tiny configs, sage's "
+                  "CPU emulation): accuracy and the code paths only.")
+            args.quick = True
+    if args.cpu_recipe is None:
+        from ._dispatch import ARCH_DEFAULT_RECIPES
+
+        args.cpu_recipe = ARCH_DEFAULT_RECIPES["sm90"][0]
+    llama_cfg, dit_cfg = (LLAMA_QUICK, DIT_QUICK) if args.quick else (LLAMA_FULL, DIT_FULL)
+    base_tokens = TOKENS_QUICK if args.quick else TOKENS_FULL
+    tokens = {"llama": args.llama_tokens or args.tokens or base_tokens["llama"],
+              "dit": args.dit_tokens or args.tokens or base_tokens["dit"]}
+    configs = {m: {"config": (llama_cfg if m == "llama" else dit_cfg), "tokens": tokens[m]} for m in args.models}
+
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runner = Runner(args, device, timed)
+    emulation = contextlib.nullcontext() if timed else cpu_sage_emulation(args.cpu_recipe)
+    with emulation:
+        if "llama" in args.models:
+            bench_llama(runner, llama_cfg, tokens["llama"])
+        if "dit" in args.models:
+            bench_dit(runner, dit_cfg, tokens["dit"])
+    meta = _meta(args, device, timed, command, configs)
+    result = {"meta": meta, "rows": runner.rows}
+    (out_dir / "models.json").write_text(json.dumps(result, indent=1, default=str))
+    table = markdown_table(runner.rows)
+    header = (f"device {meta['device']}, torch {meta['torch']}, transformers "
+              f"{meta['libraries'].get('transformers')}, commit {meta['commit']}, {meta['timestamp']}\n"
+              f"command: `{meta['command']}`\ntiming: {meta['timing']}\n")
+    (out_dir / "models.md").write_text(header + table + "\n")
+    print(header + table)
+    if not args.no_plot and plot(runner.rows, out_dir / "models.png"):
+        print(f"[bench_models] plot: {out_dir / 'models.png'}")
+    print(f"[bench_models] wrote {out_dir / 'models.json'} and {out_dir / 'models.md'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
