@@ -82,6 +82,25 @@ def test_diffusers_processor(as_arch, fake_backend, monkeypatch, seed):
         assert sage_torch.SageAttnProcessor()(attn, img).shape == img.shape
 
 
+def test_diffusers_processor_refuses_what_it_would_drop(seed):
+    """Rotary embeddings, pre-only blocks (no to_out) and joint attention are not silently mangled."""
+    attn = _FakeDiffusersAttention(seed=seed % 1000)
+    x = torch.randn(1, 4, 128)
+    proc = sage_torch.SageAttnProcessor()
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="image_rotary_emb="):
+            proc(attn, x, None, None, image_rotary_emb=(x, x))
+        with pytest.raises(TypeError, match="positional argument"):
+            proc(attn, x, None, None, None, (x, x))
+        attn.add_q_proj = torch.nn.Linear(128, 128)
+        with pytest.raises(TypeError, match="joint attention"):
+            proc(attn, x)
+        attn.add_q_proj = None
+        attn.to_out = None
+        with pytest.raises(TypeError, match="to_out"):
+            proc(attn, x)
+
+
 def test_info_is_json_and_complete(as_arch, fake_backend):
     fake_backend("qk_s8_pv_e4m3", name="fake_info")
     info = sage_torch.info()

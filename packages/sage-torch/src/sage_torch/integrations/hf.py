@@ -226,8 +226,9 @@ def register_hf(name: str = HF_ATTENTION_NAME) -> str:
     AttentionInterface.register(name, hf_attention_forward)
     try:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    except ImportError as exc:
-        raise ImportError(f"register_hf needs transformers with masking_utils.AttentionMaskInterface "
-                          f"(>= 4.53) so that padded batches get a mask: {exc}") from exc
+    except ImportError:
+        # transformers < 4.53 has no mask registry: its models build the (always materialised)
+        # 4-D mask themselves, which the attention function receives and honours.
+        return name
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     return name
