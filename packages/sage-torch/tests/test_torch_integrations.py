@@ -1,6 +1,7 @@
 """transformers / diffusers integrations (the libraries are optional) and info()."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -40,6 +41,22 @@ def test_register_hf():
     transformers = pytest.importorskip("transformers", reason="transformers is not installed here")
     assert sage_torch.register_hf() == "sage"
     assert transformers.AttentionInterface._global_mapping["sage"] is sage_torch.hf_attention_forward
+
+
+def test_integrations_exported_at_top_level():
+    """The README's calls (sage_torch.register_hf / register_diffusers) exist without the libraries."""
+    from sage_torch import integrations
+    for name in ("register_hf", "register_diffusers", "hf_attention_forward", "SageAttnProcessor", "patch_sdpa"):
+        assert name in sage_torch.__all__, name
+        assert getattr(sage_torch, name) is getattr(integrations, name), name
+
+
+def test_register_diffusers_without_diffusers(monkeypatch):
+    """Without diffusers the call says what it needs (diffusers is imported only inside it)."""
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # an import of diffusers now fails
+    monkeypatch.setitem(sys.modules, "diffusers.models.attention_dispatch", None)
+    with pytest.raises(ImportError, match="register_diffusers needs diffusers"):
+        sage_torch.register_diffusers()
 
 
 class _FakeDiffusersAttention(torch.nn.Module):

@@ -17,11 +17,11 @@ from ._info import info
 from ._recipes import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, SUPPORTED_LAYOUTS
 from .api import attention, sageattn, scaled_dot_product_attention
 from .backends import register_backend
-from .integrations import SageAttnProcessor, hf_attention_forward, patch_sdpa, register_hf
+from .integrations import SageAttnProcessor, hf_attention_forward, patch_sdpa, register_diffusers, register_hf
 
 __all__ = [
     "attention", "scaled_dot_product_attention", "sageattn", "patch_sdpa", "info",
-    "register_backend", "hf_attention_forward", "register_hf", "SageAttnProcessor",
+    "register_backend", "hf_attention_forward", "register_hf", "register_diffusers", "SageAttnProcessor",
     "SageDispatchError", "SageFallbackWarning", "ARCH_DEFAULT_RECIPES",
     "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "SUPPORTED_LAYOUTS", "__version__",
 ]

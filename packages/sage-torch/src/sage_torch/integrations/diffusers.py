@@ -5,7 +5,7 @@ compute attention through ``diffusers.models.attention_dispatch.dispatch_attenti
 backend is chosen by ``model.set_attention_backend(name)``. diffusers' own ``"sage"`` backend
 wants the SageAttention package; :func:`register_diffusers` adds ours::
 
-    sage_torch.integrations.register_diffusers()      # -> "sage_torch"
+    sage_torch.register_diffusers()                   # -> "sage_torch"
     transformer.set_attention_backend("sage_torch")
     # or: with diffusers.attention_backend("sage_torch"): pipe(...)
 
@@ -123,7 +123,7 @@ class SageAttnProcessor:
     @staticmethod
     def _refuse(attn, what: str) -> None:
         raise TypeError(f"SageAttnProcessor handles classic self-/cross-attention only; {type(attn).__name__} "
-                        f"{what}. For such models call sage_torch.integrations.register_diffusers() and "
+                        f"{what}. For such models call sage_torch.register_diffusers() and "
                         f"model.set_attention_backend('sage_torch') (keeps the model's own processor), or "
                         f"wrap the call in sage_torch.patch_sdpa()")
 
