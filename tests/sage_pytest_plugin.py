@@ -1,9 +1,10 @@
 """The one place that decides which tests skip, plus the seed fixture (a pytest plugin module).
 
-Loaded by the repository's conftest.py (the single session CI runs: all packages/*/tests and
-tests/) and by each packages/*/tests/conftest.py (a per-package run, whose rootdir is the package),
-always as the same module object (``load()`` caches it in sys.modules), so a session that loads it
-twice applies it once.
+Loaded as ``-p sage_pytest_plugin`` by the configuration file a run uses: pytest.ini at the
+repository root (the single session CI runs: all packages/*/tests and tests/) or
+packages/<pkg>/pyproject.toml (that package's tests alone, from the root or from inside the package;
+its rootdir is the package). Each file puts this folder on ``pythonpath``. One configuration file
+per run, so the plugin is registered once per session.
 
 Skipping is by explicit marker only (pytest.ini declares them):
     gpu   needs a CUDA GPU
@@ -70,9 +71,6 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     reason, capability = _cuda_capability()
     for item in items:
-        if getattr(item, "_sage_skip_checked", False):  # loaded by two conftests: apply once
-            continue
-        item._sage_skip_checked = True
         why = gpu_skip_reason(item, reason, capability)
         if why is not None:
             item.add_marker(pytest.mark.skip(reason=why))

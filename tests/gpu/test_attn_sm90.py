@@ -8,7 +8,7 @@
 * odd lengths, s_q != s_kv, GQA/MQA, causal (bottom-right, fully masked rows), both layouts,
   fp16/bf16, d 64/128, LSE, strided/poisoned outputs, NaN rows, CUDA graph capture.
 
-Inputs are seeded (the ``seed`` fixture of the root conftest: fixed per test id, SAGE_TEST_SEED
+Inputs are seeded (the ``seed`` fixture of tests/sage_pytest_plugin.py: fixed per test id, SAGE_TEST_SEED
 replays, SAGE_TEST_FRESH_SEEDS=1 draws fresh ones); the seed is part of every failure message.
 Outputs are checked per row as well as in aggregate (``sage_quant.testing.assert_rows_close``).
 GPU tests skip with a visible reason without a CUDA sm_90 device or without the kernels.
@@ -59,7 +59,7 @@ _skip_sm90 = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
 
 
 def gpu(fn):
-    """GPU test: explicit gpu + sm90 markers (the root conftest skips them without a Hopper GPU) and
+    """GPU test: explicit gpu + sm90 markers (tests/sage_pytest_plugin.py skips them without a Hopper GPU) and
     this module's reason (kernels missing, backend not importable)."""
     return pytest.mark.gpu(pytest.mark.sm90(_skip_sm90(fn)))
 

@@ -1,7 +1,7 @@
 """Tests of the train_s8 (SageBwd) emulation: forward vs float64, backward vs float64 autograd,
 an independent tile-by-tile implementation of the recipe, invariances, options and errors.
 
-Every test draws fresh inputs (the ``seed`` fixture of conftest.py); the seed is in every
+Every test draws fresh inputs (the ``seed`` fixture of tests/sage_pytest_plugin.py); the seed is in every
 assertion message (rerun with ``SAGE_TEST_SEED=<seed>`` to reproduce).
 
 Tolerances come from the recipe's quantization budget, not from fitting: an INT8 block with
