@@ -25,7 +25,7 @@ sm80 = pytest.importorskip("sage_torch.backends.sm80")
 from sage_quant import reference as R  # noqa: E402
 from sage_quant.testing import assert_rows_close  # noqa: E402
 
-kRelL1VsEmulation = 2e-3  # NUMERICS.md: kernel vs emulation of the same recipe
+kRelL1VsEmulation = 2e-3  # docs/design/NUMERICS.md §Accuracy: kernel vs emulation of the same recipe
 # Worst single row vs the emulation (sage_quant.testing.row_rel_l1): looser than the aggregate (a K
 # code flipped by the fp32 order of the CUDA k_mean moves a row with few dominant keys by ~1%); a
 # wrong row (tile, permutation, mask) is off by O(1).
@@ -258,7 +258,7 @@ def test_qk_s4_without_q_smoothing(seed):
 @pytest.mark.sm80
 @pytest.mark.parametrize("recipe", _RECIPES_12 + _RECIPES_34)
 def test_vs_float64_outlier_d128(recipe, seed):
-    """Accuracy budget vs exact attention (NUMERICS.md; b=1, h=8, n=2048, bf16, outlier, d=128)."""
+    """Accuracy budget vs exact attention (docs/design/NUMERICS.md §Accuracy; b=1, h=8, n=2048, bf16, outlier, d=128)."""
     _require(recipe)
     seed, q, k, v = _inputs(seed, "outlier", b=1, h_q=8, h_kv=8, s_q=2048, s_kv=2048, d=128, dtype=torch.bfloat16,
                             layout="bhsd")
@@ -363,7 +363,7 @@ def test_f16_buffer_vs_emulation_dtypes_layouts(recipe, dtype, layout, d, seed):
 @pytest.mark.sm80
 @pytest.mark.parametrize("recipe", _RECIPES_F16_BUFFER)
 def test_f16_buffer_vs_float64_outlier_d128(recipe, seed):
-    """The FP16 buffer keeps the recipe's accuracy budget (NUMERICS.md, outlier, d=128)."""
+    """The FP16 buffer keeps the recipe's accuracy budget (docs/design/NUMERICS.md §Accuracy, outlier, d=128)."""
     _require(recipe, "f16_buffer")
     seed, q, k, v = _inputs(seed, "outlier", b=1, h_q=8, h_kv=8, s_q=2048, s_kv=2048, d=128, dtype=torch.bfloat16,
                             layout="bhsd")

@@ -17,7 +17,7 @@
 //    order ("v_*_t_p32" formats: v_t[c, 32m + k] = V[32m + perm32(k), c], see
 //    sm80_attn_fwd_perm32 below), the contraction order being free.
 //
-// Numerics (NUMERICS.md): S = int32(Qq Kq^T) * q_scale[row] * k_scale[col] * scale*log2e
+// Numerics (docs/design/NUMERICS.md §Recipes): S = int32(Qq Kq^T) * q_scale[row] * k_scale[col] * scale*log2e
 // (+ dS for Q smoothing), online softmax in exp2, fully masked rows -> O = 0, LSE = -inf.
 #pragma once
 

@@ -8,7 +8,7 @@
 
 namespace sage::sm80 {
 
-// The four recipes of NUMERICS.md this family implements (one mainloop, recipe = policy type).
+// The four recipes of docs/design/NUMERICS.md §Recipes this family implements (one mainloop, recipe = policy type).
 enum class Sm80Recipe : int32_t {
   kQkS8PvF16 = 0,   // SageAttention: INT8 QK, FP16 P and V, FP32 accumulation
   kQkS8PvS8 = 1,    // INT-FlashAttention: INT8 QK, INT8 P (scale 1/127) and V, INT32 per block

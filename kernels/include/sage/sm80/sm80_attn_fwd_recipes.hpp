@@ -1,4 +1,4 @@
-// Recipe policies of the sm80 mma.sync attention forward family (NUMERICS.md defines the recipes).
+// Recipe policies of the sm80 mma.sync attention forward family (docs/design/NUMERICS.md §Recipes defines them).
 // The mainloop (sm80_attn_fwd_kernel_mma_sync.cuh) is one template; everything that differs
 // between recipes is a member of these policy types.
 #pragma once

@@ -1,6 +1,6 @@
 """The one place that decides what runs: (arch family, recipe, dtype, head_dim) -> backend.
 
-Policy (ARCHITECTURE.md "Runtime dispatch"; documented for users in the package README):
+Policy (docs/design/ARCHITECTURE.md §Runtime dispatch; documented for users in the package README):
 
 ``recipe="auto"`` (after ``SAGE_FORCE_RECIPE`` replaced it, if set)
     The device's preference list :data:`ARCH_DEFAULT_RECIPES` is tried in order; the first recipe
@@ -10,7 +10,7 @@ Policy (ARCHITECTURE.md "Runtime dispatch"; documented for users in the package 
     strict mode (``strict=True`` or ``SAGE_STRICT=1``) raises :class:`SageDispatchError` instead.
     With ``emulate=True`` / ``SAGE_FORCE_EMULATION=1`` the device's default recipe is emulated.
 
-``recipe="<name>"`` (a NUMERICS.md recipe)
+``recipe="<name>"`` (a docs/design/NUMERICS.md §Recipes recipe)
     Its kernel runs if the device has one. Otherwise the recipe's *emulation* (sage_quant) runs
     on any device, with a once-per-reason warning: it has exactly the recipe's numerics, only
     slowly. Strict mode raises instead. ``emulate=True`` / ``SAGE_FORCE_EMULATION=1`` runs the

@@ -111,7 +111,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
         is_causal: bottom-right aligned causal mask (query i sees keys j <= i + s_kv - s_q);
             a fully masked row outputs 0 and LSE -inf.
         scale: softmax scale, default ``1/sqrt(d)``.
-        recipe: ``"auto"`` (the device's default, see ``_dispatch``), a NUMERICS.md recipe name,
+        recipe: ``"auto"`` (the device's default, see ``_dispatch``), a docs/design/NUMERICS.md §Recipes name,
             or ``"torch"`` (PyTorch's SDPA with sage semantics, for A/B comparisons).
             An explicit recipe without a kernel on this device runs its emulation (slow; warns
             once; raises in strict mode).

@@ -1,4 +1,4 @@
-"""Exact emulation of the inference recipes of NUMERICS.md.
+"""Exact emulation of the inference recipes of docs/design/NUMERICS.md §Recipes.
 
 Each recipe quantizes Q, K, V (and P inside the loop) with exactly the groups, rounding and
 saturation of ``sage_quant.reference`` (the bit-exact contract with the kernels), then follows
@@ -62,7 +62,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     "qk_s8_pv_f16": {
         **_INT_QK_COMMON,
         # Per-thread, as the original SageAttention's shipped kernel for this recipe: per-block
-        # (NUMERICS.md's first description) measured rel-L1 0.0033 vs its 0.0025 on outlier
+        # (docs/design/NUMERICS.md §Recipes, first description) measured rel-L1 0.0033 vs its 0.0025 on outlier
         # inputs (docs/design/decisions.md); per_block stays available as an option.
         "q_granularity": "per_thread",
         "k_granularity": "per_thread",

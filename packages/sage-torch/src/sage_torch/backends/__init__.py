@@ -107,7 +107,7 @@ def register_backend(name: str, recipe: str, archs: Iterable[str], head_dims: It
 
     Args:
         name: unique name, e.g. ``"sm90_qk_s8_pv_e4m3"``.
-        recipe: the recipe it implements exactly (NUMERICS.md name), e.g. ``"qk_s8_pv_e4m3"``.
+        recipe: the recipe it implements exactly (docs/design/NUMERICS.md §Recipes name), e.g. ``"qk_s8_pv_e4m3"``.
         archs: arch families it runs on, e.g. ``("sm90",)``; ``"sm{major}{minor}"`` of the device.
         head_dims: head dims it supports, e.g. ``(64, 128)``.
         fn: ``fn(q, k, v, *, layout, is_causal, scale, return_lse, **options) -> (o, lse | None)``.

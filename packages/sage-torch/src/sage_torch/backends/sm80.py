@@ -4,7 +4,7 @@ One function per recipe, ``fn(q, k, v, *, layout, is_causal, scale, return_lse, 
 (o, lse | None)``: quantize Q, K (and V for the 8-bit PV recipes) with ``sage_quant.ops`` (CUDA
 kernels when compiled in, else the bit-exact references), launch
 ``sage_core.attn_fwd_sm80_<recipe>`` on the current stream, add the K-smoothing term back to
-the LSE. Contract: ``sage_torch/backends/README.md``; numerics: NUMERICS.md; kernel:
+the LSE. Contract: ``sage_torch/backends/README.md``; numerics: docs/design/NUMERICS.md; kernel:
 ``kernels/include/sage/sm80/sm80_attn_fwd_kernel_mma_sync.cuh``.
 
 Kernel facts that options must respect (``supports`` vetoes anything else, with the reason):
@@ -75,7 +75,7 @@ HEAD_DIMS = (64, 128)
 RECIPES = ("qk_s8_pv_f16", "qk_s8_pv_s8", "qk_s8_pv_e4m3", "qk_s4_pv_e4m3")
 _QK_BITS = {"qk_s8_pv_f16": 8, "qk_s8_pv_s8": 8, "qk_s8_pv_e4m3": 8, "qk_s4_pv_e4m3": 4}
 _V_FMT = {"qk_s8_pv_s8": "s8", "qk_s8_pv_e4m3": "e4m3", "qk_s4_pv_e4m3": "e4m3"}
-# Arch families (ARCHITECTURE.md): FP8 mma.sync needs sm_89; sm90 runs these only when forced
+# Arch families (docs/design/ARCHITECTURE.md §Runtime dispatch): FP8 mma.sync needs sm_89; sm90 runs these only when forced
 # (the sm90 module registers first and wins for the recipes it has).
 _ARCHS = {
     "qk_s8_pv_f16": ("sm80", "sm86", "sm89", "sm90"),
