@@ -1,0 +1,373 @@
+// Collective mainloop of the Hopper (sm_90a) forward, recipe `qk_s8_pv_e4m3` (SageAttention2
+// 8-bit), warp-specialized: a producer thread streams Q once and K / V^T tiles through TMA into
+// CUTLASS PipelineTmaAsync rings; each of two consumer warpgroups owns 64 query rows and runs
+//   S   = Q_s8 K_s8^T                       wgmma s8*s8 -> s32, both operands in smem (SS)
+//   P~  = exp2(S*c - m + log2 448) -> E4M3  (OnlineSoftmaxS32Sm90; c folds all scales)
+//   buf = P~ V_e4m3                          wgmma e4m3*e4m3 -> f32, P from registers (RS),
+//                                            fresh accumulator per KV tile
+//   O   = O * exp2(m_old - m_new) + buf      two-level accumulation on the CUDA cores
+// and leaves O (unnormalized, in V's quantized units) and the row statistics to the epilogue.
+//
+// Schedule (FA3-style): QK(n) and PV(n-1) are issued back to back and softmax(n) runs while
+// PV(n-1) is on the tensor cores (intra-warpgroup overlap); the two consumer warpgroups take
+// turns issuing their GEMMs through two named barriers (ping-pong), so one warpgroup's softmax
+// overlaps the other's GEMMs. Schedules that lost (no overlap, no ping-pong, exp2 on the FMA
+// pipe, magic-number conversion, split max/sum chains, K-scale prefetch) are recorded with their
+// measurements in docs/perf/sm90_qk_s8_pv_e4m3.md and are not in the code.
+//
+// P from registers needs no shuffles: the s32/f32 accumulator gives thread t (= lane % 4) the key
+// columns {2t, 2t+1, 8+2t, 9+2t, 16+2t, 17+2t, 24+2t, 25+2t} of every 32-key chunk, the 8-bit
+// A operand of a k32 wgmma wants logical k {4t..4t+3, 16+4t..19+4t}. The fused quantizer stores
+// V^T with its tokens permuted inside each 32-token chunk (quant-formats.md, v_e4m3_t_perm32) so
+// that logical k = 4t+i (i<4) holds token 2t + 8*(i/2) + i%2 (and +16 for the upper half): the
+// thread's own P values are exactly its A fragment, in register order.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+// Before any CUTLASS header: cutlass/cuda_host_adapter.hpp includes <cudaTypedefs.h> inside
+// namespace cutlass, which would hide the global PFN_* typedefs that driver_api.hpp needs.
+#include "sage/common/arch.hpp"
+#include "sage/common/cvt_e4m3.cuh"
+#include "sage/sm90/collective/sm90_attn_fwd_softmax_online.hpp"
+#include "sage/sm90/kernel/sm90_attn_fwd_tile_scheduler.hpp"
+#include "sage/sm90/sm90_attn_fwd_qk_s8_pv_e4m3_params.hpp"
+#include "sage/sm90/sm90_tma_desc.hpp"
+
+#include <cute/arch/copy_sm90_desc.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+namespace sage::sm90 {
+
+template <int kHeadDim_>
+struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
+  static_assert(kHeadDim_ == 64 || kHeadDim_ == 128, "head dim 64 or 128");
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockQ = kSm90BlockQ;    // 2 consumer warpgroups x 64 rows
+  static constexpr int kBlockKV = kSm90BlockKV;  // also the per-thread K scale block
+  static constexpr int kRowsPerWG = 64;          // one wgmma m64 tile
+  static constexpr int kNumConsumerWG = kBlockQ / kRowsPerWG;
+  static constexpr int kConsumerThreads = 128 * kNumConsumerWG;
+  static constexpr int kConsumerWarps = kConsumerThreads / 32;
+  static constexpr int kStages = 3;  // K and V^T ring depth (1 CTA/SM: smem is plentiful)
+
+  // Q/K rows are d bytes: 128 B rows take the 128-byte swizzle, 64 B rows the 64-byte one (the
+  // TMA box's inner extent must not exceed the swizzle span). V^T rows are 128 tokens = 128 B.
+  using SmemAtomQK = std::conditional_t<kHeadDim == 128, cute::GMMA::Layout_K_SW128_Atom<int8_t>,
+                                        cute::GMMA::Layout_K_SW64_Atom<int8_t>>;
+  static constexpr CUtensorMapSwizzle kSwizzleQK =
+      kHeadDim == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+  static constexpr CUtensorMapSwizzle kSwizzleV = CU_TENSOR_MAP_SWIZZLE_128B;
+
+  using SmemLayoutQWG = decltype(cute::tile_to_shape(
+      SmemAtomQK{}, cute::Shape<cute::Int<kRowsPerWG>, cute::Int<kHeadDim>>{}));
+  using SmemLayoutK = decltype(cute::tile_to_shape(
+      SmemAtomQK{}, cute::Shape<cute::Int<kBlockKV>, cute::Int<kHeadDim>, cute::Int<kStages>>{}));
+  using SmemLayoutVt = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<cutlass::float_e4m3_t>{},
+      cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockKV>, cute::Int<kStages>>{}));
+
+  using TiledMmaQK = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<int8_t, int8_t, int32_t,
+                                 cute::Shape<cute::Int<kRowsPerWG>, cute::Int<kBlockKV>, cute::Int<kHeadDim>>>()));
+  using TiledMmaPV = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<cutlass::float_e4m3_t, cutlass::float_e4m3_t, float,
+                                 cute::Shape<cute::Int<kRowsPerWG>, cute::Int<kHeadDim>, cute::Int<kBlockKV>>>()));
+
+  static constexpr uint32_t kQTileBytes = kBlockQ * kHeadDim;
+  static constexpr uint32_t kKTileBytes = kBlockKV * kHeadDim;
+  static constexpr uint32_t kVTileBytes = kHeadDim * kBlockKV;
+
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;  // one for K, one for V^T
+  using PipelineState = typename Pipeline::PipelineState;
+  using Softmax = OnlineSoftmaxS32Sm90<kBlockKV>;
+
+  // Named barriers of the ping-pong, one per consumer warpgroup (CUTLASS user ids: offset past
+  // the ids CUTLASS reserves).
+  static constexpr uint32_t kPingPongBarrier = 0;
+
+  struct SharedStorage {
+    alignas(1024) int8_t q[kQTileBytes];
+    alignas(1024) int8_t k[kStages * kKTileBytes];
+    alignas(1024) uint8_t v[kStages * kVTileBytes];
+    typename Pipeline::SharedStorage pipeline_k;
+    typename Pipeline::SharedStorage pipeline_v;
+    alignas(8) uint64_t bar_q;
+    float pin[kConsumerThreads];  // write-only slots of pin_before_wgmma_wait
+  };
+
+  struct Params {
+    CUtensorMap tma_q;  // {d, s_q, b*h_q} bytes, box {d, 128}
+    CUtensorMap tma_k;  // {d, s_kv, b*h_kv} bytes, box {d, 128}
+    CUtensorMap tma_v;  // {s_kv_pad, d, b*h_kv} bytes, box {128, d}
+    const float* q_scale;
+    const float* k_scale;
+    float scale_log2;  // sm_scale * log2(e)
+    int seq_q, seq_kv, heads_q, heads_kv;
+    int num_n_blocks;
+    int q_scale_groups;  // ceil(s_q/16)*8
+    int k_scale_groups;  // ceil(s_kv/128)*4
+    bool causal;
+  };
+
+  // Host: the TMA descriptors and the loop bounds of one call (arguments validated by the caller).
+  static cudaError_t to_params(const AttnFwdQkS8PvE4m3Args& a, Params& p) {
+    p = Params{};
+    p.q_scale = a.q_scale;
+    p.k_scale = a.k_scale;
+    p.scale_log2 = a.sm_scale * kLog2e;
+    p.seq_q = a.seq_q;
+    p.seq_kv = a.seq_kv;
+    p.heads_q = a.heads_q;
+    p.heads_kv = a.heads_kv;
+    p.num_n_blocks = (a.seq_kv + kBlockKV - 1) / kBlockKV;
+    p.q_scale_groups = int(sm90_q_scale_groups(a.seq_q));
+    p.k_scale_groups = int(sm90_k_scale_groups(a.seq_kv));
+    p.causal = a.mask == MaskKind::kCausal;
+    constexpr int D = kHeadDim;
+    const uint64_t s_pad = uint64_t(sm90_v_pad(a.seq_kv));
+    const uint64_t bh_q = uint64_t(a.batch) * a.heads_q;
+    const uint64_t bh_kv = uint64_t(a.batch) * a.heads_kv;
+    // Rank 3 ({d, s, b*h}) so that a box never crosses into the next head: rows >= s are
+    // zero-filled by TMA.
+    cudaError_t err = encode_tma_3d_u8(&p.tma_q, a.q, D, a.seq_q, bh_q, D, uint64_t(a.seq_q) * D, D, kBlockQ,
+                                       kSwizzleQK);
+    if (err != cudaSuccess) return err;
+    err = encode_tma_3d_u8(&p.tma_k, a.k, D, a.seq_kv, bh_kv, D, uint64_t(a.seq_kv) * D, D, kBlockKV, kSwizzleQK);
+    if (err != cudaSuccess) return err;
+    return encode_tma_3d_u8(&p.tma_v, a.v_t, s_pad, D, bh_kv, s_pad, s_pad * D, kBlockKV, D, kSwizzleV);
+  }
+
+#if defined(__CUDACC__)
+  // KV tiles that query block m_block may see: [0, n_end). Bottom-right causal: row i sees keys
+  // <= i + (s_kv - s_q); a block whose rows see no key loads nothing (n_end == 0).
+  static __device__ __forceinline__ int n_block_end(const Params& p, int m_block) {
+    int n_end = p.num_n_blocks;
+    if (p.causal) {
+      const int last_row = min(m_block * kBlockQ + kBlockQ - 1, p.seq_q - 1);
+      const int last_key = last_row + p.seq_kv - p.seq_q;
+      n_end = last_key < 0 ? 0 : min(n_end, last_key / kBlockKV + 1);
+    }
+    return n_end;
+  }
+
+  static __device__ __forceinline__ int kv_head(const Params& p, int head) { return head / (p.heads_q / p.heads_kv); }
+
+  // One thread, before the CTA-wide barrier that follows barrier initialization.
+  static __device__ __forceinline__ void init(const Params& p, SharedStorage& ss) {
+    cutlass::arch::ClusterBarrier::init(&ss.bar_q, 1);
+    cute::prefetch_tma_descriptor(&p.tma_q);
+    cute::prefetch_tma_descriptor(&p.tma_k);
+    cute::prefetch_tma_descriptor(&p.tma_v);
+  }
+
+  // Producer (one thread): Q once, then K(n) and V^T(n) for n < n_end into the rings.
+  static __device__ void load(const Params& p, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
+                              PipelineState& write, const AttnFwdTile& t, int n_end) {
+    using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+    constexpr uint64_t kCacheHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+    const int bh_q = t.batch * p.heads_q + t.head;
+    const int bh_kv = t.batch * p.heads_kv + kv_head(p, t.head);
+    TxBarrier::arrive_and_expect_tx(&ss.bar_q, kQTileBytes);
+    cute::SM90_TMA_LOAD_3D::copy(&p.tma_q, &ss.bar_q, kCacheHint, ss.q, 0, t.m_block * kBlockQ, bh_q);
+    for (int n = 0; n < n_end; ++n) {
+      pipe_k.producer_acquire(write);
+      cute::SM90_TMA_LOAD_3D::copy(&p.tma_k, pipe_k.producer_get_barrier(write), kCacheHint,
+                                   ss.k + write.index() * kKTileBytes, 0, n * kBlockKV, bh_kv);
+      pipe_v.producer_acquire(write);
+      cute::SM90_TMA_LOAD_3D::copy(&p.tma_v, pipe_v.producer_get_barrier(write), kCacheHint,
+                                   ss.v + write.index() * kVTileBytes, n * kBlockKV, 0, bh_kv);
+      ++write;
+    }
+  }
+
+  // The O accumulator of one consumer warpgroup: f32 ((2,2,D/8),1,1), WgmmaAccumMap order.
+  static __device__ __forceinline__ auto make_fragment_o() {
+    return cute::partition_fragment_C(TiledMmaPV{}, cute::Shape<cute::Int<kRowsPerWG>, cute::Int<kHeadDim>>{});
+  }
+
+  // Consumer warpgroup cw (rows [64*cw, 64*cw + 64) of the tile), thread tid of 128: the whole
+  // KV loop. Leaves tOrO = sum_j P~_ij V^_j (V still in its quantized units, rows not divided by
+  // l) and the row statistics in sm. With n_end == 0, O = 0 and l = 0.
+  template <class FragO>
+  static __device__ void mma(const Params& p, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
+                             PipelineState& read, const AttnFwdTile& t, int n_end, int cw, int tid, FragO& tOrO,
+                             Softmax& sm) {
+    using namespace cute;
+    using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+    using NamedBarrier = cutlass::arch::NamedBarrier;
+    constexpr int D = kHeadDim;
+    TiledMmaQK mma_qk;
+    TiledMmaPV mma_pv;
+    auto thr_qk = mma_qk.get_thread_slice(tid);
+    auto thr_pv = mma_pv.get_thread_slice(tid);
+
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q + cw * kRowsPerWG * D), SmemLayoutQWG{});  // (64, D)
+    Tensor sK = make_tensor(make_smem_ptr(ss.k), SmemLayoutK{});                          // (128, D, stages)
+    Tensor sVt = make_tensor(make_smem_ptr(reinterpret_cast<cutlass::float_e4m3_t*>(ss.v)),
+                             SmemLayoutVt{});                                            // (D, 128, stages)
+    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, 1, D/32) descriptors
+    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, 1, D/32, stages) descriptors
+    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, 1, 4, stages) descriptors
+    Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kRowsPerWG>, Int<kBlockKV>>{});  // s32 ((2,2,16),1,1)
+    Tensor tOrBuf = partition_fragment_C(mma_pv, Shape<Int<kRowsPerWG>, Int<D>>{});      // f32, per KV tile
+    Tensor tOrP = make_tensor<cutlass::float_e4m3_t>(
+        partition_shape_A(mma_pv, Shape<Int<kRowsPerWG>, Int<kBlockKV>>{}));  // ((4,2,2),1,4)
+    Tensor tOrP32 = recast<uint32_t>(tOrP);  // 16 words: word 4c + {0,1,2,3} = a0..a3 of k-chunk c
+    static_assert(size(tSrS) == Softmax::kScores && size(tOrP32) == 16, "fragment shapes");
+    static_assert(size(tOrBuf) == D / 2, "fragment shapes");
+
+    CUTE_UNROLL
+    for (int i = 0; i < size(tOrO); ++i) tOrO(i) = 0.f;
+    if (n_end == 0) return;
+
+    const WgmmaAccumMap map(tid);
+    const int bh_q = t.batch * p.heads_q + t.head;
+    const int bh_kv = t.batch * p.heads_kv + kv_head(p, t.head);
+    const int wg_row_begin = t.m_block * kBlockQ + cw * kRowsPerWG;
+    const int grow0 = wg_row_begin + map.row0;  // global query rows grow0 and grow0 + 8
+    // Rows grow0 and grow0 + 8 share one Q scale group (per-thread groups of 16-row MMA tiles).
+    float q_scale = 0.f;
+    if (grow0 / 16 * 8 < p.q_scale_groups) {
+      q_scale = p.q_scale[int64_t(bh_q) * p.q_scale_groups + (grow0 / 16) * 8 + grow0 % 8];
+    }
+    const float qk_scale_log2 = q_scale * p.scale_log2;
+    // Per-thread K groups: the 32 key columns of a thread in a 128-key tile share one scale.
+    const float* k_scale_head = p.k_scale + int64_t(bh_kv) * p.k_scale_groups + tid % 4;
+    auto tile_scale = [&](int n) { return qk_scale_log2 * k_scale_head[n * 4]; };
+
+    // Last key each of my rows may see (inclusive); the warpgroup's smallest limit decides
+    // whether a tile needs the element mask.
+    const int causal_offset = p.seq_kv - p.seq_q;
+    const int key_lim[2] = {p.causal ? min(p.seq_kv - 1, grow0 + causal_offset) : p.seq_kv - 1,
+                            p.causal ? min(p.seq_kv - 1, grow0 + 8 + causal_offset) : p.seq_kv - 1};
+    const int wg_key_lim = p.causal ? min(p.seq_kv - 1, wg_row_begin + causal_offset) : p.seq_kv - 1;
+    auto tile_masked = [&](int n) { return n * kBlockKV + kBlockKV - 1 > wg_key_lim; };
+
+    // S = Q K^T (s32) into tSrS; issued and committed as one wgmma batch, not waited for.
+    auto issue_qk = [&](int stage) {
+      warpgroup_fence_operand(tSrS);
+      warpgroup_arrive();
+      mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+        cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
+        mma_qk.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+    };
+    // buf = P~ V (fresh f32 accumulator) from the E4M3 registers tOrP; committed, not waited for.
+    auto issue_pv = [&](int stage) {
+      warpgroup_fence_operand(tOrBuf);
+      warpgroup_arrive();
+      mma_pv.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+        cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrBuf);
+        mma_pv.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+    };
+    // P~ -> E4M3 A fragment of the PV wgmma (see the file comment for why no shuffle is needed).
+    auto pack_p = [&](const float (&sf)[Softmax::kScores]) {
+      CUTE_UNROLL
+      for (int cch = 0; cch < kBlockKV / 32; ++cch) {
+        const int j0 = 4 * cch;  // accumulator column groups 4c .. 4c+3 = keys 32c .. 32c+31
+        tOrP32(4 * cch + 0) = pack_e4m3x4(sf[4 * j0 + 0], sf[4 * j0 + 1], sf[4 * j0 + 4], sf[4 * j0 + 5]);
+        tOrP32(4 * cch + 1) = pack_e4m3x4(sf[4 * j0 + 2], sf[4 * j0 + 3], sf[4 * j0 + 6], sf[4 * j0 + 7]);
+        tOrP32(4 * cch + 2) = pack_e4m3x4(sf[4 * j0 + 8], sf[4 * j0 + 9], sf[4 * j0 + 12], sf[4 * j0 + 13]);
+        tOrP32(4 * cch + 3) = pack_e4m3x4(sf[4 * j0 + 10], sf[4 * j0 + 11], sf[4 * j0 + 14], sf[4 * j0 + 15]);
+      }
+    };
+    // Two-level accumulation on CUDA cores: O = O * alpha + buf.
+    auto accumulate_o = [&](const float (&alpha)[2]) {
+      CUTE_UNROLL
+      for (int j = 0; j < D / 8; ++j) {
+        CUTE_UNROLL
+        for (int i = 0; i < 4; ++i) tOrO(4 * j + i) = fmaf(tOrO(4 * j + i), alpha[i / 2], tOrBuf(4 * j + i));
+      }
+    };
+    // A stage is released by one arrival per consumer warp (the empty barriers count warps),
+    // after that warp's wgmma reading it has completed.
+    const bool release_lane = tid % 32 == 0;
+    const uint32_t pp_own = kPingPongBarrier + cw;
+    const uint32_t pp_other = kPingPongBarrier + (cw ^ 1);
+
+    TxBarrier::wait(&ss.bar_q, 0);
+    PipelineState read_k = read;  // tile n
+    PipelineState read_v = read;  // tile n - 1: V lags K by one tile
+    float sf[Softmax::kScores];
+    float alpha_prev[2];  // the O rescale that goes with buf = PV(n-1)
+    // Consumer warpgroup 0 issues first: warpgroup 1 pre-arrives on its barrier.
+    if (cw == 1) NamedBarrier::arrive(kConsumerThreads, kPingPongBarrier + 0);
+    {
+      const float c = tile_scale(0);
+      NamedBarrier::sync(kConsumerThreads, pp_own);
+      pipe_k.consumer_wait(read_k);
+      issue_qk(read_k.index());
+      NamedBarrier::arrive(kConsumerThreads, pp_other);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+      if (release_lane) pipe_k.consumer_release(read_k);
+      ++read_k;
+      sm.step(tSrS, c, tile_masked(0), map.col0, key_lim, sf, alpha_prev);
+      pack_p(sf);
+    }
+    for (int n = 1; n < n_end; ++n) {
+      const float c = tile_scale(n);
+      NamedBarrier::sync(kConsumerThreads, pp_own);
+      pipe_k.consumer_wait(read_k);
+      issue_qk(read_k.index());
+      pipe_v.consumer_wait(read_v);
+      issue_pv(read_v.index());
+      NamedBarrier::arrive(kConsumerThreads, pp_other);
+      warpgroup_wait<1>();  // QK(n) done, PV(n-1) may still run
+      warpgroup_fence_operand(tSrS);
+      if (release_lane) pipe_k.consumer_release(read_k);
+      ++read_k;
+      float alpha[2];
+      sm.step(tSrS, c, tile_masked(n), n * kBlockKV + map.col0, key_lim, sf, alpha);
+      // Without this the compiler sinks the EX2s below the wait and nothing overlaps PV(n-1).
+      pin_before_wgmma_wait(&ss.pin[cw * 128 + tid], sm.l[0] + sm.l[1]);
+      warpgroup_wait<0>();  // PV(n-1) done: buf valid, P registers free
+      warpgroup_fence_operand(tOrBuf);
+      if (release_lane) pipe_v.consumer_release(read_v);
+      ++read_v;
+      accumulate_o(alpha_prev);
+      pack_p(sf);
+      alpha_prev[0] = alpha[0];
+      alpha_prev[1] = alpha[1];
+    }
+    pipe_v.consumer_wait(read_v);
+    issue_pv(read_v.index());
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrBuf);
+    if (release_lane) pipe_v.consumer_release(read_v);
+    ++read_v;
+    accumulate_o(alpha_prev);
+    // Balance the barriers: warpgroup 1 arrived once more on warpgroup 0's than it synced.
+    if (cw == 0) NamedBarrier::sync(kConsumerThreads, pp_own);
+    read = read_v;
+  }
+
+ private:
+  // ptxas hoists wgmma.wait_group above independent ALU work (it did so for the whole softmax,
+  // which then no longer overlapped the PV wgmma). A shared-memory store is not moved across the
+  // wait; storing a value that depends on every EX2 of the tile (the row sums) pins the softmax
+  // before it. One STS per thread per tile; the slot is never read.
+  static __device__ __forceinline__ void pin_before_wgmma_wait(float* slot, float v) {
+    asm volatile("st.shared.f32 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(slot))), "f"(v)
+                 : "memory");
+  }
+#endif  // __CUDACC__
+};
+
+}  // namespace sage::sm90
