@@ -58,6 +58,14 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
   static constexpr int kConsumerThreads = 128 * kNumConsumerWG;
   static constexpr int kConsumerWarps = kConsumerThreads / 32;
   static constexpr int kStages = 3;  // K and V^T ring depth (1 CTA/SM: smem is plentiful)
+  // A/B in progress (docs/perf step 6): 1 = one empty-barrier arrival per consumer warp,
+  // 0 = every consumer thread arrives (steps 1-5).
+#ifndef SAGE_SM90_ATTN_RELEASE_PER_WARP
+#define SAGE_SM90_ATTN_RELEASE_PER_WARP 1
+#endif
+  static constexpr bool kReleasePerWarp = SAGE_SM90_ATTN_RELEASE_PER_WARP != 0;
+  // What the empty barriers count (PipelineTmaAsync's num_consumers without a cluster).
+  static constexpr int kEmptyArrivals = kReleasePerWarp ? kConsumerThreads / 32 : kConsumerThreads;
 
   // Q/K rows are d bytes: 128 B rows take the 128-byte swizzle, 64 B rows the 64-byte one (the
   // TMA box's inner extent must not exceed the swizzle span). V^T rows are 128 tokens = 128 B.
@@ -295,9 +303,14 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
         for (int i = 0; i < 4; ++i) tOrO(4 * j + i) = fmaf(tOrO(4 * j + i), alpha[i / 2], tOrBuf(4 * j + i));
       }
     };
-    // A stage is released by one arrival per consumer warp (the empty barriers count warps),
-    // after that warp's wgmma reading it has completed.
-    const bool release_lane = tid % 32 == 0;
+    // A stage is released once its reader wgmma has completed: a local arrive on the pipeline's
+    // empty barrier (PipelineTmaAsync::consumer_release takes the cluster-addressed form, mapa +
+    // remote arrive, a dependent chain in the loop; this CTA is its own cluster). With
+    // kReleasePerWarp, lane 0 of each warp arrives after that warp's wait.
+    const bool release_lane = !kReleasePerWarp || tid % 32 == 0;
+    auto release = [&](typename Pipeline::SharedStorage& pipe, const PipelineState& st) {
+      if (release_lane) pipe.empty_barrier_[st.index()].arrive();
+    };
     const uint32_t pp_own = kPingPongBarrier + cw;
     const uint32_t pp_other = kPingPongBarrier + (cw ^ 1);
 
@@ -316,7 +329,7 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
       NamedBarrier::arrive(kConsumerThreads, pp_other);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
-      if (release_lane) pipe_k.consumer_release(read_k);
+      release(ss.pipeline_k, read_k);
       ++read_k;
       sm.step(tSrS, c, tile_masked(0), map.col0, key_lim, sf, alpha_prev);
       pack_p(sf);
@@ -331,7 +344,7 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
       NamedBarrier::arrive(kConsumerThreads, pp_other);
       warpgroup_wait<1>();  // QK(n) done, PV(n-1) may still run
       warpgroup_fence_operand(tSrS);
-      if (release_lane) pipe_k.consumer_release(read_k);
+      release(ss.pipeline_k, read_k);
       ++read_k;
       float alpha[2];
       sm.step(tSrS, c, tile_masked(n), n * kBlockKV + map.col0, key_lim, sf, alpha);
@@ -339,7 +352,7 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
       pin_before_wgmma_wait(&ss.pin[cw * 128 + tid], sm.l[0] + sm.l[1]);
       warpgroup_wait<0>();  // PV(n-1) done: buf valid, P registers free
       warpgroup_fence_operand(tOrBuf);
-      if (release_lane) pipe_v.consumer_release(read_v);
+      release(ss.pipeline_v, read_v);
       ++read_v;
       accumulate_o(alpha_prev);
       pack_p(sf);
@@ -350,7 +363,7 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
     issue_pv(read_v.index());
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrBuf);
-    if (release_lane) pipe_v.consumer_release(read_v);
+    release(ss.pipeline_v, read_v);
     ++read_v;
     accumulate_o(alpha_prev);
     // Balance the barriers: warpgroup 1 arrived once more on warpgroup 0's than it synced.

@@ -52,12 +52,12 @@ struct AttnFwdSm90KernelTmaWs {
     const AttnFwdTile tile = Scheduler::tile(p.scheduler);
     const int n_end = Mainloop::n_block_end(p.mainloop, tile.m_block);
 
-    // Producer: thread 0 (the leader, which also sets the expected bytes). Consumers: one
-    // arrival per warp on the empty barriers (see Mainloop::mma).
+    // Producer: thread 0 (the leader, which also sets the expected bytes). Consumers: the
+    // mainloop's arrivals per stage on the empty barriers (Mainloop::kEmptyArrivals).
     typename Pipeline::Params pipe_params;
     pipe_params.role = wg == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
     pipe_params.is_leader = threadIdx.x == 0;
-    pipe_params.num_consumers = Mainloop::kConsumerWarps;
+    pipe_params.num_consumers = Mainloop::kEmptyArrivals;
     pipe_params.transaction_bytes = Mainloop::kKTileBytes;
     Pipeline pipe_k(ss.mainloop.pipeline_k, pipe_params, cute::Shape<cute::_1, cute::_1, cute::_1>{});
     pipe_params.transaction_bytes = Mainloop::kVTileBytes;
