@@ -38,6 +38,25 @@ Backward (one pass over tiles of ``block_q`` queries × ``block_kv`` keys):
   needs no correction), ``dK_j = scale · Σ_i (dŜ_ijᵀ Q̂_i)·s_dS,ij·s_Q,i``.
 * GQA/MQA: ``dK``/``dV`` of a kv head are the sums over the q heads of its group.
 
+Non-finite values in the backward (a NaN/Inf in ``dO``, or one that the forward's inputs put into
+``P``): the quantization groups of ``P``, ``dO`` and ``dS`` take their scale from their *finite*
+entries only, and a non-finite entry quantizes to 0, so one bad value does not change how its
+neighbours are rounded; its non-finiteness is carried to the outputs as NaN, in exactly the rows
+and channels that exact attention's gradient has non-finite:
+
+* ``dO[r, c]`` non-finite: ``dV[j, c]`` for every key ``j`` that query ``r`` sees (the dO block
+  scale could only spread it over every channel); row ``r`` of ``dP`` (INT8 ablation) is NaN.
+* ``dS[r, j]`` non-finite (row ``r`` of ``dP - D``, e.g. from that dO row): ``dQ`` row ``r`` and
+  ``dK`` row ``j`` (the per-tile dS scale would spread it over the whole 128 x 64 tile).
+* ``P[r, j]`` non-finite (a non-finite forward input): ``dV`` row ``j``.
+* Masked entries of ``P`` and ``dS`` (causal) are structural zeros, so a NaN never reaches keys its
+  query does not see.
+
+A kernel implements this with an amax that skips non-finite values (``fmaxf`` already skips NaN;
+Inf needs a select), a conversion of non-finite values to 0, and per-row / per-column "any
+non-finite" flags of the tile ORed into the output rows (dQ, dK) and channels (dV). Finite inputs
+are quantized exactly as without this rule.
+
 Integer matmuls are done in float64 on integer values (exact: |sum| < 2^53) and converted to
 float32 like an int32 accumulator would be. Causal masking is bottom-right aligned (query ``i``
 sees keys ``j <= i + kv_len - q_len``). Runs on any device.
@@ -62,6 +81,7 @@ __all__ = [
     "DP_PRECISIONS",
     "TrainS8Context",
     "train_s8_forward",
+    "train_s8_context",
     "train_s8_backward",
     "ablation_rows",
 ]
@@ -162,22 +182,34 @@ def _quant_rows_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return _round_int8(x, scale), scale
 
 
-def _quant_tiles_int8(x: torch.Tensor, block_rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One scale per tile of ``block_rows`` rows × all columns of ``x`` (b, h, s, n).
+def _quant_tiles_int8(x: torch.Tensor, block_rows: int
+                      ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """One scale per tile of ``block_rows`` rows × all columns of ``x`` (b, h, s, n), from the
+    tile's finite entries (module docstring, "Non-finite values").
 
-    Returns integer values (b, h, s, n) and the scale expanded per row (b, h, s, 1).
+    Returns integer values (b, h, s, n), the scale expanded per row (b, h, s, 1) and the bool mask
+    of the non-finite entries of ``x`` (quantized to 0), or None when there are none.
     """
     b, h, s, n = x.shape
     nb = -(-s // block_rows)
     pad = nb * block_rows - s
-    a = x.abs()
-    if pad:
-        a = torch.nn.functional.pad(a, (0, 0, 0, pad))
-    amax = a.reshape(b, h, nb, block_rows * n).amax(dim=-1)  # (b, h, nb)
+
+    def tile_amax(t: torch.Tensor) -> torch.Tensor:
+        a = t.abs()
+        if pad:
+            a = torch.nn.functional.pad(a, (0, 0, 0, pad))
+        return a.reshape(b, h, nb, block_rows * n).amax(dim=-1)  # (b, h, nb); NaN/Inf propagate
+
+    amax = tile_amax(x)
+    bad = None
+    if not bool(torch.isfinite(amax).all()):  # the rare case: look at the entries themselves
+        bad = ~torch.isfinite(x)
+        x = x.masked_fill(bad, 0.0)
+        amax = tile_amax(x)
     scale = _sym_scale(amax)
     rows = torch.arange(s, device=x.device) // block_rows
     scale_rows = scale[:, :, rows, None]
-    return _round_int8(x, scale_rows), scale_rows
+    return _round_int8(x, scale_rows), scale_rows, bad
 
 
 def _imm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -195,9 +227,56 @@ def _expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
+def _finite_or_zero(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(x with its non-finite entries set to 0, bool mask of those entries)``; the mask is None
+    (and ``x`` returned as is) when every entry is finite, the normal case."""
+    bad = ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return x, None
+    return x.masked_fill(bad, 0.0), bad
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
+def _resolve_args(q, k, v, *, is_causal, scale, layout, block_q, block_kv, smooth_k, k_mean, dp_precision):
+    """Validate the recipe's arguments; returns ``(qb, kb, vb, scale, k_mean)`` (logical bhsd views,
+    the resolved float scale, the float32 ``(b, hkv, d)`` K mean or None)."""
+    qb, kb, vb = _check_inputs(q, k, v, layout)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(smooth_k, bool):
+        raise TypeError(f"smooth_k must be a bool, got {type(smooth_k).__name__}")
+    _check_pos_int(block_q, "block_q")
+    _check_pos_int(block_kv, "block_kv")
+    if dp_precision not in DP_PRECISIONS:
+        raise ValueError(f"dp_precision must be one of {DP_PRECISIONS}, got {dp_precision!r}")
+    b, hkv, d = kb.shape[0], kb.shape[1], qb.shape[3]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+    if smooth_k:
+        if k_mean is None:
+            k_mean = token_mean(kb)
+        elif not isinstance(k_mean, torch.Tensor) or tuple(k_mean.shape) != (b, hkv, d):
+            raise ValueError(f"k_mean must be a (b, hkv, d)={(b, hkv, d)} tensor, got "
+                             f"{tuple(k_mean.shape) if isinstance(k_mean, torch.Tensor) else k_mean!r}")
+        k_mean = k_mean.to(device=qb.device, dtype=torch.float32).contiguous()
+    elif k_mean is not None:
+        raise ValueError("k_mean was given but smooth_k=False: pass smooth_k=True to use it")
+    return qb, kb, vb, float(scale), k_mean
+
+
+def _quantize_inputs(qb, kb, vb, block_q: int, block_kv: int, k_mean: Optional[torch.Tensor]):
+    """INT8 per-block Q (``block_q`` tokens), smoothed K and V (``block_kv`` tokens):
+    ``(q_i8, q_scale, k_i8, k_scale, v_i8, v_scale)``, the tensors of :class:`TrainS8Context`."""
+    q_i8, q_scale = quant_int(qb, bits=8, granularity="per_block", role="q", block=block_q)
+    k_i8, k_scale = quant_int(kb, bits=8, granularity="per_block", role="k", block=block_kv, mean=k_mean)
+    v_i8, v_scale = quant_int(vb, bits=8, granularity="per_block", role="k", block=block_kv)
+    return q_i8, q_scale, k_i8, k_scale, v_i8, v_scale
+
+
 def train_s8_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -232,40 +311,18 @@ def train_s8_forward(
     Returns:
         ``(o, lse, ctx)``: ``o`` in q's dtype and layout ``(…, dv)``; ``lse`` float32
         ``(b, h, sq)`` natural log of the unsmoothed scaled scores (``-inf`` for a fully masked
-        row); ``ctx`` for ``train_s8_backward``.
+        row); ``ctx`` for ``train_s8_backward`` (``ctx.lse_smoothed`` is the LSE of the smoothed
+        scores, the one the backward uses).
     """
-    qb, kb, vb = _check_inputs(q, k, v, layout)
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if not isinstance(smooth_k, bool):
-        raise TypeError(f"smooth_k must be a bool, got {type(smooth_k).__name__}")
-    block_q = _check_pos_int(block_q, "block_q")
-    block_kv = _check_pos_int(block_kv, "block_kv")
-    if dp_precision not in DP_PRECISIONS:
-        raise ValueError(f"dp_precision must be one of {DP_PRECISIONS}, got {dp_precision!r}")
+    qb, kb, vb, scale, k_mean = _resolve_args(
+        q, k, v, is_causal=is_causal, scale=scale, layout=layout, block_q=block_q, block_kv=block_kv,
+        smooth_k=smooth_k, k_mean=k_mean, dp_precision=dp_precision)
     b, h, sq, d = qb.shape
     hkv, skv, dv = kb.shape[1], kb.shape[2], vb.shape[3]
     group = h // hkv
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
-    scale = float(scale)
     dev = qb.device
 
-    if smooth_k:
-        if k_mean is None:
-            k_mean = token_mean(kb)
-        elif not isinstance(k_mean, torch.Tensor) or tuple(k_mean.shape) != (b, hkv, d):
-            raise ValueError(f"k_mean must be a (b, hkv, d)={(b, hkv, d)} tensor, got "
-                             f"{tuple(k_mean.shape) if isinstance(k_mean, torch.Tensor) else k_mean!r}")
-        k_mean = k_mean.to(device=dev, dtype=torch.float32).contiguous()
-    elif k_mean is not None:
-        raise ValueError("k_mean was given but smooth_k=False: pass smooth_k=True to use it")
-
-    q_i8, q_scale = quant_int(qb, bits=8, granularity="per_block", role="q", block=block_q)
-    k_i8, k_scale = quant_int(kb, bits=8, granularity="per_block", role="k", block=block_kv, mean=k_mean)
-    v_i8, v_scale = quant_int(vb, bits=8, granularity="per_block", role="k", block=block_kv)
+    q_i8, q_scale, k_i8, k_scale, v_i8, v_scale = _quantize_inputs(qb, kb, vb, block_q, block_kv, k_mean)
 
     qf = q_i8.to(torch.float32)
     kf = _expand_heads(k_i8, group).to(torch.float32)
@@ -316,6 +373,64 @@ def train_s8_forward(
     return o_ret, lse.contiguous(), ctx
 
 
+def train_s8_context(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse_smoothed: torch.Tensor,
+    *,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    layout: str = "bhsd",
+    block_q: int = kDefaultBlockQ,
+    block_kv: int = kDefaultBlockKv,
+    smooth_k: bool = True,
+    k_mean: Optional[torch.Tensor] = None,
+    dp_precision: str = "fp16",
+) -> TrainS8Context:
+    """The backward's context rebuilt from what a training forward keeps: the inputs, ``O`` and the
+    smoothed LSE (``ctx.lse_smoothed`` of :func:`train_s8_forward`); Q, K, V are quantized again
+    (deterministic, so the result equals the forward's context exactly). This is how
+    ``sage_train`` saves memory between forward and backward (16-bit inputs instead of INT8 copies
+    plus V), like a FlashAttention backward.
+
+    Args:
+        q, k, v: the forward's inputs (same shapes, dtype and layout as for :func:`train_s8_forward`).
+        o: the forward's output, ``(b, h, sq, dv)`` / ``(b, sq, h, dv)``, q's dtype.
+        lse_smoothed: float32 ``(b, h, sq)``, natural log of the smoothed scores.
+        The keywords must be the forward's.
+
+    Returns:
+        A :class:`TrainS8Context` for :func:`train_s8_backward`.
+    """
+    qb, kb, vb, scale, k_mean = _resolve_args(
+        q, k, v, is_causal=is_causal, scale=scale, layout=layout, block_q=block_q, block_kv=block_kv,
+        smooth_k=smooth_k, k_mean=k_mean, dp_precision=dp_precision)
+    b, h, sq, _ = qb.shape
+    dv = vb.shape[3]
+    if not isinstance(o, torch.Tensor) or o.dim() != 4:
+        raise ValueError(f"o must be the forward's 4-D output, got "
+                         f"{tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__}")
+    ob = to_bhsd(o, layout)
+    if tuple(ob.shape) != (b, h, sq, dv) or o.dtype != q.dtype:
+        want = (b, h, sq, dv) if layout == "bhsd" else (b, sq, h, dv)
+        raise ValueError(f"o must have shape {want} ({layout}) and dtype {q.dtype}, got "
+                         f"{tuple(o.shape)} {o.dtype}")
+    if (not isinstance(lse_smoothed, torch.Tensor) or tuple(lse_smoothed.shape) != (b, h, sq)
+            or lse_smoothed.dtype != torch.float32):
+        got = (f"{tuple(lse_smoothed.shape)} {lse_smoothed.dtype}" if isinstance(lse_smoothed, torch.Tensor)
+               else type(lse_smoothed).__name__)
+        raise ValueError(f"lse_smoothed must be float32 {(b, h, sq)}, got {got}")
+    q_i8, q_scale, k_i8, k_scale, v_i8, v_scale = _quantize_inputs(qb, kb, vb, block_q, block_kv, k_mean)
+    return TrainS8Context(
+        q_i8=q_i8, q_scale=q_scale, k_i8=k_i8, k_scale=k_scale, v_i8=v_i8, v_scale=v_scale,
+        v_hp=vb.contiguous(), o=ob.to(qb.device).contiguous(), lse_smoothed=lse_smoothed.to(qb.device).contiguous(),
+        k_mean=k_mean, scale=scale, is_causal=is_causal, layout=layout, dtype=q.dtype, block_q=block_q,
+        block_kv=block_kv, dp_precision=dp_precision, smooth_k=smooth_k,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # backward
 # --------------------------------------------------------------------------------------------
@@ -324,10 +439,12 @@ def train_s8_backward(do: torch.Tensor, ctx: TrainS8Context) -> Tuple[torch.Tens
 
     Args:
         do: gradient of ``o``, same shape and layout as ``o``; fp16/bf16/fp32.
-        ctx: the context returned by ``train_s8_forward``.
+        ctx: the context returned by ``train_s8_forward`` (or ``train_s8_context``).
 
     Returns:
         ``(dq, dk, dv)`` in the inputs' dtype and layout (dk, dv with the kv-head count).
+        Non-finite values: see the module docstring (NaN only where exact attention's gradient
+        is non-finite).
     """
     if not isinstance(ctx, TrainS8Context):
         raise TypeError(f"ctx must be the TrainS8Context from train_s8_forward, got {type(ctx).__name__}")
@@ -347,12 +464,18 @@ def train_s8_backward(do: torch.Tensor, ctx: TrainS8Context) -> Tuple[torch.Tens
     bq, bkv = ctx.block_q, ctx.block_kv
     scale_log2 = ctx.scale * kLog2e
     neg_inf = float("-inf")
+    nan = float("nan")
 
-    do_i8, do_scale = quant_int(dob, bits=8, granularity="per_block", role="q", block=bq)
+    # dO: the block scales come from the finite entries; the non-finite ones (do_bad) reach dV,
+    # dP and dS as NaN below (module docstring). D and the 16-bit dP use dO as given.
+    do_finite, do_bad = _finite_or_zero(dob)
+    do_i8, do_scale = quant_int(do_finite, bits=8, granularity="per_block", role="q", block=bq)
     do_int = do_i8.to(torch.float32)
     sdo_tok = _per_token(do_scale, sq, bq)  # (b, h, sq)
     do_f = dob.to(torch.float32)
     delta = (do_f * ctx.o.to(torch.float32)).sum(dim=-1)  # D = rowsum(dO ∘ O), (b, h, sq)
+    do_bad_rows = do_bad.any(dim=-1) if do_bad is not None else None  # (b, h, sq)
+    do_bad_f = do_bad.to(torch.float32) if do_bad is not None else None
 
     qf = ctx.q_i8.to(torch.float32)
     kf = _expand_heads(ctx.k_i8, group).to(torch.float32)
@@ -368,31 +491,62 @@ def train_s8_backward(do: torch.Tensor, ctx: TrainS8Context) -> Tuple[torch.Tens
     dq = torch.zeros((b, h, sq, d), dtype=torch.float32, device=dev)
     dk = torch.zeros((b, h, skv, d), dtype=torch.float32, device=dev)
     dvv = torch.zeros((b, h, skv, dv), dtype=torch.float32, device=dev)
+    # Where the outputs are NaN because a non-finite value entered them (None: nowhere).
+    dq_bad: Optional[torch.Tensor] = None  # (b, h, sq) rows
+    dk_bad: Optional[torch.Tensor] = None  # (b, h, skv) rows
+    dv_bad: Optional[torch.Tensor] = None  # (b, h, skv, dv) entries
     for jb, k0 in enumerate(range(0, skv, bkv)):
         k1 = min(k0 + bkv, skv)
+        allowed = causal_allowed(sq, skv, dev, keys=(k0, k1)) if ctx.is_causal else None  # (sq, kj)
         acc = _imm(qf, kf[:, :, k0:k1].transpose(-1, -2))
         s2 = acc * (sq_tok[..., :, None] * sk_tok[:, :, None, k0:k1]) * scale_log2
-        if ctx.is_causal:
-            s2 = s2.masked_fill(~causal_allowed(sq, skv, dev, keys=(k0, k1)), neg_inf)
+        if allowed is not None:
+            s2 = s2.masked_fill(~allowed, neg_inf)
         p = torch.exp2(s2 - lse2_safe[..., None])  # (b, h, sq, kj), masked / empty rows 0
+        if allowed is not None:  # structural zeros, also where a non-finite LSE made exp2 NaN
+            p = p.masked_fill(~allowed, 0.0)
 
         # dV_j = Σ_i P̂_ijᵀ dÔ_i: one P scale per (i, j) tile, one dO scale per query block i
-        p_int, p_scale_rows = _quant_tiles_int8(p, bq)
+        p_int, p_scale_rows, p_bad = _quant_tiles_int8(p, bq)
         dvv[:, :, k0:k1] = _tile_sum_at_b(p_int, p_scale_rows, do_int, sdo_tok, bq)
+        if p_bad is not None or do_bad is not None:
+            if dv_bad is None:
+                dv_bad = torch.zeros((b, h, skv, dv), dtype=torch.bool, device=dev)
+            if p_bad is not None:  # a non-finite P[i, j] reaches every channel of dV row j
+                dv_bad[:, :, k0:k1] |= p_bad.any(dim=-2)[..., None]
+            if do_bad is not None:  # a non-finite dO[i, c] reaches channel c of the keys i sees
+                seen = (torch.ones((sq, k1 - k0), device=dev) if allowed is None
+                        else allowed.to(torch.float32))
+                dv_bad[:, :, k0:k1] |= torch.matmul(seen.transpose(0, 1), do_bad_f) > 0
 
         if ctx.dp_precision == "fp16":
             # 16-bit operands, products exact, fp32 result (float64 here: immune to TF32 settings)
             dp = torch.matmul(do_f.double(), v_hp[:, :, k0:k1].transpose(-1, -2).double()).float()
         else:
             dp = _imm(do_int, vf[:, :, k0:k1].transpose(-1, -2)) * (sdo_tok[..., None] * sv_blk[:, :, jb, None, None])
+            if do_bad_rows is not None:
+                dp = dp.masked_fill(do_bad_rows[..., None], nan)
         ds = p * (dp - delta[..., None])
-        ds_int, ds_scale_rows = _quant_tiles_int8(ds, bq)
+        if allowed is not None:
+            ds = ds.masked_fill(~allowed, 0.0)
+        ds_int, ds_scale_rows, ds_bad = _quant_tiles_int8(ds, bq)
         # dQ_i += dŜ_ij K̂_j (K block j has one scale); dK_j = Σ_i dŜ_ijᵀ Q̂_i
         dq += _imm(ds_int, kf[:, :, k0:k1]) * (ds_scale_rows * sk_blk[:, :, jb, None, None])
         dk[:, :, k0:k1] = _tile_sum_at_b(ds_int, ds_scale_rows, qf, sq_tok, bq)
+        if ds_bad is not None:
+            if dq_bad is None:
+                dq_bad = torch.zeros((b, h, sq), dtype=torch.bool, device=dev)
+                dk_bad = torch.zeros((b, h, skv), dtype=torch.bool, device=dev)
+            dq_bad |= ds_bad.any(dim=-1)
+            dk_bad[:, :, k0:k1] |= ds_bad.any(dim=-2)
 
     dq = dq * ctx.scale
     dk = dk * ctx.scale
+    if dq_bad is not None:
+        dq = dq.masked_fill(dq_bad[..., None], nan)
+        dk = dk.masked_fill(dk_bad[..., None], nan)
+    if dv_bad is not None:
+        dvv = dvv.masked_fill(dv_bad, nan)
     if group > 1:
         dk = dk.reshape(b, hkv, group, skv, d).sum(dim=2)
         dvv = dvv.reshape(b, hkv, group, skv, dv).sum(dim=2)
