@@ -4,7 +4,8 @@
                                      kernels), run every CPU test, skip GPU tests with a reason.
                                      GPU machine: build for the GPU's arch and run its GPU tests too.
     nox -s "test(arch='sm90')"       build for one arch and run its tests (GPU tests need that GPU)
-    nox -s bench                     GPU: benchmark vs PyTorch SDPA; CPU: emulation accuracy demo
+    nox -s bench                     GPU: benchmark vs PyTorch SDPA (inference, then training);
+                                     CPU: emulation accuracy demo and the training bench's tiny run
     nox -s lint | build | "wheel(cuda='13')"
 
 Set SAGE_NOX_SYSTEM=1 to run in the current interpreter instead of a fresh venv (the GPU machine
@@ -136,12 +137,16 @@ for _arch in ARCH_TARGETS:
 
 @nox.session(python=VENV)
 def bench(session: nox.Session) -> None:
-    """GPU: TOPS and accuracy vs SDPA flash/cuDNN (JSON + plot). CPU: emulation accuracy only."""
+    """GPU: TOPS and accuracy vs SDPA flash/cuDNN (JSON + plot). CPU: emulation accuracy only.
+
+    Two sections: inference (sage_torch.bench, takes the posargs) and training (sage_train.bench:
+    forward+backward TOPS and gradient accuracy; bench_train.* in the same output folder)."""
     _install_deps(session)
     gpu = _gpu_arch(session)
     _build_core(session, ARCH_TARGETS.get(gpu or "", "none") if gpu else "none")
     _install_pure(session)
     session.run("python", "-m", "sage_torch.bench", *session.posargs, external=True)
+    session.run("python", "-m", "sage_train.bench", external=True)
 
 
 @nox.session(python=VENV)

@@ -139,3 +139,55 @@ def test_gqa_needs_enable_gqa_like_torch(spy):
             sage_train.scaled_dot_product_attention(q, kv, kv)  # torch raises: heads differ
         out = sage_train.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
     assert len(spy) == 1 and out.shape == q.shape
+
+
+def test_drop_in_and_patch_run_the_custom_op(monkeypatch, seed):
+    """The SDPA drop-in and patch_model reach torch.ops.sage_train.attention_fwd / attention_bwd."""
+    import sage_train._ops as ops_mod
+
+    seen = []
+    for name in ("attention_fwd", "attention_bwd"):
+        real = getattr(torch.ops.sage_train, name)
+
+        def spy(*a, _real=real, _name=name):
+            seen.append(_name)
+            return _real(*a)
+
+        monkeypatch.setattr(torch.ops.sage_train, name, spy)
+    q = _quiet()
+    t = torch.randn(1, 2, 9, 16, requires_grad=True)
+    sage_train.scaled_dot_product_attention(t, t, t, is_causal=True).sum().backward()
+    model = sage_train.patch_model(TwoHeadAttention(is_causal=True))
+    model(torch.randn(1, 5, 32)).sum().backward()
+    q.__exit__(None, None, None)
+    sage_train.unpatch_model(model)
+    assert seen == ["attention_fwd", "attention_bwd"] * 2
+    assert ops_mod.FWD_NAME == "sage_train::attention_fwd"
+
+
+def test_patched_model_compiles_fullgraph(seed, monkeypatch):
+    """torch.compile(fullgraph=True) of a patched model's training step: the routing hooks are traced
+    (no lock, no swap at run time), the SDPA call becomes sage_train's op; eager and compiled agree."""
+    import sage_train._ops as ops_mod
+
+    runs = []
+    real = ops_mod.train_s8_backward
+    monkeypatch.setattr(ops_mod, "train_s8_backward", lambda *a, **kw: runs.append(1) or real(*a, **kw))
+    torch.manual_seed(seed)
+    model = sage_train.patch_model(TwoHeadAttention(is_causal=True))
+    x = torch.randn(2, 10, 32)
+    q = _quiet()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: model(x).square().mean(), backend="aot_eager", fullgraph=True)
+    loss = compiled(x)
+    loss.backward()
+    assert F.scaled_dot_product_attention is ORIGINAL and patch_mod._depth == 0
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager = model(x).square().mean()
+    eager.backward()
+    q.__exit__(None, None, None)
+    assert len(runs) == 2 and loss.item() == eager.item()
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+    sage_train.unpatch_model(model)
+    torch._dynamo.reset()

@@ -8,7 +8,9 @@ so ``loss.backward()`` after the forward uses it.
 
 Limits (documented in the README): the swap is process-wide while a patched forward runs (other
 threads calling SDPA at that moment are routed too); code that bound the function at import time
-(``from torch.nn.functional import scaled_dot_product_attention``) is not routed.
+(``from torch.nn.functional import scaled_dot_product_attention``) is not routed. Under
+``torch.compile`` the hooks are traced instead: the call is routed in the graph and nothing is
+swapped at run time.
 """
 
 from __future__ import annotations
@@ -78,9 +80,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     reason = _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if reason is not None:
-        warn_once("fallback:" + reason,
-                  f"sage_train: PyTorch SDPA runs instead of train_s8 for calls with {reason}; "
-                  "those attention calls are not quantized.")
+        if not torch.compiler.is_compiling():  # the result is PyTorch's exactly; keep graphs whole
+            warn_once("fallback:" + reason,
+                      f"sage_train: PyTorch SDPA runs instead of train_s8 for calls with {reason}; "
+                      "those attention calls are not quantized.")
         kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
         if enable_gqa:  # only pass it when set: torch < 2.5 has no such keyword
             kwargs["enable_gqa"] = enable_gqa
@@ -88,24 +91,41 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return _function.attention(query, key, value, is_causal=bool(is_causal), scale=scale, layout="bhsd")
 
 
-def _enter_routing() -> None:
+def _swap_in() -> None:
     global _depth, _saved_sdpa
+    if _depth == 0:
+        _saved_sdpa = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = scaled_dot_product_attention
+    _depth += 1
+
+
+def _swap_out() -> None:
+    global _depth, _saved_sdpa
+    if _depth == 0:  # an always-called post hook whose pre hook never ran (an earlier hook raised)
+        return
+    _depth -= 1
+    if _depth == 0:
+        F.scaled_dot_product_attention = _saved_sdpa
+        _saved_sdpa = None
+
+
+def _enter_routing() -> None:
+    if torch.compiler.is_compiling():
+        # Traced by dynamo: the swap is a side effect of the trace, the SDPA call in between is
+        # traced as sage_train's op, and the net effect of the pair is nothing (no lock: dynamo
+        # cannot enter one, and nothing is swapped at run time, so no other thread can see it).
+        _swap_in()
+        return
     with _lock:
-        if _depth == 0:
-            _saved_sdpa = F.scaled_dot_product_attention
-            F.scaled_dot_product_attention = scaled_dot_product_attention
-        _depth += 1
+        _swap_in()
 
 
 def _exit_routing() -> None:
-    global _depth, _saved_sdpa
+    if torch.compiler.is_compiling():
+        _swap_out()
+        return
     with _lock:
-        if _depth == 0:  # an always-called post hook whose pre hook never ran (an earlier hook raised)
-            return
-        _depth -= 1
-        if _depth == 0:
-            F.scaled_dot_product_attention = _saved_sdpa
-            _saved_sdpa = None
+        _swap_out()
 
 
 @contextlib.contextmanager
