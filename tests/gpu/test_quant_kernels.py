@@ -398,15 +398,21 @@ def test_quant_v_non_finite_channel(seed):
 # ------------------------------------------------------------------------------------------------
 # FP4: NVFP4 / MXFP4, linear and swizzled scales
 # ------------------------------------------------------------------------------------------------
-FP4_SHAPES = [(16,), (3, 64), (1031, 32), (2, 5, 7, 128), (1, 2, 3, 4, 64), (130, 96)]
+# Many one-row matrices (3x700x1x16, 257x2x32): one NVFP4 tensor scale each, so a warp of the
+# amax pass covers up to 32 matrices.
+FP4_SHAPES = [(16,), (3, 64), (1031, 32), (2, 5, 7, 128), (1, 2, 3, 4, 64), (130, 96), (3, 700, 1, 16),
+              (257, 2, 32)]
+FP4_OUT = ("packed", "scale", "tensor_scale")
 
 
 @pytest.mark.parametrize("shape", FP4_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("swizzled", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dist", ["normal", "outlier"])
+@pytest.mark.parametrize("dist", ["normal", "outlier", "scaled"])
 def test_quant_fp4(monkeypatch, seed, shape, fmt, swizzled, dtype, dist):
+    """``scaled``: every matrix of the last two dims (one NVFP4 tensor scale each) at its own
+    magnitude, 2**-24 .. 2**11 (fp16 subnormals included), so per-matrix amax mix-ups show."""
     reason = _skip_reason("quant_fp4")
     if reason:
         pytest.skip(reason)
@@ -417,10 +423,14 @@ def test_quant_fp4(monkeypatch, seed, shape, fmt, swizzled, dtype, dist):
     if dist == "outlier":
         x = x * torch.exp2(torch.randint(-20, 12, shape, generator=g, device="cuda").float())
         x.view(-1)[:: 17] = 0.0  # zeros and all-zero-ish groups
+    elif dist == "scaled":
+        lead = shape[:-2] if len(shape) > 2 else ()
+        e = torch.randint(-24, 12, lead, generator=g, device="cuda").float()
+        x = x * torch.exp2(e).reshape(*lead, *([1] * min(len(shape), 2)))
     x = x.to(dtype)
     msg = _case(seed=seed, shape=shape, fmt=fmt, swizzled=swizzled, dtype=dtype, dist=dist)
     results = run_poisoned(monkeypatch, K.quant_fp4, x, fmt, swizzled, msg=msg)
-    assert_results_bitwise(results, R.quant_fp4(x, fmt, swizzled), ("packed", "scale"), msg)
+    assert_results_bitwise(results, R.quant_fp4(x, fmt, swizzled), FP4_OUT, msg)
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
@@ -435,13 +445,15 @@ def test_quant_fp4_transposed_v(monkeypatch, seed, fmt, swizzled, s):
     vt = v.transpose(-1, -2)  # (b, h, d, s), stride(-1) = 64
     msg = _case(seed=seed, fmt=fmt, swizzled=swizzled, s=s)
     results = run_poisoned(monkeypatch, K.quant_fp4, vt, fmt, swizzled, msg=msg)
-    assert_results_bitwise(results, R.quant_fp4(vt, fmt, swizzled), ("packed", "scale"), msg)
+    assert_results_bitwise(results, R.quant_fp4(vt, fmt, swizzled), FP4_OUT, msg)
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quant_fp4_rounding_ties_and_signs(seed, fmt, dtype):
-    """Exact E2M1 ties (0.25, 0.75, ..., 5) and signed zeros: amax = 6 makes the scale exactly 1."""
+    """Exact E2M1 ties (0.25, 0.75, ..., 5) and signed zeros: a group amax of 6 makes the scale
+    exactly 1 (MXFP4), or with NVFP4's tensor scale 21 / 2688 = 2**-7 (exact, from the row of 21)
+    exactly 128 on x * 128 (exact), so the ties stay ties."""
     reason = _skip_reason("quant_fp4")
     if reason:
         pytest.skip(reason)
@@ -453,10 +465,13 @@ def test_quant_fp4_rounding_ties_and_signs(seed, fmt, dtype):
         row = torch.tensor([6.0 * sign] + [sign * t for t in ties], device="cuda")
         row = torch.cat([row, torch.rand(group - row.numel(), generator=g, device="cuda") * 6.0 - 3.0])
         rows.append(row)
-    x = torch.stack(rows).repeat(3, 2).to(dtype)  # (6, 2*group)
+    top = torch.zeros(1, 2 * group, device="cuda")
+    top[0, 0] = 21.0  # the matrix amax: NVFP4 tensor scale 2**-7
+    x = torch.cat([torch.stack(rows).repeat(3, 2), top]).to(dtype)  # (7, 2*group)
     got = K.quant_fp4(x, fmt)
     want = R.quant_fp4(x, fmt)
-    for gg, ww, name in zip(got, want, ("packed", "scale")):
+    assert float(want[2]) == (2.0 ** -7 if fmt == "nvfp4" else 1.0)
+    for gg, ww, name in zip(got, want, FP4_OUT):
         assert_bitwise(gg, ww, name, _case(seed=seed, fmt=fmt, dtype=dtype))
 
 
@@ -467,10 +482,12 @@ def test_quant_fp4_non_finite_group(seed):
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.float16)
     x[1, 3] = float("nan")
     x[2, 40] = float("inf")
-    for fmt, group, nan_byte in (("nvfp4", 16, None), ("mxfp4", 32, 0xFF)):
-        p, sc = K.quant_fp4(x, fmt)
+    # NVFP4: the E4M3 NaN for Inf as for NaN (satfinite would store 448); the tensor scale skips them
+    for fmt, group, nan_byte in (("nvfp4", 16, 0x7F), ("mxfp4", 32, 0xFF)):
+        p, sc, ts = K.quant_fp4(x, fmt)
         torch.cuda.synchronize()
-        rp, rs = R.quant_fp4(x, fmt)
+        rp, rs, rts = R.quant_fp4(x, fmt)
+        assert_bitwise(ts, rts, "tensor_scale", f"{fmt} seed={seed}")
         bad = torch.zeros(4, 64 // group, dtype=torch.bool, device="cuda")
         bad[1, 3 // group] = True
         bad[2, 40 // group] = True

@@ -248,8 +248,8 @@ void quant_v_s8(const Array& v, const Array& values, const Array& scale, uintptr
 }
 
 // ---- FP4 ----------------------------------------------------------------------------------------
-void quant_fp4(const Array& x, const Array& packed, const Array& scale, const std::string& fmt, bool swizzled,
-               uintptr_t stream) {
+void quant_fp4(const Array& x, const Array& packed, const Array& scale, const Array& tensor_scale,
+               const std::string& fmt, bool swizzled, uintptr_t stream) {
   const char* fn = "quant_fp4";
   check_dtype(x, "quant_fp4: x", {kF16, kBF16});
   if (x.ndim() < 1 || x.ndim() > 4)
@@ -284,8 +284,9 @@ void quant_fp4(const Array& x, const Array& packed, const Array& scale, const st
   }
   for (size_t k = 0; k + 1 < nd; ++k) rows *= dim(x, k);
   if (rows < 1) fail_value("quant_fp4: x has no rows, shape " + shape_str(x));
-  std::vector<int64_t> packed_shape, scale_shape;
+  std::vector<int64_t> packed_shape, scale_shape, tensor_scale_shape;
   for (size_t k = 0; k + 1 < nd; ++k) packed_shape.push_back(dim(x, k));
+  for (size_t k = 0; k + 2 < nd; ++k) tensor_scale_shape.push_back(dim(x, k));  // x.shape[:-2]
   scale_shape = packed_shape;
   packed_shape.push_back(n / 2);
   check_output(packed, x, fn, "packed", kU8, packed_shape, kOutAlign);
@@ -297,12 +298,14 @@ void quant_fp4(const Array& x, const Array& packed, const Array& scale, const st
     scale_shape.push_back(ngroups);
     check_output(scale, x, fn, "scale", kU8, scale_shape, 1);
   }
-  check_cuda_same_device(fn, {{"x", &x}, {"packed", &packed}, {"scale", &scale}});
+  check_output(tensor_scale, x, fn, "tensor_scale", kF32, tensor_scale_shape, alignof(float));
+  check_cuda_same_device(fn, {{"x", &x}, {"packed", &packed}, {"scale", &scale}, {"tensor_scale", &tensor_scale}});
   p.x = x.data();
   p.dtype = same_dtype(x.dtype(), kF16) ? q::InDType::kF16 : q::InDType::kBF16;
   p.swizzled = swizzled;
   p.packed = static_cast<uint8_t*>(packed.data());
   p.scale = static_cast<uint8_t*>(scale.data());
+  p.tensor_scale = static_cast<float*>(tensor_scale.data());
   run(fn, x.device_id(), &erase<q::QuantFp4Params, q::launch_quant_fp4>, &p, stream);
 }
 
@@ -333,10 +336,12 @@ void bind_quant(nb::module_& m) {
   m.def("quant_v_s8", &quant_v_s8, "v"_a, "values"_a, "scale"_a, "stream"_a,
         "V per-channel INT8. v: logical (b, h, s, d) fp16/bf16; values: int8 (b, h, s, d); "
         "scale: float32 (b, h, d) = amax/127.");
-  m.def("quant_fp4", &quant_fp4, "x"_a, "packed"_a, "scale"_a, "fmt"_a, "swizzled"_a, "stream"_a,
+  m.def("quant_fp4", &quant_fp4, "x"_a, "packed"_a, "scale"_a, "tensor_scale"_a, "fmt"_a, "swizzled"_a,
+        "stream"_a,
         "NVFP4 / MXFP4 along the last dim of x (1-4 dims, fp16/bf16, any strides). packed: uint8 "
         "(..., n/2); scale: uint8 (..., n/G) linear, or 1-D ceil(rows/128)*128*ceil(n/G/4)*4 bytes "
-        "swizzled (rows = prod(...)).");
+        "swizzled (rows = prod(...)); tensor_scale: float32 x.shape[:-2], NVFP4's FP32 second level "
+        "per matrix of the last two dims (finite amax / 2688), 1 for MXFP4.");
 }
 
 }  // namespace sage_core

@@ -50,7 +50,7 @@ def test_cpu_tensors_rejected_with_device_message():
         sage_core.quant_v_s8(x, torch.empty(B, H, S, D, dtype=torch.int8), torch.empty(B, H, D), 0)
     with pytest.raises(ValueError, match="CUDA tensor"):
         sage_core.quant_fp4(f16(4, 32), torch.empty(4, 16, dtype=torch.uint8),
-                            torch.empty(4, 2, dtype=torch.uint8), "nvfp4", False, 0)
+                            torch.empty(4, 2, dtype=torch.uint8), torch.empty(()), "nvfp4", False, 0)
 
 
 def test_numpy_arrays_rejected():
@@ -200,22 +200,32 @@ def test_outputs_must_be_contiguous_and_aligned():
 def test_fp4_checks():
     x = f16(3, 64)
     p = torch.empty(3, 32, dtype=torch.uint8)
+    ts = torch.empty(())  # NVFP4's FP32 tensor scale: one per matrix of the last two dims
     with pytest.raises(ValueError, match="fmt must be 'nvfp4' or 'mxfp4'"):
-        sage_core.quant_fp4(x, p, torch.empty(3, 4, dtype=torch.uint8), "fp4", False, 0)
+        sage_core.quant_fp4(x, p, torch.empty(3, 4, dtype=torch.uint8), ts, "fp4", False, 0)
     with pytest.raises(ValueError, match=r"groups of 32 .* n=48"):
         sage_core.quant_fp4(f16(3, 48), torch.empty(3, 24, dtype=torch.uint8),
-                            torch.empty(3, 1, dtype=torch.uint8), "mxfp4", False, 0)
+                            torch.empty(3, 1, dtype=torch.uint8), ts, "mxfp4", False, 0)
     with pytest.raises(ValueError, match=r"scale: expected shape \(3, 4\)"):
-        sage_core.quant_fp4(x, p, torch.empty(3, 2, dtype=torch.uint8), "nvfp4", False, 0)
+        sage_core.quant_fp4(x, p, torch.empty(3, 2, dtype=torch.uint8), ts, "nvfp4", False, 0)
     with pytest.raises(ValueError, match=r"scale \(swizzled, 1-D\): expected shape \(512,\)"):
-        sage_core.quant_fp4(x, p, torch.empty(3, 4, dtype=torch.uint8), "nvfp4", True, 0)
+        sage_core.quant_fp4(x, p, torch.empty(3, 4, dtype=torch.uint8), ts, "nvfp4", True, 0)
     with pytest.raises(ValueError, match="CUDA tensor"):
-        sage_core.quant_fp4(x, p, torch.empty(512, dtype=torch.uint8), "nvfp4", True, 0)
+        sage_core.quant_fp4(x, p, torch.empty(512, dtype=torch.uint8), ts, "nvfp4", True, 0)
     with pytest.raises(ValueError, match="1 to 4 dimensions"):
         sage_core.quant_fp4(torch.zeros(1, 1, 1, 1, 32, dtype=torch.float16),
                             torch.empty(1, 1, 1, 1, 16, dtype=torch.uint8),
-                            torch.empty(1, 1, 1, 1, 2, dtype=torch.uint8), "nvfp4", False, 0)
+                            torch.empty(1, 1, 1, 1, 2, dtype=torch.uint8), torch.empty(1, 1, 1), "nvfp4", False, 0)
+    # tensor_scale: float32 of shape x.shape[:-2]
+    x4 = f16(2, 3, 5, 32)
+    p4, s4 = torch.empty(2, 3, 5, 16, dtype=torch.uint8), torch.empty(2, 3, 5, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"tensor_scale: expected shape \(2, 3\)"):
+        sage_core.quant_fp4(x4, p4, s4, torch.empty(2, 3, 5), "nvfp4", False, 0)
+    with pytest.raises(TypeError, match=r"tensor_scale.*float32"):
+        sage_core.quant_fp4(x4, p4, s4, torch.empty(2, 3, dtype=torch.float16), "nvfp4", False, 0)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        sage_core.quant_fp4(x4, p4, s4, torch.empty(2, 3), "nvfp4", False, 0)
     # A transposed view (last dim strided) is accepted: V^T for SageAttention3.
     vt = f16(64, 3).t()
     with pytest.raises(ValueError, match="CUDA tensor"):
-        sage_core.quant_fp4(vt, p, torch.empty(3, 4, dtype=torch.uint8), "nvfp4", False, 0)
+        sage_core.quant_fp4(vt, p, torch.empty(3, 4, dtype=torch.uint8), ts, "nvfp4", False, 0)

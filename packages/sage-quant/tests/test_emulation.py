@@ -101,7 +101,8 @@ def _naive_out(q, k, v, recipe, s, m, rep, smooth_v=False):
         p = torch.exp2(s - m)
         rs = p.amax(-1, keepdim=True) / 2688.0
         pad = (-p.shape[-1]) % 16
-        ph = R.dequant_fp4(*R.quant_fp4(torch.nn.functional.pad(p / rs, (0, pad)), "nvfp4"), "nvfp4")
+        # P's second level is the row scale rs: one level of E4M3 group scales below it
+        ph = R.fake_quant_fp4_blocks(torch.nn.functional.pad(p / rs, (0, pad)), "nvfp4")
         vt = torch.nn.functional.pad(v.float().transpose(2, 3), (0, pad))
         vh = R.dequant_fp4(*R.quant_fp4(vt, "nvfp4"), "nvfp4").transpose(2, 3).repeat_interleave(rep, 1)
         return (ph @ vh) * rs / p.sum(-1, keepdim=True)

@@ -184,25 +184,66 @@ def test_e2m1_grid_ties_saturation_sign():
 
 def test_nvfp4_scales_and_roundtrip(seed):
     x = _rand((3, 5, 64), seed, scale=2.0)
-    packed, scales = R.quant_fp4(x, "nvfp4")
-    assert packed.shape == (3, 5, 32) and scales.shape == (3, 5, 4)
-    g = x.float().reshape(3, 5, 4, 16)
+    packed, scales, ts = R.quant_fp4(x, "nvfp4")
+    assert packed.shape == (3, 5, 32) and scales.shape == (3, 5, 4) and ts.shape == (3,)
+    assert ts.dtype == torch.float32
+    xf = x.float()
+    # second level: one FP32 scale per matrix (last two dims) = finite amax / (448 * 6)
+    assert torch.equal(ts, xf.abs().amax(dim=(1, 2)) / torch.full((3,), 2688.0))
+    g = (xf / ts[:, None, None]).reshape(3, 5, 4, 16)
     s_expect = R.float_to_e4m3(g.abs().amax(-1) / 6.0)
     assert torch.equal(scales, s_expect)
+    assert (scales.reshape(3, -1).amax(-1) == 0x7E).all()  # each matrix's max group scale is 448
     s = R.e4m3_to_float(scales)
     codes = R.float_to_e2m1_code(g / s[..., None]).reshape(3, 5, 64)
     assert torch.equal(packed, codes[..., 0::2] | (codes[..., 1::2] << 4))
-    deq = R.dequant_fp4(packed, scales, "nvfp4").reshape(3, 5, 4, 16)
+    deq = R.dequant_fp4(packed, scales, ts, "nvfp4").reshape(3, 5, 4, 16)
+    xg = xf.reshape(3, 5, 4, 16)
     # E2M1 relative spacing is at most 1/2 between grid points above 1 -> error <= s * 1 (step 2 at 4..6)
-    assert torch.all((deq - g).abs() <= s[..., None] * 1.0 + 1e-6)
-    assert float((deq - g).abs().mean() / g.abs().mean()) < 0.15
+    assert torch.all((deq - xg).abs() <= s[..., None] * ts[:, None, None, None] * 1.0 + 1e-6)
+    assert float((deq - xg).abs().mean() / xg.abs().mean()) < 0.15
+
+
+@pytest.mark.parametrize("factor", [1e-6, 1e-3, 1e4, 1e30])
+def test_nvfp4_tensor_scale_keeps_tiny_and_huge_tensors(seed, factor):
+    """Without the FP32 second level, E4M3 group scales (2**-9 .. 448) flush |x| < ~1e-3 to zero
+    and saturate |x| > 2688; with it the error relative to amax is the same at every magnitude."""
+    x = _rand((2, 4, 32, 64), seed)
+    xs = (x.float() * factor).to(torch.bfloat16)
+    packed, scales, ts = R.quant_fp4(xs, "nvfp4")
+    assert ts.shape == (2, 4)
+    deq = R.dequant_fp4(packed, scales, ts, "nvfp4")
+    rel = float((deq - xs.float()).abs().sum() / xs.float().abs().sum())
+    base = R.fake_quant_fp4(x, "nvfp4")
+    rel_base = float((base - x.float()).abs().sum() / x.float().abs().sum())
+    assert rel < 0.2 and abs(rel - rel_base) < 0.01, (factor, rel, rel_base)
+    assert torch.equal(R.fake_quant_fp4(xs, "nvfp4"), deq)
+
+
+def test_nvfp4_tensor_scale_guards():
+    z = torch.zeros(2, 3, 16)
+    assert torch.equal(R.fp4_tensor_scale(z), torch.ones(2))  # all zero -> 1
+    t = torch.full((1, 16), 1e-40)  # amax / 2688 would be subnormal: raised to 2**-126
+    assert float(R.fp4_tensor_scale(t)) == 2.0 ** -126
+    x = torch.randn(4, 32)
+    x[1, 3] = math.inf
+    x[2, 7] = math.nan
+    finite = x.clone()
+    finite[1, 3] = 0
+    finite[2, 7] = 0
+    assert torch.equal(R.fp4_tensor_scale(x), R.fp4_tensor_scale(finite))  # non-finite skipped
+    assert R.fp4_tensor_scale(torch.randn(32)).shape == ()  # 1-D: one matrix
+    assert torch.equal(R.fp4_tensor_scale(torch.randn(2, 3, 4, 32), "mxfp4"), torch.ones(2, 3))
 
 
 def test_nvfp4_zero_group_and_tiny_group():
-    x = torch.zeros(1, 32)
-    x[0, 16:] = 1e-12  # amax/6 underflows E4M3 -> s == 0 -> codes 0
-    packed, scales = R.quant_fp4(x, "nvfp4")
-    assert scales.tolist() == [[0, 0]] and torch.all(packed == 0)
+    x = torch.zeros(2, 32)
+    x[0, 16:] = 1e-12  # alone in its matrix: the tensor scale maps it to 448 (one level: flushed)
+    packed, scales, _ = R.quant_fp4(x[:1], "nvfp4")
+    assert scales.tolist() == [[0, 0x7E]] and torch.all(packed[0, :8] == 0)
+    x[1, :16] = 1.0  # next to a group 1e12 larger, the E4M3 scale underflows -> s == 0 -> codes 0
+    packed, scales, _ = R.quant_fp4(x, "nvfp4")
+    assert scales[:, 1].tolist() == [0, 0] and torch.all(packed[:, 8:] == 0)
 
 
 def test_mxfp4_exponent(seed):
@@ -210,15 +251,15 @@ def test_mxfp4_exponent(seed):
     x[0, :32] = 0
     x[1, :32] = 0
     x[1, 0] = 6.0  # floor(log2 6) = 2 -> e = 0 -> stored 127
-    packed, scales = R.quant_fp4(x, "mxfp4")
-    assert scales.shape == (4, 2)
+    packed, scales, ts = R.quant_fp4(x, "mxfp4")
+    assert scales.shape == (4, 2) and torch.equal(ts, torch.ones(()))
     assert scales[0, 0] == 0  # amax 0 -> e = -127
     assert scales[1, 0] == 127
     amax = x.reshape(4, 2, 32).abs().amax(-1)
     nz = amax > 0
     e = torch.floor(torch.log2(amax[nz])) - 2
     assert torch.equal(scales[nz].float() - 127, e)
-    deq = R.dequant_fp4(packed, scales, "mxfp4")
+    deq = R.dequant_fp4(packed, scales, ts, "mxfp4")
     assert deq[1, 0] == 6.0
     rel = (deq - x).abs().sum() / x.abs().sum()
     assert rel < 0.2
@@ -232,11 +273,12 @@ def test_swizzle_offsets_and_roundtrip(seed):
     assert off[r, c] == (1 * 2 + 0) * 512 + 2 * 16 + 0 * 4 + 2
     assert off.unique().numel() == off.numel()  # a permutation into the padded buffer
     x = _rand((3, 100, 96), seed)
-    packed, sw = R.quant_fp4(x, "nvfp4", swizzled=True)
+    packed, sw, ts = R.quant_fp4(x, "nvfp4", swizzled=True)
     assert sw.shape == (384 * 8,)
-    _, lin = R.quant_fp4(x, "nvfp4")
+    _, lin, ts_lin = R.quant_fp4(x, "nvfp4")
+    assert torch.equal(ts, ts_lin)
     assert torch.equal(R.unswizzle_scales(sw, 300, 6), lin.reshape(300, 6))
-    assert torch.equal(R.dequant_fp4(packed, sw, "nvfp4", swizzled=True), R.dequant_fp4(packed, lin, "nvfp4"))
+    assert torch.equal(R.dequant_fp4(packed, sw, ts, "nvfp4", swizzled=True), R.dequant_fp4(packed, lin, ts, "nvfp4"))
     mask = torch.ones(384 * 8, dtype=torch.bool)
     mask[off.reshape(-1)] = False
     assert torch.all(sw[mask] == 0)  # padding is zero
@@ -267,6 +309,11 @@ def test_input_validation():
         R.quant_fp4(torch.randn(4, 32), "fp4")
     with pytest.raises(TypeError):
         R.quant_v_e4m3_t(x.to(torch.int8))
+    p, sc, ts = R.quant_fp4(torch.randn(2, 4, 32), "nvfp4")
+    with pytest.raises(TypeError, match="tensor_scale"):
+        R.dequant_fp4(p, sc, "nvfp4")  # the pre-two-level call: fmt where tensor_scale goes
+    with pytest.raises(ValueError, match="tensor_scale must have shape"):
+        R.dequant_fp4(p, sc, ts[None])
 
 
 def test_nonfinite_group_gives_nonfinite_scale():
@@ -275,10 +322,16 @@ def test_nonfinite_group_gives_nonfinite_scale():
     v, s = R.quant_int(x, granularity="per_thread", role="q")
     g = int(R.scale_group_index(32, "per_thread", "q")[3])
     assert torch.isnan(s[0, 0, g]) and torch.isfinite(s[0, 0, torch.arange(16) != g]).all()
-    _, sc = R.quant_fp4(x.reshape(-1, 16), "nvfp4")
+    _, sc, ts = R.quant_fp4(x.reshape(-1, 16), "nvfp4")
     assert (sc == 0x7F).sum() == 1  # E4M3 NaN for the one group holding the NaN
-    _, sc = R.quant_fp4(x.reshape(-1, 32), "mxfp4")
+    assert torch.isfinite(ts)  # the tensor scale skips it: other groups keep their scales
+    _, sc, _ = R.quant_fp4(x.reshape(-1, 32), "mxfp4")
     assert (sc == 0xFF).sum() == 1
+    y = x.reshape(-1, 16).clone()
+    y[y.isnan()] = -math.inf  # Inf would saturate to 448 under satfinite: NaN scale instead
+    _, sc, _ = R.quant_fp4(y, "nvfp4")
+    assert (sc == 0x7F).sum() == 1
+    assert torch.isnan(R.fake_quant_fp4(y, "nvfp4")).sum() == 16
 
 
 def test_e2m1_round_matches_codes_on_dense_grid():
@@ -292,4 +345,10 @@ def test_fake_quant_fp4_equals_quant_dequant(seed, fmt):
     x = _rand((3, 7, 128), seed, dtype=torch.float32, scale=4.0)
     x[0, 0, :32] = 0.0
     x[1, 1, :32] = 1e-30  # underflowing scales
-    assert torch.equal(R.fake_quant_fp4(x, fmt), R.dequant_fp4(*R.quant_fp4(x, fmt), fmt))
+    x[2, 3, 5] = math.inf
+    x[2, 4, 9] = math.nan
+    fq, dq = R.fake_quant_fp4(x, fmt), R.dequant_fp4(*R.quant_fp4(x, fmt), fmt)
+    assert torch.equal(fq.isnan(), dq.isnan()) and fq.isnan().sum() == 2 * (16 if fmt == "nvfp4" else 32)
+    assert torch.equal(fq.nan_to_num(), dq.nan_to_num())
+    blocks, ts = R.fake_quant_fp4_parts(x, fmt)
+    assert torch.equal((blocks * ts[:, None, None]).nan_to_num(), fq.nan_to_num())

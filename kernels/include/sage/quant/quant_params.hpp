@@ -84,6 +84,8 @@ enum class Fp4Format : int32_t { kNvfp4 = 0, kMxfp4 = 1 };
 // Any strides (e.g. a transposed V view with stride(n) != 1). rows = d0*d1*d2, row-major.
 // packed: (rows, n/2) uint8 contiguous. scale: linear (rows, n/G) uint8, or swizzled
 // (ceil(rows/128)*128 x ceil(n/G/4)*4 bytes, 128x4 tiles of 512 B, padding written as 0).
+// tensor_scale: (d0*d1) f32 contiguous, one per (d2, n) matrix: NVFP4's second level
+// (finite amax / 2688, guarded), all 1 for MXFP4. Written by the launch (3 kernels for NVFP4).
 struct QuantFp4Params {
   const void* x = nullptr;
   InDType dtype = InDType::kF16;
@@ -93,6 +95,7 @@ struct QuantFp4Params {
   bool swizzled = false;
   uint8_t* packed = nullptr;
   uint8_t* scale = nullptr;
+  float* tensor_scale = nullptr;
 };
 
 // Group size of each FP4 format.

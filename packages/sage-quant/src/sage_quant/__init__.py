@@ -31,6 +31,7 @@ from .reference import (
     e4m3_to_float,
     float_to_e2m1_code,
     float_to_e4m3,
+    fp4_tensor_scale,
     num_scale_groups,
     pack_int4,
     quant_fp4,
@@ -54,7 +55,7 @@ __all__ = [
     "kernels_available", "quantize_block_mean", "quantize_fp4", "quantize_int",
     "quantize_token_mean", "quantize_v_e4m3_t", "quantize_v_s8",
     "GRANULARITIES", "block_mean", "dequant_fp4", "dequant_int", "dequant_v_e4m3_t",
-    "e2m1_code_to_float", "e4m3_to_float", "float_to_e2m1_code", "float_to_e4m3",
+    "e2m1_code_to_float", "e4m3_to_float", "float_to_e2m1_code", "float_to_e4m3", "fp4_tensor_scale",
     "num_scale_groups", "pack_int4", "quant_fp4", "quant_int", "quant_v_e4m3_t", "quant_v_s8",
     "scale_group_index", "swizzle_scales", "token_mean", "unpack_int4", "unswizzle_scales",
 ]

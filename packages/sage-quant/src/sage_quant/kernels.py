@@ -7,7 +7,7 @@ here with torch; ``sage_core`` only writes into them, on ``torch.cuda.current_st
 
 Kernel limits (the reference has none of them): CUDA tensors, fp16/bf16 inputs, head dim
 ``d % 8 == 0``, at least one token; ``quant_fp4`` takes any number of leading dims (more than
-3 are flattened, which may copy). Anything else raises ``TypeError``/``ValueError`` before any
+2 before the last two are flattened, which may copy). Anything else raises ``TypeError``/``ValueError`` before any
 launch. ``available(op)`` says whether an op can run here.
 """
 
@@ -226,8 +226,10 @@ def quant_v_s8(v: torch.Tensor, layout: str = "bhsd") -> Tuple[torch.Tensor, tor
     return values, scale
 
 
-def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4", swizzled: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """NVFP4 / MXFP4 along the last dim (see ``reference.quant_fp4``): ``(packed, scales)``."""
+def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4",
+              swizzled: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4 (two levels) / MXFP4 along the last dim (see ``reference.quant_fp4``):
+    ``(packed, scales, tensor_scale)``, tensor_scale float32 ``x.shape[:-2]``."""
     _require("quant_fp4")
     if fmt not in _FP4_GROUP:
         raise ValueError(f"fmt must be 'nvfp4' or 'mxfp4', got {fmt!r}")
@@ -242,16 +244,17 @@ def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4", swizzled: bool = False) -> Tu
     rows = math.prod(lead)
     ng = n // group
     xk = x.detach()
-    if xk.dim() > 4:
-        xk = xk.reshape(rows, n)
+    if xk.dim() > 4:  # keep the last two dims: the tensor scale is per matrix of them
+        xk = xk.reshape(-1, x.shape[-2], n)
     packed = _alloc((*lead, n // 2), dtype=torch.uint8, device=x.device)
     if swizzled:
         nbytes = -(-rows // 128) * 128 * (-(-ng // 4) * 4)
         scales = _alloc((nbytes,), dtype=torch.uint8, device=x.device)
     else:
         scales = _alloc((*lead, ng), dtype=torch.uint8, device=x.device)
+    tensor_scale = _alloc(tuple(x.shape[:-2]), dtype=torch.float32, device=x.device)
     if rows == 0 or n == 0:
-        return packed, scales.zero_()
+        return packed, scales.zero_(), tensor_scale.fill_(1.0)
     _core.quant_fp4(xk, packed.view(*xk.shape[:-1], n // 2), scales if swizzled else scales.view(*xk.shape[:-1], ng),
-                    fmt, bool(swizzled), _stream(x))
-    return packed, scales
+                    tensor_scale.view(xk.shape[:-2]), fmt, bool(swizzled), _stream(x))
+    return packed, scales, tensor_scale

@@ -51,6 +51,9 @@ __all__ = [
     "quant_fp4",
     "dequant_fp4",
     "fake_quant_fp4",
+    "fake_quant_fp4_blocks",
+    "fake_quant_fp4_parts",
+    "fp4_tensor_scale",
     "e2m1_round",
     "swizzle_scale_offsets",
     "v_fp16_range_scale",
@@ -67,6 +70,10 @@ kMxfp4Group = 32
 kVTokenPad = 128  # v_e4m3_t token padding: the PV matmul's K-tile
 kE8m0Bias = 127
 kE8m0Nan = 0xFF
+kE4m3Nan = 0x7F
+# Two-level NVFP4: the matrix amax maps to 448 * 6, so the largest E4M3 group scale is 448.
+kFp4TensorScaleTarget = kFp8E4m3Max * kFp4E2m1Max
+kFp32MinNormal = 2.0 ** -126
 kSwizzleTileRows = 128
 kSwizzleTileCols = 4
 kSwizzleTileBytes = kSwizzleTileRows * kSwizzleTileCols  # 512
@@ -534,17 +541,55 @@ def _pow2_f32(e: torch.Tensor) -> torch.Tensor:
     return torch.where(e >= -126, normal, sub)
 
 
-def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4", swizzled: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Microscaling FP4 along the last dim of ``x`` (``(..., n)``).
+def fp4_tensor_scale(x: torch.Tensor, fmt: str = "nvfp4") -> torch.Tensor:
+    """Second-level FP32 scale of two-level NVFP4: one per matrix of the last two dims of ``x``,
+    float32 ``x.shape[:-2]`` (per (b, h) for Q/K ``(b, h, s, d)`` and for ``Vᵀ`` ``(b, h, d, s)``).
 
-    NVFP4: groups of 16, scale ``E4M3(amax/6)`` (RN, satfinite), values ``E2M1(x / s)`` with s
-    the decoded scale (``s == 0`` -> all codes 0). MXFP4: groups of 32, E8M0 scale
-    ``e = clamp(floor(log2(amax)) - 2, -127, 127)`` stored as ``e + 127`` (``amax == 0`` -> -127;
-    non-finite amax -> 0xFF, the E8M0 NaN), values ``E2M1(x / 2**e)``.
+    ``g = amax / (448 * 6)`` (IEEE division) with ``amax`` the largest *finite* ``|x|`` of the
+    matrix, so the largest group scale lands on E4M3's max (448) and the others use its whole
+    range; raised to 2**-126 when smaller (a subnormal ``g`` would no longer map amax to about
+    2688) and 1 when ``amax == 0``. Non-finite elements are skipped so that they poison only their
+    own group (``quant_fp4`` gives that group a NaN scale), not every group of the matrix.
+    MXFP4 has no second level (its E8M0 scales span 2**±127): all ones.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    _fp4_group(fmt)
+    lead = x.shape[:-2]
+    if fmt == "mxfp4":
+        return torch.ones(lead, dtype=torch.float32, device=x.device)
+    m = x.shape[-2] if x.dim() >= 2 else 1
+    xf = x.to(torch.float32).reshape(*lead, m * x.shape[-1])
+    finite = torch.where(torch.isfinite(xf), xf.abs(), torch.zeros_like(xf))
+    if finite.shape[-1] == 0:
+        return torch.ones(lead, dtype=torch.float32, device=x.device)
+    amax = finite.amax(dim=-1)
+    g = _ieee_div(amax, kFp4TensorScaleTarget).clamp(min=kFp32MinNormal)
+    return torch.where(amax == 0, torch.ones_like(g), g).contiguous()
 
-    Returns ``(packed, scales)``: packed uint8 ``(..., n/2)`` (element 2i low nibble); scales uint8
-    ``(..., n/group)`` row-major, or, with ``swizzled=True``, the 1-D Blackwell block-scaled
-    layout of the scale matrix ``(prod(...), n/group)`` (see ``swizzle_scales``).
+
+def _tensor_scale_for_groups(g: torch.Tensor, x_dim: int) -> torch.Tensor:
+    """g ``x.shape[:-2]`` broadcast against groups ``(*x.shape[:-1], n/group, group)``."""
+    return g.reshape(*g.shape, *([1] * (min(x_dim, 2) + 1)))
+
+
+def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4",
+              swizzled: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Microscaling FP4 along the last dim of ``x`` (``(..., m, n)``).
+
+    NVFP4 (two levels, as NVIDIA defines it): ``g = fp4_tensor_scale(x)`` per matrix of the last
+    two dims; ``y = x / g`` (IEEE division); groups of 16 along the last dim of ``y``, scale
+    ``E4M3(amax(y) / 6)`` (RN, satfinite) or the E4M3 NaN 0x7F when the group's amax is not finite
+    (an Inf must not saturate to a finite value), values ``E2M1(y / s)`` with s the decoded scale
+    (``s == 0`` -> all codes 0). Decoded: ``x ≈ E2M1 · s · g``. MXFP4 (OCP, one level): groups of
+    32, E8M0 scale ``e = clamp(floor(log2(amax)) - 2, -127, 127)`` stored as ``e + 127``
+    (``amax == 0`` -> -127; non-finite amax -> 0xFF, the E8M0 NaN), values ``E2M1(x / 2**e)``,
+    ``g = 1``. Codes of a non-finite group are unspecified.
+
+    Returns ``(packed, scales, tensor_scale)``: packed uint8 ``(..., n/2)`` (element 2i low
+    nibble); scales uint8 ``(..., n/group)`` row-major, or, with ``swizzled=True``, the 1-D
+    Blackwell block-scaled layout of the scale matrix ``(prod(...), n/group)`` (see
+    ``swizzle_scales``); tensor_scale float32 ``x.shape[:-2]``.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -557,7 +602,10 @@ def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4", swizzled: bool = False) -> Tu
     if n % group != 0:
         raise ValueError(f"{fmt} quantizes groups of {group} along the last dim: n={n} is not a multiple")
     lead = x.shape[:-1]
+    g = fp4_tensor_scale(x, fmt)
     xf = x.to(torch.float32).reshape(*lead, n // group, group)
+    if fmt == "nvfp4":
+        xf = xf / _tensor_scale_for_groups(g, x.dim())
     s, scale_bits = _fp4_scales(xf, fmt)
     codes = float_to_e2m1_code(xf / s[..., None])
     if fmt == "nvfp4":
@@ -567,14 +615,19 @@ def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4", swizzled: bool = False) -> Tu
     scale_bits = scale_bits.contiguous()
     if swizzled:
         scale_bits = swizzle_scales(scale_bits.reshape(-1, n // group))
-    return packed, scale_bits
+    return packed, scale_bits, g
 
 
-def dequant_fp4(packed: torch.Tensor, scales: torch.Tensor, fmt: str = "nvfp4",
-                swizzled: bool = False, n: Optional[int] = None) -> torch.Tensor:
-    """Inverse of ``quant_fp4``: float32 ``(..., n)`` (``n = 2 * packed.shape[-1]`` by default)."""
+def dequant_fp4(packed: torch.Tensor, scales: torch.Tensor, tensor_scale: Optional[torch.Tensor],
+                fmt: str = "nvfp4", swizzled: bool = False, n: Optional[int] = None) -> torch.Tensor:
+    """Inverse of ``quant_fp4``: float32 ``(..., n)`` (``n = 2 * packed.shape[-1]`` by default),
+    ``E2M1 · s · tensor_scale``; ``dequant_fp4(*quant_fp4(x, fmt), fmt)`` round-trips.
+    ``tensor_scale``: float32 ``packed.shape[:-2]`` (None: 1, one-level blocks only)."""
     if packed.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise TypeError(f"packed and scales must be uint8, got {packed.dtype} and {scales.dtype}")
+    if tensor_scale is not None and not isinstance(tensor_scale, torch.Tensor):
+        raise TypeError("dequant_fp4(packed, scales, tensor_scale, fmt=...): tensor_scale must be a float32 "
+                        f"tensor of shape packed.shape[:-2] or None, got {type(tensor_scale).__name__}")
     group = _fp4_group(fmt)
     if n is None:
         n = 2 * packed.shape[-1]
@@ -587,6 +640,8 @@ def dequant_fp4(packed: torch.Tensor, scales: torch.Tensor, fmt: str = "nvfp4",
         scales = unswizzle_scales(scales, rows, ng).reshape(*lead, ng)
     if tuple(scales.shape) != (*lead, ng):
         raise ValueError(f"scales must have shape {(*lead, ng)}, got {tuple(scales.shape)}")
+    if tensor_scale is not None and tuple(tensor_scale.shape) != tuple(packed.shape[:-2]):
+        raise ValueError(f"tensor_scale must have shape {tuple(packed.shape[:-2])}, got {tuple(tensor_scale.shape)}")
     u = packed.to(torch.int16)
     codes = torch.stack((u & 0xF, (u >> 4) & 0xF), dim=-1).reshape(*lead, n)
     vals = e2m1_code_to_float(codes).reshape(*lead, ng, group)
@@ -596,7 +651,10 @@ def dequant_fp4(packed: torch.Tensor, scales: torch.Tensor, fmt: str = "nvfp4",
         e = scales.to(torch.int32) - kE8m0Bias
         s = torch.where(scales == kE8m0Nan, torch.full(scales.shape, float("nan"), device=scales.device),
                         _pow2_f32(e.clamp(-127, 127)))
-    return (vals * s[..., None]).reshape(*lead, n)
+    vals = vals * s[..., None]
+    if tensor_scale is not None:
+        vals = vals * _tensor_scale_for_groups(tensor_scale.to(torch.float32), packed.dim())
+    return vals.reshape(*lead, n)
 
 
 def e2m1_round(y: torch.Tensor) -> torch.Tensor:
@@ -614,17 +672,48 @@ def e2m1_round(y: torch.Tensor) -> torch.Tensor:
 def _fp4_scales(xg: torch.Tensor, fmt: str):
     """Per-group decoded scale (float32) and its stored byte for groups on the last dim of xg."""
     amax = xg.abs().amax(dim=-1)
+    finite = torch.isfinite(amax)
     if fmt == "nvfp4":
-        bits = float_to_e4m3(_ieee_div(amax, kFp4E2m1Max))
+        # satfinite would turn an Inf group into 448: give it the E4M3 NaN instead
+        bits = torch.where(finite, float_to_e4m3(_ieee_div(amax, kFp4E2m1Max)),
+                           torch.full_like(amax, kE4m3Nan, dtype=torch.uint8))
         return e4m3_to_float(bits), bits
     _, ex = torch.frexp(amax)  # amax = mant * 2**ex, mant in [0.5, 1): floor(log2) = ex - 1
     e = (ex.to(torch.int32) - 1 - 2).clamp(-127, 127)
     e = torch.where(amax == 0, torch.full_like(e, -127), e)
-    finite = torch.isfinite(amax)
     e = torch.where(finite, e, torch.zeros_like(e))
     bits = torch.where(finite, (e + kE8m0Bias).to(torch.uint8), torch.full_like(e, kE8m0Nan).to(torch.uint8))
     scale = torch.where(finite, _pow2_f32(e), torch.full_like(amax, float("nan")))
     return scale, bits
+
+
+def fake_quant_fp4_blocks(y: torch.Tensor, fmt: str = "nvfp4") -> torch.Tensor:
+    """One level only: ``E2M1 · s`` of the 16/32-element groups along the last dim of ``y``, the
+    operand a block-scaled MMA multiplies (float32, same shape). A group with a NaN/Inf comes out
+    NaN. Two-level NVFP4 is ``fake_quant_fp4_blocks(x / g) · g``; the recipe quantizes P this way
+    after its own per-row FP32 scale."""
+    group = _fp4_group(fmt)
+    n = y.shape[-1]
+    if n % group != 0:
+        raise ValueError(f"{fmt} quantizes groups of {group} along the last dim: n={n} is not a multiple")
+    yg = y.to(torch.float32).reshape(*y.shape[:-1], n // group, group)
+    scale, _ = _fp4_scales(yg, fmt)
+    s = scale[..., None]
+    vals = e2m1_round(yg / s) * s
+    if fmt == "nvfp4":
+        vals = torch.where(s == 0, torch.zeros_like(vals), vals)
+    return vals.reshape(y.shape)
+
+
+def fake_quant_fp4_parts(x: torch.Tensor, fmt: str = "nvfp4") -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(blocks, tensor_scale)``: the one-level operand ``E2M1 · s`` of ``x / g`` (float32, shape
+    of x) and ``g = fp4_tensor_scale(x)``, kept apart as a kernel keeps them (the MMA sees the
+    blocks, ``g`` multiplies its fp32 result)."""
+    g = fp4_tensor_scale(x, fmt)
+    xf = x.to(torch.float32)
+    if fmt == "nvfp4":
+        xf = xf / g.reshape(*g.shape, *([1] * min(x.dim(), 2)))
+    return fake_quant_fp4_blocks(xf, fmt), g
 
 
 def fake_quant_fp4(x: torch.Tensor, fmt: str = "nvfp4") -> torch.Tensor:
@@ -632,17 +721,8 @@ def fake_quant_fp4(x: torch.Tensor, fmt: str = "nvfp4") -> torch.Tensor:
 
     Identical for finite groups; a group with a NaN/Inf comes out NaN.
     """
-    group = _fp4_group(fmt)
-    n = x.shape[-1]
-    if n % group != 0:
-        raise ValueError(f"{fmt} quantizes groups of {group} along the last dim: n={n} is not a multiple")
-    xg = x.to(torch.float32).reshape(*x.shape[:-1], n // group, group)
-    scale, _ = _fp4_scales(xg, fmt)
-    s = scale[..., None]
-    vals = e2m1_round(xg / s) * s
-    if fmt == "nvfp4":
-        vals = torch.where(s == 0, torch.zeros_like(vals), vals)
-    return vals.reshape(x.shape)
+    blocks, g = fake_quant_fp4_parts(x, fmt)
+    return blocks * g.reshape(*g.shape, *([1] * min(x.dim(), 2)))
 
 
 def swizzle_scale_offsets(rows: int, cols: int, device=None) -> torch.Tensor:

@@ -10,7 +10,8 @@ the kernel dataflow:
 * online softmax over KV blocks of ``kv_block`` keys: running row max ``m``, ``P̃ = exp2(S - m +
   offset)`` (offset ``log2(448)`` for FP8 P), row sum ``l`` accumulated from the float32 P̃
   *before* P̃ is quantized, ``O = O·exp2(m_old - m_new) + P̂ V̂``.
-* epilogue: ``O / l`` times V's per-channel scale, plus ``v_mean`` when V was smoothed
+* epilogue: ``O / l`` times V's per-channel (FP8, INT8) or per-head (NVFP4) scale, plus
+  ``v_mean`` when V was smoothed
   (``smooth_v``: rows of the softmax sum to 1, so ``softmax(S)·(V - v̄) + v̄`` is exact; fully
   masked rows stay 0); LSE = ``(m + log2 l - offset)·ln 2`` plus ``q·k_mean·scale`` when K was
   smoothed (so it is the LSE of the unsmoothed scores).
@@ -242,7 +243,9 @@ def _delta_s_fn(q_mean, k_for_delta, q_block, s_q, rep_q):
 
 
 def _prepare_fp4_qk(q, k, opts, scale_log2, rep):
-    """Block-scaled FP4 Q·K along d: products of E2M1 values times E4M3/E8M0 scales are exact."""
+    """Block-scaled FP4 Q·K along d, as the block-scaled MMA computes it: products of the
+    one-level operands (E2M1 × group scale of ``x / g``), then the per-(b, head) FP32 tensor
+    scales ``g_q · g_k`` on the fp32 result (NVFP4; 1 for MXFP4)."""
     fmt = opts["fmt"]
     s_q = q.shape[2]
     qf = q.to(torch.float32)
@@ -254,15 +257,19 @@ def _prepare_fp4_qk(q, k, opts, scale_log2, rep):
         qf = qf - q_mean[:, :, row_block]
     if k_mean is not None:
         kf = kf - k_mean[:, :, None, :]
-    q_hat = R.fake_quant_fp4(qf, fmt)
-    k_hat = _expand_kv(R.fake_quant_fp4(kf, fmt), rep)
+    q_blk, g_q = R.fake_quant_fp4_parts(qf, fmt)  # (b,h_q,s,d), (b,h_q)
+    k_blk, g_k = R.fake_quant_fp4_parts(kf, fmt)  # (b,h_kv,s,d), (b,h_kv)
+    k_blk = _expand_kv(k_blk, rep)
+    g_k = _expand_kv(g_k, rep)
+    g_qk = (g_q * g_k)[:, :, None, None]
     delta_fn = None
     if q_mean is not None:
-        k_for_delta = k_hat if opts["delta_s"] == "quantized_k" else _expand_kv(kf, rep)
+        # the dequantized smoothed K the kernel holds, or the float32 one
+        k_for_delta = k_blk * g_k[:, :, None, None] if opts["delta_s"] == "quantized_k" else _expand_kv(kf, rep)
         delta_fn = _delta_s_fn(q_mean, k_for_delta, opts["q_block"], s_q, rep_q=1)
 
     def s_log2(j0, j1):
-        s = torch.matmul(q_hat, k_hat[:, :, j0:j1].transpose(-1, -2))
+        s = torch.matmul(q_blk, k_blk[:, :, j0:j1].transpose(-1, -2)) * g_qk
         if delta_fn is not None:
             s = s + delta_fn(j0, j1)
         return s * scale_log2
@@ -351,36 +358,40 @@ def _prepare_pv(recipe, v, opts, rep, v_mean=None):
 
         return 0.0, block, _expand_kv(v_scale, rep) / kInt8PScale
 
-    # qk_nvfp4_pv_nvfp4: V quantized along tokens (Vᵀ), tokens padded with zeros to the group
+    # qk_nvfp4_pv_nvfp4: V quantized along tokens (Vᵀ), tokens padded with zeros to the group;
+    # V's per-(b, head) tensor scale multiplies O in the epilogue, like a per-channel V scale.
     fmt = opts["fmt"]
     group = R.kNvfp4Group if fmt == "nvfp4" else R.kMxfp4Group
     s_pad = -(-s_kv // group) * group
     vt = v.to(torch.float32).transpose(2, 3)
     vt = torch.nn.functional.pad(vt, (0, s_pad - s_kv))
-    v_hat = _expand_kv(R.fake_quant_fp4(vt, fmt).transpose(2, 3), rep)  # (b,h,s_pad,d)
+    vt_blk, g_v = R.fake_quant_fp4_parts(vt, fmt)  # (b,h_kv,d,s_pad), (b,h_kv)
+    v_blk = _expand_kv(vt_blk.transpose(2, 3), rep)  # (b,h,s_pad,d)
+    out_scale = _expand_kv(g_v, rep)[:, :, None].expand(-1, -1, v.shape[3])
     two_level = opts["p_fp4"] == "two_level"
 
     def block(p, j0, j1, o_scaled):
         n = j1 - j0
         n_pad = -(-n // group) * group
         if two_level:
-            # per-row scale of this block so that its largest P̃ maps to 448*6 (SageAttention3)
+            # P's second level (SageAttention3): an FP32 scale per row of this block so that its
+            # largest P̃ maps to 448*6, hence its largest group scale to E4M3's max
             row_scale = p.amax(dim=-1, keepdim=True) / kFp4PScaleMax
             row_scale = torch.where(row_scale == 0, torch.ones_like(row_scale), row_scale)
             p_in = p / row_scale
         else:
             p_in = p
         p_in = torch.nn.functional.pad(p_in, (0, n_pad - n))
-        p_hat = R.fake_quant_fp4(p_in, fmt)
-        vb = v_hat[:, :, j0:j0 + n_pad]
+        p_blk = R.fake_quant_fp4_blocks(p_in, fmt)
+        vb = v_blk[:, :, j0:j0 + n_pad]
         if vb.shape[2] < n_pad:  # only when s_kv is not a multiple of the group: already padded
             vb = torch.nn.functional.pad(vb, (0, 0, 0, n_pad - vb.shape[2]))
-        buf = torch.matmul(p_hat, vb)
+        buf = torch.matmul(p_blk, vb)
         if two_level:
             buf = buf * row_scale
         return o_scaled + buf
 
-    return 0.0, block, None
+    return 0.0, block, out_scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,9 +444,11 @@ def emulate(
                 ``v_max * 448 * kv_block <= 65504``).
             acc_mantissa_bits (e4m3 recipes): explicit mantissa bits of the FP8 MMA accumulator
                 (13: FP22 of Ada/Hopper), truncated after every 32-key MMA.
-            fmt (qk_nvfp4_pv_nvfp4): ``"nvfp4"`` or ``"mxfp4"`` for Q, K, P and V.
-            p_fp4: ``"two_level"`` (per-row scale so the block's max P̃ is 448·6, then FP4) or
-                ``"direct"`` (P in [0, 1] quantized directly).
+            fmt (qk_nvfp4_pv_nvfp4): ``"nvfp4"`` (two levels: E2M1 with E4M3 scales per 16
+                elements and an FP32 scale per (b, head) for Q, K and V) or ``"mxfp4"`` (E2M1 with
+                E8M0 scales per 32 elements, one level) for Q, K, P and V.
+            p_fp4: ``"two_level"`` (per-row FP32 scale so the block's max P̃ is 448·6, then
+                FP4) or ``"direct"`` (P in [0, 1] quantized directly).
 
     Returns:
         O (contiguous) in the input dtype and layout; with ``return_lse`` a tuple ``(O, lse)``.
