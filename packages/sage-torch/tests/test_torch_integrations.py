@@ -26,11 +26,23 @@ def test_hf_attention_forward_semantics(as_arch, fake_backend, monkeypatch, seed
     ref = TORCH_SDPA(q, k, v, is_causal=True, scale=0.125, enable_gqa=True).transpose(1, 2) + 1.0
     torch.testing.assert_close(out, ref)
     assert fn.calls[0]["is_causal"] is True
-    # a padding mask goes to PyTorch's SDPA (exact), decoding (s_q == 1) is not causal
-    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    # a mask that is more than padding (here a sliding window) goes to PyTorch's SDPA (exact)
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril() & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)
     with pytest.warns(sage_torch.SageFallbackWarning, match="attn_mask"):
         out, _ = sage_torch.hf_attention_forward(_Module(), q, k, v, mask)
     torch.testing.assert_close(out, TORCH_SDPA(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2))
+    # a causal mask without padding is sage's causal call; a padding mask is a varlen pack
+    # (integrations/padding.py; tests in test_torch_varlen.py and test_torch_integrations_models.py)
+    n = len(fn.calls)
+    sage_torch.hf_attention_forward(_Module(), q, k, v, torch.ones(2, 1, 6, 6, dtype=torch.bool).tril())
+    assert len(fn.calls) == n + 1 and fn.calls[-1]["is_causal"] is True
+    padded = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    padded[1, :, :, :2] = False
+    with pytest.warns(sage_torch.SageFallbackWarning, match="sequence by sequence"):
+        out, _ = sage_torch.hf_attention_forward(_Module(), q, k, v, padded)
+    assert [c["shapes"][0] for c in fn.calls[n + 1:]] == [(1, 6, 4, 64), (1, 4, 4, 64)]
+    torch.testing.assert_close(out[1, 2:], TORCH_SDPA(q, k, v, attn_mask=padded, enable_gqa=True).transpose(1, 2)[1, 2:]
+                               + 1.0)
     sage_torch.hf_attention_forward(_Module(), q[:, :, :1], k, v, None)
     assert fn.calls[-1]["is_causal"] is False
     with pytest.raises(ValueError, match="output_attentions"):

@@ -84,23 +84,90 @@ def test_hf_llama_runs_sage_and_matches_sdpa(on_sage):
     torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
 
 
+def _padded_ids(seed: int):
+    ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    mask[2, 7:] = 0  # right padding
+    return ids, mask
+
+
 @needs_hf
-def test_hf_llama_padded_batch_gets_the_sdpa_mask(on_sage):
+def test_hf_llama_padded_batch_runs_varlen(on_sage):
     sage_torch.register_hf()
     config = transformers.LlamaConfig(**_SMALL)
-    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones(2, 10, dtype=torch.long)
-    mask[1, :4] = 0  # left padding
+    ids, mask = _padded_ids(2)
     ref = _logits(_build(transformers.LlamaForCausalLM, config, "sdpa"), input_ids=ids, attention_mask=mask)
     model = _build(transformers.LlamaForCausalLM, config, "sage")
     out, warned = _sage_warnings(lambda: _logits(model, input_ids=ids, attention_mask=mask))
-    # the padded batch has a real mask: PyTorch's SDPA runs it (said once), with the same mask
+    # the padding-only mask became a pack (unpad -> attention_varlen -> pad): per layer, one sage
+    # call per sequence (no varlen kernel registered here: said once), each of its real length
+    assert not any("attn_mask is given" in w for w in warned)
+    assert len([w for w in warned if "sequence by sequence" in w]) == 1
+    assert [c["shapes"][0] for c in on_sage.calls] == [(1, 10, 4, 64), (1, 6, 4, 64), (1, 7, 4, 64)] * 2
+    assert all(c["is_causal"] is True and c["layout"] == "bshd" for c in on_sage.calls)
+    keep = mask.bool()
+    torch.testing.assert_close(out[keep], ref[keep], atol=3e-2, rtol=3e-2)
+    # without the registered mask function transformers would pass no mask: the padding would leak
+    unpadded = _logits(model, input_ids=ids[1:2, 4:])
+    torch.testing.assert_close(out[1, 4:], unpadded[0], atol=3e-2, rtol=3e-2)
+
+
+@needs_hf
+def test_hf_llama_padded_batch_reaches_a_varlen_kernel(as_arch, fake_backend, monkeypatch):
+    """A backend with a varlen entry gets the whole pack once per layer."""
+    sage_torch.register_hf()
+    as_arch("sm90")
+    monkeypatch.setattr(api, "SDPA_DEVICE_TYPES", ("cuda", "cpu"))
+    packs = []
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal, scale, return_lse, **options):
+        packs.append((tuple(q.shape), cu_q.tolist(), cu_k.tolist(), max_q, is_causal))
+        from sage_torch.varlen import emulate_varlen
+        return emulate_varlen(q, k, v, cu_q, cu_k, "qk_s8_pv_e4m3", is_causal=is_causal, scale=scale), None
+    dense = fake_backend("qk_s8_pv_e4m3", varlen=varlen)
+    config = transformers.LlamaConfig(**_SMALL)
+    ids, mask = _padded_ids(3)
+    ref = _logits(_build(transformers.LlamaForCausalLM, config, "sdpa"), input_ids=ids, attention_mask=mask)
+    out, warned = _sage_warnings(lambda: _logits(_build(transformers.LlamaForCausalLM, config, "sage"),
+                                                 input_ids=ids, attention_mask=mask))
+    assert warned == [] and dense.calls == []
+    assert packs == [((23, 4, 64), [0, 10, 16, 23], [0, 10, 16, 23], 10, True)] * 2
+    keep = mask.bool()
+    rel = (out[keep] - ref[keep]).norm() / ref[keep].norm()
+    assert rel < 0.05, rel
+
+
+@needs_hf
+def test_hf_llama_padded_batch_emulation_close_to_sdpa(as_arch, monkeypatch):
+    """The recipe's numerics per sequence (emulation) in a padded batch: close to SDPA where tokens are real."""
+    sage_torch.register_hf()
+    as_arch("sm90")
+    monkeypatch.setattr(api, "SDPA_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setenv("SAGE_FORCE_EMULATION", "1")
+    config = transformers.LlamaConfig(**_SMALL)
+    ids, mask = _padded_ids(4)
+    ref = _logits(_build(transformers.LlamaForCausalLM, config, "sdpa"), input_ids=ids, attention_mask=mask)
+    out, warned = _sage_warnings(lambda: _logits(_build(transformers.LlamaForCausalLM, config, "sage"),
+                                                 input_ids=ids, attention_mask=mask))
+    assert warned == []  # emulation was asked for: sequence by sequence is what it is
+    keep = mask.bool()
+    rel = (out[keep] - ref[keep]).norm() / ref[keep].norm()
+    assert rel < 0.05, rel
+
+
+@needs_hf
+def test_hf_sliding_window_mask_stays_on_sdpa(on_sage):
+    """A mask that is more than padding (Mistral's sliding window) keeps PyTorch's SDPA with the mask."""
+    sage_torch.register_hf()
+    config = transformers.MistralConfig(**_SMALL, sliding_window=4)
+    ids, mask = _padded_ids(5)
+    ref = _logits(_build(transformers.MistralForCausalLM, config, "sdpa"), input_ids=ids, attention_mask=mask)
+    out, warned = _sage_warnings(lambda: _logits(_build(transformers.MistralForCausalLM, config, "sage"),
+                                                 input_ids=ids, attention_mask=mask))
     assert on_sage.calls == [] and any("attn_mask is given" in w for w in warned)
     keep = mask.bool()
     torch.testing.assert_close(out[keep], ref[keep], atol=0, rtol=0)
-    # without the registered mask function transformers would pass no mask: the padding would leak
-    unpadded = _logits(model, input_ids=ids[1:, 4:])
-    torch.testing.assert_close(out[1, 4:], unpadded[0], atol=3e-2, rtol=3e-2)
 
 
 @needs_hf

@@ -268,6 +268,14 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_layout: s
     """
     if tensor_layout not in _SAGEATTN_LAYOUTS:
         raise ValueError(f"tensor_layout must be 'HND' (b, h, s, d) or 'NHD' (b, s, h, d), got {tensor_layout!r}")
+    options = _sageattn_options(q, kwargs, "sageattn")
+    return attention(q, k, v, layout=_SAGEATTN_LAYOUTS[tensor_layout], is_causal=is_causal, scale=sm_scale,
+                     recipe="auto", return_lse=return_lse, **options)
+
+
+def _sageattn_options(q: Any, kwargs: dict[str, Any], fn_name: str) -> dict[str, Any]:
+    """Recipe options from SageAttention's extra keywords (shared by sageattn and sageattn_varlen);
+    ``q`` (4-D, any layout) tells which recipe "auto" picks here, for ``smooth_v``."""
     options: dict[str, Any] = {}
     smooth_v = None
     for name, value in kwargs.items():
@@ -281,14 +289,14 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_layout: s
             smooth_v = value
         elif name == "pv_accum_dtype":
             if value not in ("fp32", "fp32+fp32"):
-                raise ValueError(f"pv_accum_dtype={value!r} is not supported: sageattn() accumulates PV in fp32 "
+                raise ValueError(f"pv_accum_dtype={value!r} is not supported: {fn_name}() accumulates PV in fp32 "
                                  f"(accepted: 'fp32', 'fp32+fp32'); FP16-buffered accumulation is "
                                  f"sage_torch.attention(..., recipe='qk_s8_pv_f16' or 'qk_s8_pv_e4m3', "
                                  f"pv_accum='f16_buffer') on the sm80-family kernels")
         elif name in SAGEATTN_REJECTED_KWARGS:
-            raise TypeError(f"sageattn() does not accept {name}=: {SAGEATTN_REJECTED_KWARGS[name]}")
+            raise TypeError(f"{fn_name}() does not accept {name}=: {SAGEATTN_REJECTED_KWARGS[name]}")
         else:
-            raise TypeError(f"sageattn() got an unexpected keyword argument {name!r}; accepted extra "
+            raise TypeError(f"{fn_name}() got an unexpected keyword argument {name!r}; accepted extra "
                             f"keywords: {sorted(SAGEATTN_ACCEPTED_KWARGS)}")
     if smooth_v is not None and isinstance(q, torch.Tensor) and q.dim() == 4:
         # Only some recipes smooth V: pass the choice to the one "auto" picks here when it has the
@@ -300,5 +308,4 @@ def sageattn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_layout: s
         elif smooth_v:
             raise ValueError(f"smooth_v=True: the recipe sage runs on this device ({recipe or 'PyTorch SDPA'}) "
                              f"has no V smoothing (accepted here: False)")
-    return attention(q, k, v, layout=_SAGEATTN_LAYOUTS[tensor_layout], is_causal=is_causal, scale=sm_scale,
-                     recipe="auto", return_lse=return_lse, **options)
+    return options

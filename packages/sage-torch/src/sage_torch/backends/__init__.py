@@ -72,6 +72,11 @@ class BackendSpec:
     #: (e.g. a layout it cannot read without a copy). Called only after the dispatcher chose this
     #: backend for the call's signature; it must check what varies per call (shapes, strides).
     fast: Callable[..., torch.Tensor | None] | None = None
+    #: Optional varlen entry (packed sequences, ``sage_torch.attention_varlen``):
+    #: ``varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, is_causal, scale,
+    #: return_lse, **options) -> (o, lse | None)`` on ``(total, h, d)`` tensors, or None to decline
+    #: (the pack then runs sequence by sequence through ``fn``). Contract: ``backends/README.md``.
+    varlen: Callable[..., tuple[torch.Tensor, torch.Tensor | None] | None] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -82,6 +87,7 @@ class BackendSpec:
             "dtypes": sorted(dtype_name(d) for d in self.dtypes),
             "module": self.module,
             "native_archs": sorted(self.native_archs),
+            "varlen": self.varlen is not None,
         }
 
 
@@ -102,6 +108,7 @@ def register_backend(name: str, recipe: str, archs: Iterable[str], head_dims: It
                      supports: Callable[..., str | None] | None = None,
                      native_archs: Iterable[str] | None = None,
                      fast: Callable[..., torch.Tensor | None] | None = None,
+                     varlen: Callable[..., Any] | None = None,
                      replace: bool = False) -> BackendSpec:
     """Register a kernel backend.
 
@@ -118,6 +125,7 @@ def register_backend(name: str, recipe: str, archs: Iterable[str], head_dims: It
         native_archs: the archs among ``archs`` it was written for (default: all of them). For one
             (arch, recipe, dtype, head dim), native backends come first, then registration order.
         fast: optional host fast path, see :attr:`BackendSpec.fast`.
+        varlen: optional packed-sequence entry, see :attr:`BackendSpec.varlen`.
         replace: allow replacing a backend of the same name.
 
     Returns the stored :class:`BackendSpec`.
@@ -146,6 +154,8 @@ def register_backend(name: str, recipe: str, archs: Iterable[str], head_dims: It
         raise TypeError(f"register_backend({name!r}): supports must be callable or None")
     if fast is not None and not callable(fast):
         raise TypeError(f"register_backend({name!r}): fast must be callable or None")
+    if varlen is not None and not callable(varlen):
+        raise TypeError(f"register_backend({name!r}): varlen must be callable or None")
     native_set = arch_set if native_archs is None else frozenset(
         native_archs if not isinstance(native_archs, str) else (native_archs,))
     if not native_set <= arch_set:
@@ -153,7 +163,7 @@ def register_backend(name: str, recipe: str, archs: Iterable[str], head_dims: It
                          f"among archs {sorted(arch_set)}")
     module = getattr(fn, "__module__", None)
     spec = BackendSpec(name, recipe, arch_set, hd_set, dtype_set, fn, available, supports, module, native_set,
-                       fast)
+                       fast, varlen)
     with _lock:
         if name in _registry and not replace:
             raise ValueError(f"register_backend: a backend named {name!r} is already registered "

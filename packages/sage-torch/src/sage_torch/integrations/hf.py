@@ -11,9 +11,11 @@ argument                    handling
 query / key / value         ``(b, h, s, d)``; GQA/MQA (fewer kv heads) run natively
 attention_mask              4-D bool/float mask built by transformers' *sdpa* mask function
                             (:func:`register_hf` registers it for our name): ``None`` for
-                            plain causal/full attention -> sage; a real mask (padding,
-                            sliding window, packing) -> PyTorch's SDPA with that mask, exact,
-                            warned once by the SDPA drop-in
+                            plain causal/full attention -> sage; a boolean mask that is only
+                            padding (+ causal) -> unpad, :func:`sage_torch.attention_varlen`,
+                            pad (``integrations/padding.py``; padding rows give 0); any
+                            other mask (sliding window, packing, additive) -> PyTorch's SDPA
+                            with that mask, exact, warned once by the SDPA drop-in
 dropout                     > 0 -> PyTorch's SDPA (sage has no dropout), warned once
 scaling                     the softmax scale
 is_causal                   as SDPA: causal when the module is causal, there is no mask and
@@ -45,6 +47,7 @@ from typing import Any, Callable
 import torch
 
 from .. import _dispatch, api
+from . import padding
 
 HF_ATTENTION_NAME = "sage"
 
@@ -160,6 +163,17 @@ def _eager_mask(module, query, key, attention_mask, is_causal):
     return attention_mask
 
 
+def _padded_batch_runs_on_sage(query, key, value, dropout, scaling) -> bool:
+    """Whether a padded batch may take the varlen route: sage would run this call without its mask
+    (CUDA, fp16/bf16, supported head dim, no dropout, no grad, ...) and we are not being traced
+    (reading the mask is a host sync)."""
+    if torch.compiler.is_compiling():
+        return False
+    why, _ = api._sdpa_fallback_reason(query, key, value, None, dropout, False, scaling,
+                                       query.shape[1] != key.shape[1])
+    return why is None
+
+
 def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, dropout: float = 0.0,
                          scaling: float | None = None, is_causal: bool | None = None,
@@ -168,7 +182,8 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
 
     query ``(b, h_q, s_q, d)``, key/value ``(b, h_kv, s_kv, d)`` (transformers' convention);
     returns ``(out (b, s_q, h_q, d), None)``. Same results as transformers' ``sdpa`` for every
-    call it accepts; what sage cannot honour falls back loudly (module docstring).
+    call it accepts (in a padded batch: at every real token; padding rows give 0); what sage cannot
+    honour falls back loudly (module docstring).
     """
     if kwargs.get("output_attentions", False):
         raise ValueError("attn_implementation='sage' cannot return attention weights "
@@ -198,6 +213,10 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", True))
     is_causal = q_len > 1 and attention_mask is None and bool(is_causal)
+    if attention_mask is not None and _padded_batch_runs_on_sage(query, key, value, dropout, scaling):
+        plan = padding.cached_padding_plan(attention_mask, q_len, kv_len)
+        if plan is not None:
+            return padding.run_padded(plan, query, key, value, scale=scaling), None
     if attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :, :kv_len]
     if is_causal and kv_len > q_len:
