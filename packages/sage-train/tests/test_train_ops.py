@@ -255,3 +255,17 @@ def test_sm90_module_is_the_plug_point():
     with pytest.raises(NotImplementedError, match="not written yet"):
         sm90.forward(None, None, None, layout="bhsd", is_causal=False, scale=1.0, smooth_k=True)
     assert not sage_train.kernel_available("cpu")
+
+
+def test_a_misbehaving_kernel_is_named(seed, stand_in_kernel, monkeypatch):
+    spec = next(s for s in sage_train.registered_kernels() if s.name == "test_cpu_stand_in")
+    import dataclasses
+
+    def bad_forward(q, k, v, **kw):
+        o, lse = spec.forward(q, k, v, **kw)
+        return o.float(), lse
+
+    sage_train.register_kernel(dataclasses.replace(spec, forward=bad_forward))
+    q, k, v, _ = _qkv(seed)
+    with pytest.raises(RuntimeError, match="kernel 'test_cpu_stand_in' forward output 0 is .* torch.float32"):
+        sage_train.attention(q, k, v)

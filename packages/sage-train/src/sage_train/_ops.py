@@ -47,6 +47,20 @@ def _lse_shape(q: torch.Tensor, layout: str) -> Tuple[int, int, int]:
     return (q.shape[0], q.shape[2], q.shape[1])
 
 
+def _check_kernel_outputs(name: str, what: str, outs, expected, device: torch.device) -> None:
+    """Host-side checks (shape, dtype, device, contiguity: no sync) that name a misbehaving kernel."""
+    outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+    if len(outs) != len(expected):
+        raise RuntimeError(f"train_s8 kernel {name!r} {what} returned {len(outs)} values, expected {len(expected)}")
+    for i, (t, (shape, dtype)) in enumerate(zip(outs, expected)):
+        if (not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype != dtype
+                or t.device != device or not t.is_contiguous()):
+            got = (f"{tuple(t.shape)} {t.dtype} {t.device} contiguous={t.is_contiguous()}"
+                   if isinstance(t, torch.Tensor) else type(t).__name__)
+            raise RuntimeError(f"train_s8 kernel {name!r} {what} output {i} is {got}; expected a contiguous "
+                               f"{tuple(shape)} {dtype} tensor on {device}")
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -59,6 +73,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: 
                             dp_precision=dp_precision, smooth_k=smooth_k, emulate=emulate, strict=strict)
     if spec is not None:
         o, lse = spec.forward(q, k, v, layout=layout, is_causal=is_causal, scale=scale_value, smooth_k=smooth_k)
+        _check_kernel_outputs(spec.name, "forward", (o, lse), ((q.shape[:3] + (v.shape[3],), q.dtype),
+                                                               (_lse_shape(q, layout), torch.float32)), q.device)
         return o, lse
     o, _lse, ctx = train_s8_forward(q, k, v, is_causal=is_causal, scale=scale, layout=layout,
                                     dp_precision=dp_precision, smooth_k=smooth_k)
@@ -84,8 +100,10 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     spec = _dispatch.decide(q, k, v, layout=layout, is_causal=is_causal, scale=scale_value,
                             dp_precision=dp_precision, smooth_k=smooth_k, emulate=emulate, strict=strict)
     if spec is not None:
-        return spec.backward(do, q, k, v, o, lse, layout=layout, is_causal=is_causal, scale=scale_value,
-                             smooth_k=smooth_k)
+        grads = spec.backward(do, q, k, v, o, lse, layout=layout, is_causal=is_causal, scale=scale_value,
+                              smooth_k=smooth_k)
+        _check_kernel_outputs(spec.name, "backward", grads, tuple((x.shape, x.dtype) for x in (q, k, v)), q.device)
+        return tuple(grads)
     ctx = train_s8_context(q, k, v, o, lse, is_causal=is_causal, scale=scale, layout=layout,
                            dp_precision=dp_precision, smooth_k=smooth_k)
     return train_s8_backward(do, ctx)

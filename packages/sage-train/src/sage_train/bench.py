@@ -38,6 +38,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from sage_torch._env import ENV_FORCE_EMULATION, env_flag
+
 import sage_train
 
 from . import _dispatch
@@ -96,6 +98,8 @@ def sdpa_impls(device: torch.device) -> Dict[str, AttnFn]:
 
 def sage_path(device: torch.device, d: int, dtype: torch.dtype = torch.bfloat16) -> Dict[str, object]:
     """What sage_train.attention runs for a (b, 32, 1024, d) call on ``device``: kernel or emulation."""
+    if env_flag(ENV_FORCE_EMULATION):
+        return {"kind": "emulation", "kernel": None, "reason": f"{ENV_FORCE_EMULATION}=1"}
     q = torch.empty((1, HEADS, 1024, d), device=device, dtype=dtype)
     spec, why = _dispatch.select(q, q, q, layout="bhsd", is_causal=False, scale=d ** -0.5,
                                  dp_precision="fp16", smooth_k=True)
