@@ -374,3 +374,34 @@ def test_cached_padding_plan_reuses_one_mask_object():
     mask[1, 0, 5, 0] = False  # changed in place: planned again (and now it is not padding)
     assert padding.cached_padding_plan(mask, 6, 6) is None
     assert first.max_seqlen_q == 6 and first.cu_seqlens_q.tolist() == [0, 4, 10]
+
+
+def test_padded_decode_that_auto_sends_to_sdpa_keeps_one_masked_sdpa_call(as_arch, fake_backend, monkeypatch, seed):
+    """recipe="auto" runs decode-shaped calls on PyTorch's SDPA (AUTO_TORCH_RULES): a padded decode
+    batch then stays one SDPA call with the mask instead of one call per sequence."""
+    from sage_torch import api
+    from sage_torch._torch_fallback import TORCH_SDPA
+    as_arch("sm90")
+    monkeypatch.setattr(api, "SDPA_DEVICE_TYPES", ("cuda", "cpu"))
+    dense = fake_backend("qk_s8_pv_e4m3", name="sm90_qk_s8_pv_e4m3")  # the name auto's rule is for
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, 1, 64, generator=gen).bfloat16()
+    k = torch.randn(2, 2, 9, 64, generator=gen).bfloat16()
+    v = torch.randn(2, 2, 9, 64, generator=gen).bfloat16()
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., :3] = False
+
+    class Module(torch.nn.Module):
+        is_causal = True
+    with pytest.warns(sage_torch.SageFallbackWarning, match="attn_mask is given"):
+        out, _ = sage_torch.hf_attention_forward(Module(), q, k, v, mask)
+    assert dense.calls == []
+    torch.testing.assert_close(out, TORCH_SDPA(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2))
+    # a prefill of the same batch is a kernel call: the varlen route
+    q = torch.randn(2, 4, 96, 64, generator=gen).bfloat16()
+    k = torch.randn(2, 2, 96, 64, generator=gen).bfloat16()
+    monkeypatch.setattr(sage_torch._dispatch, "AUTO_TORCH_RULES", {})
+    mask = torch.ones(2, 1, 96, 96, dtype=torch.bool).tril()
+    mask[1, ..., :3] = False
+    _quiet(sage_torch.hf_attention_forward, Module(), q, k, k, mask)
+    assert [c["shapes"][0] for c in dense.calls] == [(1, 96, 4, 64), (1, 93, 4, 64)]

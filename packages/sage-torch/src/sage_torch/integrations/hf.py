@@ -165,13 +165,23 @@ def _eager_mask(module, query, key, attention_mask, is_causal):
 
 def _padded_batch_runs_on_sage(query, key, value, dropout, scaling) -> bool:
     """Whether a padded batch may take the varlen route: sage would run this call without its mask
-    (CUDA, fp16/bf16, supported head dim, no dropout, no grad, ...) and we are not being traced
-    (reading the mask is a host sync)."""
+    on a kernel or the emulation (CUDA, fp16/bf16, supported head dim, no dropout, no grad, and not
+    a shape ``recipe="auto"`` sends to PyTorch's SDPA anyway, e.g. decode: one SDPA call with the
+    mask beats one per sequence) and we are not being traced (reading the mask is a host sync)."""
     if torch.compiler.is_compiling():
         return False
     why, _ = api._sdpa_fallback_reason(query, key, value, None, dropout, False, scaling,
                                        query.shape[1] != key.shape[1])
-    return why is None
+    if why is not None:
+        return False
+    call = {"q": query, "k": key, "v": value,
+            "kwargs": {"layout": "bhsd", "is_causal": False, "scale": scaling, "return_lse": False}}
+    try:
+        decision = _dispatch.resolve(_dispatch.device_arch(query.device), query.dtype, query.shape[-1], "auto",
+                                     strict=False, call=call)
+    except (ValueError, TypeError):  # e.g. a bad SAGE_FORCE_RECIPE: the SDPA path reports it
+        return False
+    return decision.kind in (_dispatch.KIND_KERNEL, _dispatch.KIND_EMULATION)
 
 
 def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
