@@ -16,9 +16,16 @@
 
 namespace sage::sm90 {
 
+// Consumer warpgroups per CTA: d=64 has half the GEMM work per score of d=128, so its tile time
+// is the softmax's; a third warpgroup (192-row tiles, 160 registers each) keeps two softmaxes in
+// flight while one warpgroup runs its GEMMs (FA3's FP8 d=64 layout). d=128 needs 240 registers
+// per consumer thread with the two-level accumulator, so it stays at two.
+template <int kHeadDim>
+inline constexpr int kSm90QkS8PvE4m3ConsumerWG = kHeadDim == 64 ? 3 : 2;
+
 template <int kHeadDim, class OutTag>
 using AttnFwdSm90QkS8PvE4m3Kernel =
-    AttnFwdSm90KernelTmaWs<CollectiveMainloopFwdSm90QkS8PvE4m3<kHeadDim>,
+    AttnFwdSm90KernelTmaWs<CollectiveMainloopFwdSm90QkS8PvE4m3<kHeadDim, kSm90QkS8PvE4m3ConsumerWG<kHeadDim>>,
                            CollectiveEpilogueFwdSm90StoreRegs<kHeadDim, OutTag>, AttnFwdSingleTileScheduler>;
 
 template <int kHeadDim, class OutTag>

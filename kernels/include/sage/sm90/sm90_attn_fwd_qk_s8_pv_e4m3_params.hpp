@@ -57,8 +57,8 @@ struct AttnFwdQkS8PvE4m3Args {
 
 // Tokens of the PV K-tile; v_t is padded to a multiple of it.
 constexpr int kSm90VTokenPad = 128;
-// Q/K tiles of the attention kernel (the per-thread K scale block is kSm90BlockKV).
-constexpr int kSm90BlockQ = 128;
+// KV tile of the attention kernel, also the per-thread K scale block. (Query tiles are the
+// kernel's choice: 64 rows per consumer warpgroup.)
 constexpr int kSm90BlockKV = 128;
 // Tokens per partial-statistics chunk of the fused quantization pass.
 constexpr int kSm90StatsChunk = 512;

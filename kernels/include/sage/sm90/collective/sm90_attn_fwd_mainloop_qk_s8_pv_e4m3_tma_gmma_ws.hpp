@@ -9,9 +9,9 @@
 // and leaves O (unnormalized, in V's quantized units) and the row statistics to the epilogue.
 //
 // Schedule (FA3-style): QK(n) and PV(n-1) are issued back to back and softmax(n) runs while
-// PV(n-1) is on the tensor cores (intra-warpgroup overlap); the two consumer warpgroups take
-// turns issuing their GEMMs through two named barriers (ping-pong), so one warpgroup's softmax
-// overlaps the other's GEMMs. Schedules that lost (no overlap, no ping-pong, exp2 on the FMA
+// PV(n-1) is on the tensor cores (intra-warpgroup overlap); the consumer warpgroups take turns
+// issuing their GEMMs through named barriers (ping-pong with two, round robin with three), so one
+// warpgroup's GEMMs overlap the others' softmax. Schedules that lost (no overlap, no ping-pong, exp2 on the FMA
 // pipe, magic-number conversion, split max/sum chains, K-scale prefetch) are recorded with their
 // measurements in docs/perf/sm90_qk_s8_pv_e4m3.md and are not in the code.
 //
@@ -47,14 +47,17 @@
 
 namespace sage::sm90 {
 
-template <int kHeadDim_>
+// kNumConsumerWG consumer warpgroups of 64 rows each take turns on the tensor cores; with three
+// (d=64: 192-row tiles) two of them are in their softmax while one runs its GEMMs.
+template <int kHeadDim_, int kNumConsumerWG_>
 struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
   static_assert(kHeadDim_ == 64 || kHeadDim_ == 128, "head dim 64 or 128");
+  static_assert(kNumConsumerWG_ == 2 || kNumConsumerWG_ == 3, "2 or 3 consumer warpgroups");
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockQ = kSm90BlockQ;    // 2 consumer warpgroups x 64 rows
+  static constexpr int kNumConsumerWG = kNumConsumerWG_;
+  static constexpr int kRowsPerWG = 64;  // one wgmma m64 tile
+  static constexpr int kBlockQ = kRowsPerWG * kNumConsumerWG;
   static constexpr int kBlockKV = kSm90BlockKV;  // also the per-thread K scale block
-  static constexpr int kRowsPerWG = 64;          // one wgmma m64 tile
-  static constexpr int kNumConsumerWG = kBlockQ / kRowsPerWG;
   static constexpr int kConsumerThreads = 128 * kNumConsumerWG;
   static constexpr int kConsumerWarps = kConsumerThreads / 32;
   static constexpr int kStages = 3;  // K and V^T ring depth (1 CTA/SM: smem is plentiful)
@@ -98,9 +101,11 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
   using PipelineState = typename Pipeline::PipelineState;
   using Softmax = OnlineSoftmaxS32Sm90<kBlockKV>;
 
-  // Named barriers of the ping-pong, one per consumer warpgroup (CUTLASS user ids: offset past
-  // the ids CUTLASS reserves).
+  // Named barriers of the GEMM turns, one per consumer warpgroup (CUTLASS user ids: offset past
+  // the ids CUTLASS reserves). Barrier k is synced by warpgroup k and arrived at by the one
+  // before it in turn order: 2 x 128 threads.
   static constexpr uint32_t kPingPongBarrier = 0;
+  static constexpr uint32_t kPingPongThreads = 2 * 128;
 
   struct SharedStorage {
     alignas(1024) int8_t q[kQTileBytes];
@@ -312,21 +317,21 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
       if (release_lane) pipe.empty_barrier_[st.index()].arrive();
     };
     const uint32_t pp_own = kPingPongBarrier + cw;
-    const uint32_t pp_other = kPingPongBarrier + (cw ^ 1);
+    const uint32_t pp_next = kPingPongBarrier + (cw + 1) % kNumConsumerWG;
 
     TxBarrier::wait(&ss.bar_q, 0);
     PipelineState read_k = read;  // tile n
     PipelineState read_v = read;  // tile n - 1: V lags K by one tile
     float sf[Softmax::kScores];
     float alpha_prev[2];  // the O rescale that goes with buf = PV(n-1)
-    // Consumer warpgroup 0 issues first: warpgroup 1 pre-arrives on its barrier.
-    if (cw == 1) NamedBarrier::arrive(kConsumerThreads, kPingPongBarrier + 0);
+    // Consumer warpgroup 0 issues first: the last one in turn order pre-arrives on its barrier.
+    if (cw == kNumConsumerWG - 1) NamedBarrier::arrive(kPingPongThreads, kPingPongBarrier + 0);
     {
       const float c = tile_scale(0);
-      NamedBarrier::sync(kConsumerThreads, pp_own);
+      NamedBarrier::sync(kPingPongThreads, pp_own);
       pipe_k.consumer_wait(read_k);
       issue_qk(read_k.index());
-      NamedBarrier::arrive(kConsumerThreads, pp_other);
+      NamedBarrier::arrive(kPingPongThreads, pp_next);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
       release(ss.pipeline_k, read_k);
@@ -336,12 +341,12 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
     }
     for (int n = 1; n < n_end; ++n) {
       const float c = tile_scale(n);
-      NamedBarrier::sync(kConsumerThreads, pp_own);
+      NamedBarrier::sync(kPingPongThreads, pp_own);
       pipe_k.consumer_wait(read_k);
       issue_qk(read_k.index());
       pipe_v.consumer_wait(read_v);
       issue_pv(read_v.index());
-      NamedBarrier::arrive(kConsumerThreads, pp_other);
+      NamedBarrier::arrive(kPingPongThreads, pp_next);
       warpgroup_wait<1>();  // QK(n) done, PV(n-1) may still run
       warpgroup_fence_operand(tSrS);
       release(ss.pipeline_k, read_k);
@@ -366,8 +371,8 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
     release(ss.pipeline_v, read_v);
     ++read_v;
     accumulate_o(alpha_prev);
-    // Balance the barriers: warpgroup 1 arrived once more on warpgroup 0's than it synced.
-    if (cw == 0) NamedBarrier::sync(kConsumerThreads, pp_own);
+    // Balance the barriers: warpgroup 0's got one arrival more (the pre-arrival) than it synced.
+    if (cw == 0) NamedBarrier::sync(kPingPongThreads, pp_own);
     read = read_v;
   }
 

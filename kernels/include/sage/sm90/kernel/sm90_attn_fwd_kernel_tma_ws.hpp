@@ -26,8 +26,10 @@ struct AttnFwdSm90KernelTmaWs {
   using Scheduler = Scheduler_;
   static constexpr int kNumConsumerWG = Mainloop::kNumConsumerWG;
   static constexpr int kThreads = 128 * (1 + kNumConsumerWG);
+  // setmaxnreg split of the 64K registers: the producer needs few, consumers get the rest
+  // (multiples of 8).
   static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = 240;
+  static constexpr int kConsumerRegs = kNumConsumerWG == 2 ? 240 : 160;
   static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kNumConsumerWG <= 65536, "register file");
 
   struct SharedStorage {
