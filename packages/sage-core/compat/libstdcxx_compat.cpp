@@ -2,6 +2,8 @@
 // versions newer than manylinux_2_28's libstdc++ (GCC 8: CXXABI_1.3.11, GLIBCXX_3.4.24). Linked as
 // a static archive with --exclude-libs (compat/manylinux.cmake), so they stay local to _C.
 // gcc-toolset's libstdc++_nonshared.a does the same job in a manylinux image.
+// Weak: a toolchain that links libstdc++ statically (the GPU machine's GCC 13) brings its own
+// strong definitions from libstdc++.a, which then win instead of clashing ("multiple definition").
 #include <exception>
 #include <new>
 
@@ -16,17 +18,17 @@ namespace std {
 namespace __exception_ptr {
 
 // One more reference: a copy that is never destroyed.
-void exception_ptr::_M_addref() noexcept {
+__attribute__((weak)) void exception_ptr::_M_addref() noexcept {
   alignas(exception_ptr) unsigned char extra_reference[sizeof(exception_ptr)];
   sage_compat_exception_ptr_copy(extra_reference, this);
 }
 
 // One reference less (frees the exception with the last one).
-void exception_ptr::_M_release() noexcept { sage_compat_exception_ptr_destroy(this); }
+__attribute__((weak)) void exception_ptr::_M_release() noexcept { sage_compat_exception_ptr_destroy(this); }
 
 }  // namespace __exception_ptr
 
 // GLIBCXX_3.4.29 (GCC 11); emitted by array new-expressions. bad_array_new_length: CXXABI_1.3.8.
-void __throw_bad_array_new_length() { throw bad_array_new_length(); }
+__attribute__((weak)) void __throw_bad_array_new_length() { throw bad_array_new_length(); }
 
 }  // namespace std
