@@ -76,25 +76,31 @@ struct OnlineSoftmaxS32Sm90 {
           }
         }
       }
+      float r0 = fmaxf(sf[0], sf[1]);
+      float r1 = fmaxf(sf[2], sf[3]);
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float r = fmaxf(sf[2 * half], sf[2 * half + 1]);
-#pragma unroll
-        for (int j = 1; j < kBlockKV / 8; ++j) r = fmaxf(r, fmaxf(sf[4 * j + 2 * half], sf[4 * j + 2 * half + 1]));
-        mx[half] = r;
+      for (int j = 1; j < kBlockKV / 8; ++j) {
+        r0 = fmaxf(r0, fmaxf(sf[4 * j], sf[4 * j + 1]));
+        r1 = fmaxf(r1, fmaxf(sf[4 * j + 2], sf[4 * j + 3]));
       }
+      mx[0] = r0;
+      mx[1] = r1;
     } else {
       // 3-input integer max (sm_90 DPX VIMNMX3): half the instructions of pairwise FMNMX.
       // Exact: |raw| <= 127*127*d < 2^24 converts to float exactly and monotonically.
+      // Both rows' chains in one loop and the conversions after them: ptxas then interleaves the
+      // conversions with the chains' latency (written row by row, it did not: -5 % at d=128).
+      int r0 = max(tSrS(0), tSrS(1));
+      int r1 = max(tSrS(2), tSrS(3));
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        int r = max(tSrS(2 * half), tSrS(2 * half + 1));
-#pragma unroll
-        for (int j = 1; j < kBlockKV / 8; ++j) r = __vimax3_s32(r, tSrS(4 * j + 2 * half), tSrS(4 * j + 2 * half + 1));
-        mx[half] = static_cast<float>(r);
+      for (int j = 1; j < kBlockKV / 8; ++j) {
+        r0 = __vimax3_s32(r0, tSrS(4 * j), tSrS(4 * j + 1));
+        r1 = __vimax3_s32(r1, tSrS(4 * j + 2), tSrS(4 * j + 3));
       }
 #pragma unroll
       for (int i = 0; i < kScores; ++i) sf[i] = static_cast<float>(tSrS(i));
+      mx[0] = static_cast<float>(r0);
+      mx[1] = static_cast<float>(r1);
     }
     float neg_off[2];
 #pragma unroll
