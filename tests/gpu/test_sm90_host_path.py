@@ -149,3 +149,51 @@ def test_auto_rule_is_what_the_table_says():
     n = 8192
     assert _dispatch.auto_torch_reason("sm90_qk_s8_pv_e4m3", 1, 32, n, n, 128, True) is None
     assert 1 * 32 * n * n * 128 // 2 >= min_macs
+
+
+# --------------------------------------------------------------------------- output memory order
+
+def _packed_qkv_cuda(b, s, h, d, dtype, seed=SEED):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    packed = torch.randn(b, s, 3, h, d, generator=g, device="cuda", dtype=torch.float32).to(dtype)
+    return packed.permute(2, 0, 3, 1, 4).unbind(0)  # (b, h, s, d) views of (b, s, h, d) memory
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("recipe", ["qk_s8_pv_e4m3", "auto"])
+def test_packed_qkv_views_get_bshd_memory_output(d, recipe):
+    """DiT/transformers hand (b, h, s, d) views of (b, s, h, d) memory: o comes back in that memory
+    (like PyTorch's flash/cuDNN SDPA), so the model's transpose + reshape is a view. The kernel
+    stores by strides (poisoned buffer: every element written) and the values equal the call on
+    contiguous copies bit for bit; auto's SDPA route (small shape) gives the same memory order."""
+    b, s, h = 1, 1000 if recipe == "auto" else 777, 4
+    q, k, v = _packed_qkv_cuda(b, s, h, d, torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        o = sage_torch.attention(q, k, v, recipe=recipe)
+        o_ref = sage_torch.attention(q.contiguous(), k.contiguous(), v.contiguous(), recipe=recipe)
+    assert o.shape == q.shape and o.stride() == (s * h * d, d, h * d, 1), o.stride()
+    assert o_ref.is_contiguous()
+    assert torch.isfinite(o).all()
+    if recipe == "auto":  # PyTorch's SDPA may pick another kernel for another input layout
+        torch.testing.assert_close(o, o_ref, atol=2e-3, rtol=0)
+    else:
+        assert torch.equal(o, o_ref)
+
+
+def test_packed_qkv_output_poisoned_kernel_path(monkeypatch):
+    """The bshd-memory output is fully written by the kernel: allocate it NaN-filled."""
+    from sage_torch import _layout
+
+    real_empty = _layout.empty_output
+
+    def poisoned(q, layout, dtype=None, alloc=torch.empty):
+        def nan_alloc(shape, *, dtype, device):
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return real_empty(q, layout, dtype=dtype, alloc=nan_alloc)
+
+    monkeypatch.setattr(sm90_backend, "empty_output", poisoned)
+    q, k, v = _packed_qkv_cuda(2, 333, 3, 128, torch.float16)
+    o = sage_torch.attention(q, k, v, recipe="qk_s8_pv_e4m3", is_causal=True)
+    assert o.stride() == (333 * 3 * 128, 128, 3 * 128, 1)
+    assert torch.isfinite(o).all()

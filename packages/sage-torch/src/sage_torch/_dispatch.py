@@ -34,6 +34,7 @@ import torch
 from . import _env
 from ._recipes import (FRONT_END_OPTIONS, RECIPE_AUTO, RECIPE_TORCH, SUPPORTED_HEAD_DIMS, dtype_name,
                        known_recipes)
+from ._layout import as_output
 from ._torch_fallback import torch_attention
 from .backends import BackendSpec, load_backend_modules, registered_backends, registry_generation
 
@@ -519,7 +520,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, is_ca
         spec = decision.backend
         o, lse = spec.fn(q, k, v, **kwargs, **options)
         _check_backend_output(spec, q, o, lse, return_lse, (b, h_q, s_q))
-        return o.contiguous(), (lse.contiguous() if return_lse else None)
+        return as_output(o, q, layout), (lse.contiguous() if return_lse else None)
 
     if decision.kind == KIND_EMULATION:
         if decision.warn:
@@ -553,7 +554,7 @@ def _run_emulation(q, k, v, recipe: str, kwargs: dict[str, Any], options: dict[s
         o, lse = result[0], (result[1] if len(result) > 1 else None)
     else:
         o, lse = result, None
-    o = o.to(q.dtype).contiguous()
+    o = as_output(o.to(q.dtype), q, kwargs["layout"])
     if kwargs["return_lse"]:
         if lse is None:
             raise RuntimeError(f"sage_quant.emulate({recipe!r}, return_lse=True) returned no LSE")

@@ -9,7 +9,7 @@ Schema (all arguments positional)::
     attention_fwd(q, k, v, layout: str, is_causal: bool, scale: float?, recipe: str,
                   return_lse: bool, options: str, emulate: bool?, strict: bool?) -> (o, lse)
 
-``o`` has q's shape and dtype, contiguous in ``layout``; ``lse`` is float32 ``(b, h_q, s_q)``
+``o`` has q's shape and dtype, in q's memory order (``sage_torch._layout``); ``lse`` is float32 ``(b, h_q, s_q)``
 when ``return_lse`` else an empty float32 tensor (custom ops must return tensors).
 ``options`` is ``_dispatch.encode_options(recipe_options)``.
 """
@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _dispatch
+from ._layout import empty_output
 
 OP_NAME = "sage::attention_fwd"
 
@@ -44,7 +45,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, layout, is_causal, scale, recipe, return_lse, options, emulate, strict):
-    o = q.new_empty(q.shape)  # contiguous in the caller's layout, like every real path
+    o = empty_output(q, layout)  # the strides every real path gives o (sage_torch._layout)
     if return_lse:
         lse = q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
     else:

@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._layout import as_output
+
 #: PyTorch's SDPA captured at import, before anyone (patch_sdpa) replaces the module attribute.
 TORCH_SDPA = F.scaled_dot_product_attention
 
@@ -25,9 +27,9 @@ def to_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x if layout == "bhsd" else x.transpose(1, 2)
 
 
-def from_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """Back to the caller's layout, contiguous in it (the fake impl promises that layout)."""
-    return (x if layout == "bhsd" else x.transpose(1, 2)).contiguous()
+def from_bhsd(x: torch.Tensor, q: torch.Tensor, layout: str) -> torch.Tensor:
+    """Back to the caller's layout, in the memory order every path gives o (sage_torch._layout)."""
+    return as_output(x if layout == "bhsd" else x.transpose(1, 2), q, layout)
 
 
 def bottom_right_causal_mask(s_q: int, s_kv: int, device: torch.device) -> torch.Tensor:
@@ -48,7 +50,7 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
     s_q, s_kv = qb.shape[2], kb.shape[2]
     if return_lse:
         o, lse = _math_attention_with_lse(qb, kb, vb, is_causal=is_causal, scale=scale)
-        return from_bhsd(o.to(q.dtype), layout), lse
+        return from_bhsd(o.to(q.dtype), q, layout), lse
     gqa = qb.shape[1] != kb.shape[1]
     if not is_causal or s_q == s_kv:
         o = TORCH_SDPA(qb, kb, vb, is_causal=is_causal, scale=scale, enable_gqa=gqa)
@@ -59,7 +61,7 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
         fully_masked = s_q - s_kv  # rows i < s_q - s_kv see no key at all
         if fully_masked > 0:
             o[:, :, :fully_masked] = 0  # fresh tensor, forward only: in place is safe
-    return from_bhsd(o, layout), None
+    return from_bhsd(o, q, layout), None
 
 
 def _math_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

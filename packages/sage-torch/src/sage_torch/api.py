@@ -122,7 +122,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             (both default to ``SAGE_FORCE_EMULATION`` / ``SAGE_STRICT``).
 
     Returns:
-        ``o`` with q's shape, dtype and layout (contiguous), or ``(o, lse)`` with ``return_lse``.
+        ``o`` with q's shape, dtype and layout, or ``(o, lse)`` with ``return_lse``. o's memory
+        follows q's order of the batch/head/seq dims (``sage_torch._layout``): for ``(b, h, s, d)``
+        views of ``(b, s, h, d)`` memory (a packed qkv projection) o is such a view too, as with
+        PyTorch's flash/cuDNN SDPA, so ``o.transpose(1, 2).reshape(...)`` costs no copy; else o is
+        contiguous in ``layout``.
     """
     if type(is_causal) is not bool:  # np.True_ hashes like True: normalize before the cached fast path
         is_causal = _as_bool("is_causal", is_causal)

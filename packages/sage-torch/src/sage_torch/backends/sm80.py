@@ -47,6 +47,7 @@ from sage_quant import ops as _qops
 from sage_quant import reference as _ref
 
 from . import register_backend
+from .._layout import empty_output
 
 __all__ = [
     "RECIPES",
@@ -239,7 +240,7 @@ def _run(recipe: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layo
     k_vals, k_scale = _qops.quantize_int(k, bits=bits, granularity=opts["k_granularity"], role="k",
                                          block=opts["k_block"], mean=k_mean, layout=layout)
 
-    o = _alloc(q.shape, dtype=q.dtype, device=dev)  # contiguous in the caller's layout
+    o = empty_output(q, layout, alloc=_alloc)  # q's memory order (sage_torch._layout); stored by strides
     ob = _ref.to_bhsd(o, layout)
     lse = _alloc((b, h_q, s_q), dtype=torch.float32, device=dev) if return_lse else None
     stream = torch.cuda.current_stream(dev).cuda_stream

@@ -23,6 +23,7 @@ from torch.utils.dlpack import to_dlpack as _to_dlpack
 import sage_core
 
 from . import register_backend
+from .._layout import empty_output
 
 __all__ = [
     "RECIPE",
@@ -313,12 +314,10 @@ def _supports(q, k, v, *, layout, is_causal, scale, return_lse, **options) -> Op
 
 
 def _alloc_out(q: torch.Tensor, layout: str, b: int, h_q: int, s_q: int, d: int):
-    """Output in q's layout (contiguous in it) and its (b, h, s, d) view for the kernel."""
-    if layout == "bhsd":
-        o = torch.empty((b, h_q, s_q, d), dtype=q.dtype, device=q.device)
-        return o, o
-    o = torch.empty((b, s_q, h_q, d), dtype=q.dtype, device=q.device)
-    return o, o.transpose(1, 2)
+    """Output in q's layout and memory order (sage_torch._layout; the epilogue stores by strides)
+    and its (b, h, s, d) view for the kernel."""
+    o = empty_output(q, layout)
+    return o, (o if layout == "bhsd" else o.transpose(1, 2))
 
 
 def _launch_attn(qz: Dict[str, torch.Tensor], o_bhsd: torch.Tensor, lse: Optional[torch.Tensor],
@@ -391,7 +390,7 @@ def attention_sm90_qk_s8_pv_e4m3(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             implement raise ``ValueError``.
 
     Returns:
-        ``(o, lse | None)``: ``o`` has q's shape, dtype and layout (contiguous in that layout).
+        ``(o, lse | None)``: ``o`` has q's shape, dtype and layout, in q's memory order (``sage_torch._layout``).
     """
     reason = _unsupported_options(options)
     if reason is not None:
