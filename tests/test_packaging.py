@@ -1,10 +1,16 @@
-"""Packaging invariants (CPU, no build): distribution names, sibling pins, licence copies."""
+"""Packaging invariants (CPU, no build): distribution names, sibling pins, licence copies, the
+wheel sessions' auditwheel platform (noxfile.py, dry)."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import pathlib
+import sys
 import tomllib
+import types
+from unittest import mock
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PKGS = ROOT / "packages"
@@ -55,3 +61,64 @@ def test_license_copies_are_the_root_license():
     for folder in ("sage-core", "sage-quant", "sage-torch", "sage-train"):
         assert (PKGS / folder / "LICENSE").read_bytes() == root, folder
         assert _project(folder)["license"] == "Apache-2.0"
+
+
+@functools.cache
+def _noxfile():
+    """noxfile.py as a module, loaded once with a stub for nox (not a test requirement; the
+    session decorators would only register the functions, twice with the real nox)."""
+    stub = types.ModuleType("nox")
+    stub.options = types.SimpleNamespace()
+    stub.Session = object
+    stub.session = lambda *args, **kwargs: (lambda fn: fn)
+    spec = importlib.util.spec_from_file_location("sage_noxfile", ROOT / "noxfile.py")
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch.dict(sys.modules, {"nox": stub}):
+        spec.loader.exec_module(module)
+    return module
+
+
+def test_wheel_platform_default_is_manylinux_2_28_on_x86_64():
+    nf = _noxfile()
+    assert nf._wheel_plat({}, "x86_64") == "manylinux_2_28_x86_64"
+    assert nf._wheel_plat({"SAGE_WHEEL_PLAT": ""}, "x86_64") == "manylinux_2_28_x86_64"
+    assert nf._wheel_plat({"SAGE_WHEEL_PLAT": "manylinux_2_34_x86_64"}, "x86_64") == "manylinux_2_34_x86_64"
+    assert nf._wheel_plat({"SAGE_WHEEL_PLAT": "auto"}, "x86_64") is None
+    assert nf._wheel_plat({}, "aarch64") is None  # no default there: whatever the symbols allow
+    assert nf._wheel_plat({"SAGE_WHEEL_PLAT": "manylinux_2_28_aarch64"}, "aarch64") == "manylinux_2_28_aarch64"
+
+
+def test_wheel_session_retags_with_the_default_platform(monkeypatch, tmp_path):
+    """_wheel_core's commands, dry: pip wheel 'builds' an empty file, auditwheel is only recorded."""
+    nf = _noxfile()
+    monkeypatch.setattr(nf, "ROOT", tmp_path)
+    monkeypatch.setattr(nf, "_pip", lambda session, *args: None)
+    monkeypatch.setattr(nf.platform, "machine", lambda: "x86_64")
+
+    class Session:
+        def __init__(self):
+            self.runs = []
+
+        def log(self, *args):
+            pass
+
+        def run(self, *args, **kwargs):
+            self.runs.append(args)
+            if args[:4] == ("python", "-m", "pip", "wheel"):
+                raw = pathlib.Path(args[args.index("-w") + 1])
+                raw.mkdir(parents=True, exist_ok=True)
+                (raw / "sage_core-0.1.0-cp311-cp311-linux_x86_64.whl").touch()
+
+    def repair_args(env_value):
+        if env_value is None:
+            monkeypatch.delenv("SAGE_WHEEL_PLAT", raising=False)
+        else:
+            monkeypatch.setenv("SAGE_WHEEL_PLAT", env_value)
+        session = Session()
+        nf._wheel_core(session, tmp_path / "src", "none", [])
+        (repair,) = [r for r in session.runs if r[:2] == ("auditwheel", "repair")]
+        return repair[2:repair.index("-w")]
+
+    assert repair_args(None) == ("--plat", "manylinux_2_28_x86_64", "--only-plat")
+    assert repair_args("manylinux_2_34_x86_64") == ("--plat", "manylinux_2_34_x86_64", "--only-plat")
+    assert repair_args("auto") == ()
