@@ -61,14 +61,10 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
   static constexpr int kConsumerThreads = 128 * kNumConsumerWG;
   static constexpr int kConsumerWarps = kConsumerThreads / 32;
   static constexpr int kStages = 3;  // K and V^T ring depth (1 CTA/SM: smem is plentiful)
-  // A/B in progress (docs/perf step 6): 1 = one empty-barrier arrival per consumer warp,
-  // 0 = every consumer thread arrives (steps 1-5).
-#ifndef SAGE_SM90_ATTN_RELEASE_PER_WARP
-#define SAGE_SM90_ATTN_RELEASE_PER_WARP 1
-#endif
-  static constexpr bool kReleasePerWarp = SAGE_SM90_ATTN_RELEASE_PER_WARP != 0;
-  // What the empty barriers count (PipelineTmaAsync's num_consumers without a cluster).
-  static constexpr int kEmptyArrivals = kReleasePerWarp ? kConsumerThreads / 32 : kConsumerThreads;
+  // The empty barriers count one arrival per consumer warp (PipelineTmaAsync's num_consumers
+  // without a cluster): lane 0 of each warp arrives after that warp's wgmma wait. (Every
+  // consumer thread arriving, as in steps 1-5, made ptxas spill 12 B in the consumer.)
+  static constexpr int kEmptyArrivals = kConsumerWarps;
 
   // Q/K rows are d bytes: 128 B rows take the 128-byte swizzle, 64 B rows the 64-byte one (the
   // TMA box's inner extent must not exceed the swizzle span). V^T rows are 128 tokens = 128 B.
@@ -210,10 +206,14 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
   // Consumer warpgroup cw (rows [64*cw, 64*cw + 64) of the tile), thread tid of 128: the whole
   // KV loop. Leaves tOrO = sum_j P~_ij V^_j (V still in its quantized units, rows not divided by
   // l) and the row statistics in sm. With n_end == 0, O = 0 and l = 0.
+  // The consumers wait on and release the pipelines' barriers in shared memory directly (what
+  // PipelineTmaAsync's consumer wait / release do, minus the cluster addressing): a
+  // PipelineTmaAsync object kept live through the loop holds generic barrier pointers in
+  // registers, and at 240 registers ptxas paid for them by recomputing the Q descriptor and the
+  // stage addresses every tile (+17 instructions in the loop, d=128 kernel 4-6 % slower).
   template <class FragO>
-  static __device__ void mma(const Params& p, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
-                             PipelineState& read, const AttnFwdTile& t, int n_end, int cw, int tid, FragO& tOrO,
-                             Softmax& sm) {
+  static __device__ void mma(const Params& p, SharedStorage& ss, PipelineState& read, const AttnFwdTile& t,
+                             int n_end, int cw, int tid, FragO& tOrO, Softmax& sm) {
     using namespace cute;
     using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
     using NamedBarrier = cutlass::arch::NamedBarrier;
@@ -309,71 +309,83 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
       }
     };
     // A stage is released once its reader wgmma has completed: a local arrive on the pipeline's
-    // empty barrier (PipelineTmaAsync::consumer_release takes the cluster-addressed form, mapa +
-    // remote arrive, a dependent chain in the loop; this CTA is its own cluster). With
-    // kReleasePerWarp, lane 0 of each warp arrives after that warp's wait.
-    const bool release_lane = !kReleasePerWarp || tid % 32 == 0;
+    // empty barrier (consumer_release's cluster-addressed form, mapa + remote arrive, put a
+    // dependent chain in the loop; this CTA is its own cluster); lane 0 of each warp, after that
+    // warp's wait (kEmptyArrivals).
+    const bool release_lane = tid % 32 == 0;
     auto release = [&](typename Pipeline::SharedStorage& pipe, const PipelineState& st) {
       if (release_lane) pipe.empty_barrier_[st.index()].arrive();
+    };
+    auto wait = [](typename Pipeline::SharedStorage& pipe, const PipelineState& st) {
+      pipe.full_barrier_[st.index()].wait(st.phase());
     };
     const uint32_t pp_own = kPingPongBarrier + cw;
     const uint32_t pp_next = kPingPongBarrier + (cw + 1) % kNumConsumerWG;
 
     TxBarrier::wait(&ss.bar_q, 0);
-    PipelineState read_k = read;  // tile n
-    PipelineState read_v = read;  // tile n - 1: V lags K by one tile
+    // Stage and phase of KV tile n from the loop counter, not from PipelineState objects carried
+    // through the loop: ptxas then keeps them (and the smem descriptors built from them) in
+    // uniform registers; carried states put the descriptor math on the vector path right before
+    // each wgmma issue (+17 instructions per tile in the loop).
+    const uint32_t first = read.count();
+    auto state = [first](int n) {
+      const uint32_t i = first + uint32_t(n);
+      return PipelineState(int(i % kStages), (i / kStages) & 1, i);
+    };
     float sf[Softmax::kScores];
     float alpha_prev[2];  // the O rescale that goes with buf = PV(n-1)
     // Consumer warpgroup 0 issues first: the last one in turn order pre-arrives on its barrier.
     if (cw == kNumConsumerWG - 1) NamedBarrier::arrive(kPingPongThreads, kPingPongBarrier + 0);
     {
       const float c = tile_scale(0);
+      const PipelineState k0 = state(0);
       NamedBarrier::sync(kPingPongThreads, pp_own);
-      pipe_k.consumer_wait(read_k);
-      issue_qk(read_k.index());
+      wait(ss.pipeline_k, k0);
+      issue_qk(k0.index());
       NamedBarrier::arrive(kPingPongThreads, pp_next);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
-      release(ss.pipeline_k, read_k);
-      ++read_k;
+      release(ss.pipeline_k, k0);
       sm.step(tSrS, c, tile_masked(0), map.col0, key_lim, sf, alpha_prev);
       pack_p(sf);
     }
     for (int n = 1; n < n_end; ++n) {
       const float c = tile_scale(n);
+      const PipelineState kn = state(n);      // K of tile n
+      const PipelineState vn = state(n - 1);  // V lags K by one tile
       NamedBarrier::sync(kPingPongThreads, pp_own);
-      pipe_k.consumer_wait(read_k);
-      issue_qk(read_k.index());
-      pipe_v.consumer_wait(read_v);
-      issue_pv(read_v.index());
+      wait(ss.pipeline_k, kn);
+      issue_qk(kn.index());
+      wait(ss.pipeline_v, vn);
+      issue_pv(vn.index());
       NamedBarrier::arrive(kPingPongThreads, pp_next);
       warpgroup_wait<1>();  // QK(n) done, PV(n-1) may still run
       warpgroup_fence_operand(tSrS);
-      release(ss.pipeline_k, read_k);
-      ++read_k;
+      release(ss.pipeline_k, kn);
       float alpha[2];
       sm.step(tSrS, c, tile_masked(n), n * kBlockKV + map.col0, key_lim, sf, alpha);
       // Without this the compiler sinks the EX2s below the wait and nothing overlaps PV(n-1).
       pin_before_wgmma_wait(&ss.pin[cw * 128 + tid], sm.l[0] + sm.l[1]);
       warpgroup_wait<0>();  // PV(n-1) done: buf valid, P registers free
       warpgroup_fence_operand(tOrBuf);
-      release(ss.pipeline_v, read_v);
-      ++read_v;
+      release(ss.pipeline_v, vn);
       accumulate_o(alpha_prev);
       pack_p(sf);
       alpha_prev[0] = alpha[0];
       alpha_prev[1] = alpha[1];
     }
-    pipe_v.consumer_wait(read_v);
-    issue_pv(read_v.index());
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tOrBuf);
-    release(ss.pipeline_v, read_v);
-    ++read_v;
+    {
+      const PipelineState vl = state(n_end - 1);
+      wait(ss.pipeline_v, vl);
+      issue_pv(vl.index());
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrBuf);
+      release(ss.pipeline_v, vl);
+    }
     accumulate_o(alpha_prev);
     // Balance the barriers: warpgroup 0's got one arrival more (the pre-arrival) than it synced.
     if (cw == 0) NamedBarrier::sync(kPingPongThreads, pp_own);
-    read = read_v;
+    read = state(n_end);
   }
 
  private:

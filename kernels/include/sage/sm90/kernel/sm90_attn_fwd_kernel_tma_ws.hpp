@@ -50,7 +50,9 @@ struct AttnFwdSm90KernelTmaWs {
     using Pipeline = typename Mainloop::Pipeline;
     SharedStorage& ss = *reinterpret_cast<SharedStorage*>(
         (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-    const int wg = threadIdx.x / 128;
+    // Warp-uniform by construction (shuffle from lane 0), so that ptxas keeps everything derived
+    // from it (the warpgroup's Q descriptor, its rows) in uniform registers.
+    const int wg = cutlass::canonical_warp_group_idx();
     const AttnFwdTile tile = Scheduler::tile(p.scheduler);
     const int n_end = Mainloop::n_block_end(p.mainloop, tile.m_block);
 
@@ -82,7 +84,7 @@ struct AttnFwdSm90KernelTmaWs {
     auto tOrO = Mainloop::make_fragment_o();
     typename Mainloop::Softmax softmax;
     typename Mainloop::PipelineState read;
-    Mainloop::mma(p.mainloop, ss.mainloop, pipe_k, pipe_v, read, tile, n_end, cw, tid, tOrO, softmax);
+    Mainloop::mma(p.mainloop, ss.mainloop, read, tile, n_end, cw, tid, tOrO, softmax);
     Epilogue::store(p.epilogue, tile, tile.m_block * Mainloop::kBlockQ + cw * Mainloop::kRowsPerWG, tid, tOrO,
                     softmax);
   }
