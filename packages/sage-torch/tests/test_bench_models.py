@@ -129,8 +129,39 @@ def test_quick_llama_cpu_goes_through_the_hf_integration(tmp_path, spies, monkey
 
 
 def _args(**kw):
-    base = dict(warmup=0, iters=1, dense_max_tokens=16384)
+    base = dict(warmup=0, iters=1, min_time=0.0, max_iters=200, dense_max_tokens=16384)
     return argparse.Namespace(**{**base, **kw})
+
+
+def _fake_clock(monkeypatch, ms, current, log=None):
+    """cuda_event_ms stand-in: runs the forward (which names itself in ``current``), returns
+    ``ms[name]`` (a number, or a function of how often that variant was timed)."""
+    counts = {}
+
+    def clock(fn):
+        fn()
+        name = current["name"]
+        counts[name] = counts.get(name, 0) + 1
+        if log is not None:
+            log.append(name)
+        value = ms[name]
+        return value(counts[name] - 1) if callable(value) else value
+    monkeypatch.setattr(bench_models, "cuda_event_ms", clock)
+
+
+def _variant(current, name, value, exc=None, fail_at=None):
+    """A builder whose forward returns {"hidden": value}; raises exc always, or from call fail_at on."""
+    calls = {"n": 0}
+
+    def build():
+        def fwd():
+            current["name"] = name
+            calls["n"] += 1
+            if exc is not None and (fail_at is None or calls["n"] > fail_at):
+                raise exc
+            return {"hidden": value}
+        return fwd, contextlib.nullcontext
+    return build
 
 
 def test_runner_rows_oom_errors_and_speedups(monkeypatch, tmp_path):
@@ -138,44 +169,129 @@ def test_runner_rows_oom_errors_and_speedups(monkeypatch, tmp_path):
     attention share come from the timings."""
     ms = {"sdpa": 10.0, "sdpa_cudnn": 8.0, "sage": 5.0, "no_attention": 4.0}
     current = {}
-    monkeypatch.setattr(bench_models, "time_forward", lambda fn, warmup, iters: {"ms": ms[current["name"]]})
+    _fake_clock(monkeypatch, ms, current)
     runner = bench_models.Runner(_args(), torch.device("cpu"), timed=True)
     x = torch.ones(2, 3)
-
-    def variant(name, value=None, exc=None):
-        def build():
-            current["name"] = name
-
-            def fwd():
-                if exc is not None:
-                    raise exc
-                return {"hidden": x if value is None else value}
-            return fwd, contextlib.nullcontext
-        return build
-
-    variants = {"sdpa": variant("sdpa"), "sdpa_cudnn": variant("sdpa_cudnn", x * 1.5),
-                "eager": variant("eager", exc=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate")),
-                "math": variant("math", exc=RuntimeError("No available kernel")),
-                "sage": variant("sage", x * 1.01), "no_attention": variant("no_attention")}
+    variants = {"sdpa": _variant(current, "sdpa", x), "sdpa_cudnn": _variant(current, "sdpa_cudnn", x * 1.5),
+                "eager": _variant(current, "eager", x, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate")),
+                "math": _variant(current, "math", x, RuntimeError("No available kernel")),
+                "sage": _variant(current, "sage", x * 1.01), "no_attention": _variant(current, "no_attention", x)}
     monkeypatch.setattr(bench_models, "record_sage_calls", lambda: contextlib.nullcontext(
         {"attention_calls": 2, "signatures": {}, "warnings": []}))
     runner.run_size("m", 7, variants, lambda out: out, 2, {"float32": "never"})
     rows = {r["variant"]: r for r in runner.rows}
+    assert list(rows) == list(variants)
     assert rows["eager"]["skipped"].startswith("out of memory") and "ms" not in rows["eager"]
     assert rows["math"]["error"].startswith("RuntimeError: No available kernel")
     assert rows["sage"]["speedup_vs_sdpa"] == pytest.approx(2.0)
     assert rows["sage"]["speedup_vs_sdpa_cudnn"] == pytest.approx(1.6)
+    assert rows["sage"]["speedup_vs_sdpa_q1_q3"] == pytest.approx([2.0, 2.0])
     assert rows["sage"]["vs_sdpa"]["hidden"]["rel_l1"] == pytest.approx(0.01)
     assert rows["sdpa_cudnn"]["vs_sdpa"]["hidden"]["rel_l1"] == pytest.approx(0.5)
     assert rows["sdpa"]["attention_fraction_est"] == pytest.approx(0.6)
     assert "attention_fraction_est" not in rows["no_attention"]
+    assert rows["sdpa"]["iters"] == 1 and rows["sdpa"]["ms_q1"] == rows["sdpa"]["ms_q3"] == 10.0
     table = bench_models.markdown_table([{**r, "model": "dit"} for r in runner.rows])
-    assert "| 7 | 10.00 | 8.00 | 5.00 | 2.00x | 1.60x | 1.00e-02 | err | - | 60% |" in table
+    assert ("| 7 | 10.00 | 8.00 | 5.00 | 2.00x [2.00–2.00] | 1.60x [1.60–1.60] | 1.00e-02 | err | - | 60% "
+            "| 0% / 0% / 0% | 1 |") in table
     assert "### llama: SKIPPED (no transformers)" in bench_models.markdown_table(
         [{"model": "llama", "skipped": "no transformers"}])
     if importlib.util.find_spec("matplotlib") is not None:
         assert bench_models.plot([{**r, "model": "dit"} for r in runner.rows], tmp_path / "models.png")
         assert (tmp_path / "models.png").stat().st_size > 0
+
+
+def test_timing_interleaves_rounds_sized_by_min_time(monkeypatch):
+    """Warm-up rounds, then timed rounds A B C A B C; the rounds give the fastest variant
+    --min-time of timed forwards; a variant failing while timed leaves the rounds, the others
+    keep theirs; medians, quartiles and speedups come from the same rounds."""
+    def ramp(base):  # a clock ramp: the first two calls of every variant are slow
+        return lambda i: base * (3.0 if i < 2 else 1.0 + 0.01 * (i % 5))
+
+    ms = {"sdpa": ramp(10.0), "sdpa_cudnn": ramp(8.0), "sage": ramp(5.0), "no_attention": ramp(4.0)}
+    current, log = {}, []
+    _fake_clock(monkeypatch, ms, current, log)
+    x = torch.ones(2)
+    order = ["sdpa", "sdpa_cudnn", "sage", "no_attention"]
+    variants = {name: _variant(current, name, x) for name in order}
+    # sdpa_cudnn: out of memory from its 6th forward on (probe + 2 warm-ups + 2 timed rounds ran)
+    variants["sdpa_cudnn"] = _variant(current, "sdpa_cudnn", x, torch.OutOfMemoryError("CUDA out of memory"), 5)
+    runner = bench_models.Runner(_args(warmup=2, iters=3, min_time=0.15, max_iters=100), torch.device("cpu"),
+                                 timed=True)
+    runner.run_size("m", 8, variants, lambda out: out, 2, {})
+    rows = {r["variant"]: r for r in runner.rows}
+    rounds = 13  # ceil(150 ms / 12 ms): no_attention's fastest warm-up, still on the ramp
+    survivors = ["sdpa", "sage", "no_attention"]
+    assert log == order * 4 + survivors * (rounds - 2)  # 2 warm-up + 2 full rounds, then without cuDNN
+    assert rows["sdpa_cudnn"]["skipped"].startswith("out of memory while timing") and "ms" not in rows["sdpa_cudnn"]
+    for name in survivors:
+        r = rows[name]
+        assert r["iters"] == rounds and r["warmup"] == 2
+        base = {"sdpa": 10.0, "sage": 5.0, "no_attention": 4.0}[name]
+        timed = [ms[name](i) for i in range(2, 2 + rounds)]  # after the two warm-ups: the ramp is over
+        q1, med, q3 = bench_models.quartiles(timed)
+        assert (r["ms_q1"], r["ms"], r["ms_q3"]) == pytest.approx((q1, med, q3))
+        assert base <= r["ms_min"] <= r["ms_q1"] <= r["ms"] <= r["ms_q3"] <= r["ms_max"] < 1.05 * base
+        assert r["ms_iqr_rel"] == pytest.approx((q3 - q1) / med)
+        assert r["timed_s"] == pytest.approx(sum(timed) / 1e3)
+        assert "speedup_vs_sdpa_cudnn" not in r
+    assert rows["sage"]["speedup_vs_sdpa"] == pytest.approx(2.0)
+    assert rows["sage"]["speedup_vs_sdpa_q1_q3"] == pytest.approx([2.0, 2.0])  # same rounds: same ramp phase
+    # the caps: --max-iters bounds what --min-time asks for, --iters is the floor, no warm-up: --iters
+    assert bench_models.rounds_needed({"a": 0.01}, 10.0, 3, 100) == 100
+    assert bench_models.rounds_needed({"a": 1000.0}, 0.5, 10, 200) == 10
+    assert bench_models.rounds_needed({"a": 2.0, "b": 1.0}, 0.5, 10, 1000) == 500
+    assert bench_models.rounds_needed({"a": 2.0}, 0.0, 10, 1000) == 10
+
+
+def _timed_cpu_run(monkeypatch, bench, cfg, tokens, args):
+    """One size of a quick model through the timed path on the CPU (the clock a perf_counter)."""
+    import time
+
+    def clock(fn):
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    monkeypatch.setattr(bench_models, "cuda_event_ms", clock)
+    runner = bench_models.Runner(args, torch.device("cpu"), timed=True)
+    with bench_models.cpu_sage_emulation("qk_s8_pv_e4m3"):
+        bench(runner, cfg, [tokens])
+    return {r["variant"]: r for r in runner.rows}
+
+
+def test_timed_rounds_run_each_variant_own_attention_dit(monkeypatch, spies):
+    """DiT through the timed path: interleaving leaves each variant its own attention (sage's
+    drop-in only inside the sage variant's context, every call of it)."""
+    args = _args(warmup=1, iters=1)
+    rows = _timed_cpu_run(monkeypatch, bench_models.bench_dit, bench_models.DIT_QUICK, 32, args)
+    blocks = bench_models.DIT_QUICK["blocks"]
+    assert len(spies["attention"]) == blocks * (1 + 1 + 1)  # probe, warm-up, 1 round
+    assert F.scaled_dot_product_attention is TORCH_SDPA
+    for name in ("sdpa", "math", "sage", "no_attention"):
+        assert rows[name]["iters"] == 1 and rows[name]["ms"] > 0, rows[name]
+    assert "ms" not in rows["float32"] and "skipped" in rows["sdpa_cudnn"]
+
+
+def test_timed_rounds_run_each_variant_own_attention_llama(monkeypatch, spies):
+    """Llama through the timed path: the variants share one model, so each call selects its own
+    transformers attention; sage's and the no-attention function see exactly their calls."""
+    pytest.importorskip("transformers", reason="transformers is not installed: the Llama model needs it")
+    null_calls = []
+    real_null = bench_models._hf_no_attention
+
+    def null(module, query, *args, **kwargs):
+        null_calls.append(tuple(query.shape))
+        return real_null(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(bench_models, "_hf_no_attention", null)
+    args = _args(warmup=1, iters=1)
+    rows = _timed_cpu_run(monkeypatch, bench_models.bench_llama, bench_models.LLAMA_QUICK, 32, args)
+    layers = bench_models.LLAMA_QUICK["layers"]
+    assert len(spies["attention"]) == layers * (1 + 1 + 1)
+    assert len(null_calls) == layers * (1 + 1 + 1)
+    for name in ("sdpa", "eager", "sage", "no_attention"):
+        assert rows[name]["iters"] == 1 and rows[name]["ms"] > 0, rows[name]
+    assert rows["sage"]["sage_ran"] == f"emulation qk_s8_pv_e4m3 x{layers}"
 
 
 def test_compare_is_chunked_and_nan_aware(monkeypatch):

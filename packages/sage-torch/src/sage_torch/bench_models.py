@@ -1,7 +1,8 @@
 """Model-level benchmark: whole forwards of randomly initialised transformer stacks, sage vs SDPA.
 
     python -m sage_torch.bench_models [--models llama dit] [--llama-tokens ...] [--dit-tokens ...]
-                                      [--iters 10] [--warmup 3] [--quick] [--out bench-out/models]
+                                      [--iters 10] [--min-time 0.5] [--max-iters 200] [--warmup 3]
+                                      [--quick] [--out bench-out/models]
     python -m sage_torch.bench --models ...        (the same; there a second --models picks models)
 
 Two models, bf16, batch 1, random weights (nothing is downloaded):
@@ -20,15 +21,20 @@ Two models, bf16, batch 1, random weights (nothing is downloaded):
   ``math`` (``SDPBackend.MATH``), ``float32`` (the whole model in float32, default SDPA; accuracy
   only), ``sage`` (:class:`sage_torch.patch_sdpa` around the forward) and ``no_attention``.
 
-Per model, size and variant: median milliseconds per forward (CUDA events, ``--warmup`` runs,
-then ``--iters`` timed runs, each synchronised, under ``torch.inference_mode``), speedup over
-``sdpa`` and ``sdpa_cudnn``, and the relative L1 difference (sum|a-b| / sum|b|, float64) and
+Per model, size and variant: median milliseconds per forward and its quartiles (CUDA events
+around each forward, each synchronised, under ``torch.inference_mode``), speedup over ``sdpa``
+and ``sdpa_cudnn``, and the relative L1 difference (sum|a-b| / sum|b|, float64) and
 cosine of the output (llama: logits and last hidden state; dit: the final hidden state) against
 the ``sdpa`` run. For the ``sage`` run it also records what sage actually ran per attention call
 signature (kernel, emulation or PyTorch, with the dispatcher's reason) and how many attention
-calls reached sage. Writes ``models.json``, ``models.md`` and ``models.png`` (matplotlib
-optional) under ``--out``. A size that runs out of memory is a row with ``skipped`` and the
-reason; every run frees its tensors before the next.
+calls reached sage. The timed variants of one size run together in interleaved rounds (every
+variant once per round, after ``--warmup`` rounds), as many rounds as give every variant
+``--min-time`` seconds of timed forwards (at least ``--iters``, at most ``--max-iters``), so that
+clock ramps and host jitter fall on all of them alike; a speedup is the ratio of two medians of
+the same rounds, with the quartiles of the per-round ratio next to it. Writes ``models.json``,
+``models.md`` and ``models.png`` (matplotlib optional) under ``--out``. A variant that runs out of
+memory is a row with ``skipped`` and the reason (the others go on); each size frees its tensors
+before the next.
 
 Without a CUDA GPU the timing is skipped (said so on stdout and in the JSON); the ``--quick``
 models (tiny configs, a few dozen tokens) then run on the CPU through the same code paths, with
@@ -46,6 +52,7 @@ import json
 import math
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import time
@@ -78,6 +85,19 @@ UNTIMED_VARIANTS = ("float32",)
 REFERENCE_VARIANTS = {"llama": ("eager",), "dit": ("math", "float32")}
 #: Variants that materialise the (heads, n, n) score matrix, skipped above --dense-max-tokens.
 DENSE_VARIANTS = ("eager", "math")
+
+#: Timing defaults (--iters, --min-time, --max-iters, --warmup): the variants of one size run in
+#: interleaved rounds, enough of them that every variant gets MIN_TIMED_S of timed forwards (from
+#: the warm-up's fastest variant), at least MIN_ROUNDS and at most MAX_ROUNDS.
+MIN_ROUNDS = 10
+MIN_TIMED_S = 0.5
+MAX_ROUNDS = 200
+WARMUP_ROUNDS = 3
+
+TIMING_METHOD = ("CUDA events around each forward (synchronised, inference_mode); the variants of a "
+                 "size interleaved in rounds after --warmup rounds; rounds: enough for --min-time s of "
+                 "timed forwards per variant, >= --iters, <= --max-iters; ms = median, ms_q1/ms_q3 = "
+                 "quartiles; speedup = ratio of medians, speedup_*_q1_q3 = quartiles of the per-round ratio")
 
 NO_ATTENTION_HF_NAME = "sage_bench_no_attention"
 COMPARE_CHUNK_ELEMENTS = 1 << 24  # float64 elements per chunk of the output comparison
@@ -155,22 +175,86 @@ def compare(a: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     return {"rel_l1": rel, "cos": cos}
 
 
-def time_forward(fn: Callable[[], object], warmup: int, iters: int) -> dict[str, Any]:
-    """Median/min/max milliseconds of fn() with CUDA events (each run synchronised)."""
+def cuda_event_ms(fn: Callable[[], object]) -> float:
+    """Milliseconds of one fn() between two CUDA events, synchronised on the end event."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def rounds_needed(warm_ms: dict[str, float], min_time_s: float, iters: int, max_iters: int) -> int:
+    """Rounds that give every variant ``min_time_s`` of timed forwards, judged by the fastest one's
+    warm-up time, capped at ``max_iters``; never fewer than ``iters``."""
+    if not warm_ms or min_time_s <= 0:
+        return iters
+    fastest_ms = max(min(warm_ms.values()), 1e-3)
+    return max(iters, min(max_iters, math.ceil(min_time_s * 1e3 / fastest_ms)))
+
+
+def time_interleaved(calls: dict[str, tuple[Callable[[], object], Callable[[], Any]]], warmup: int,
+                     iters: int, min_time_s: float, max_iters: int,
+                     clock: Callable[[Callable[[], object]], float] | None = None,
+                     ) -> tuple[dict[str, list[float]], dict[str, BaseException], int]:
+    """Times the variants of one size in interleaved rounds: A B C, A B C, ...
+
+    ``calls`` maps a variant to ``(forward, context)``; each forward runs inside a fresh
+    ``context()`` (entered outside the timed span) and is timed by ``clock`` (default:
+    :func:`cuda_event_ms`). ``warmup`` untimed rounds come first; the fastest warm-up time per
+    variant sets the number of timed rounds (:func:`rounds_needed`; ``iters`` without warm-up).
+    Interleaving spreads clock ramps and host jitter over every variant instead of the one that
+    runs first, and a speedup compares times of the same rounds. A variant that raises is dropped
+    from the remaining rounds (the others go on) and returned with its exception.
+
+    Returns ``(ms per timed round per variant, failures, rounds)``; every surviving variant has
+    one time per round."""
+    clock = clock or cuda_event_ms
+    failed: dict[str, BaseException] = {}
+
+    def one(name: str) -> float | None:
+        fwd, context = calls[name]
+        try:
+            with context():
+                return clock(fwd)
+        except Exception as exc:  # noqa: BLE001 - a failing variant is a row, not a crash
+            failed[name] = exc
+            free_memory()
+            return None
+
+    warm_ms: dict[str, float] = {}
     for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return {"ms": times[len(times) // 2], "ms_min": times[0], "ms_max": times[-1], "iters": iters,
-            "warmup": warmup}
+        for name in calls:
+            if name not in failed and (t := one(name)) is not None:
+                warm_ms[name] = min(warm_ms.get(name, math.inf), t)
+    live = [name for name in calls if name not in failed]
+    rounds = iters
+    if warmup:
+        rounds = rounds_needed({k: warm_ms[k] for k in live if k in warm_ms}, min_time_s, iters, max_iters)
+    times: dict[str, list[float]] = {name: [] for name in live}
+    for _ in range(rounds):
+        for name in live:
+            if name not in failed and (t := one(name)) is not None:
+                times[name].append(t)
+    return {k: v for k, v in times.items() if k not in failed}, failed, rounds
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile), inclusive method (a single value: three times)."""
+    if len(values) < 2:
+        return (values[0],) * 3
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def timing_stats(times: list[float], warmup: int) -> dict[str, Any]:
+    """A row's timing fields: median ``ms``, quartiles ``ms_q1``/``ms_q3``, ``ms_iqr_rel``
+    ((q3 - q1) / median), ``ms_min``/``ms_max``, ``iters`` (timed rounds), ``warmup``, ``timed_s``."""
+    q1, med, q3 = quartiles(times)
+    return {"ms": med, "ms_q1": q1, "ms_q3": q3, "ms_iqr_rel": (q3 - q1) / med if med > 0 else math.nan,
+            "ms_min": min(times), "ms_max": max(times), "iters": len(times), "warmup": warmup,
+            "timed_s": sum(times) / 1e3}
 
 
 def free_memory() -> None:
@@ -285,8 +369,16 @@ def summarize_sage(log: dict[str, Any], expected_calls: int) -> str:
 
 # ----------------------------------------------------------------------------- the runs
 
+def _failure(exc: BaseException, when: str = "") -> dict[str, str]:
+    """A failed variant's row fields: ``skipped`` for out of memory, ``error`` otherwise."""
+    if _is_oom(exc):
+        return {"skipped": f"out of memory{when}: {_error_text(exc)[:200]}"}
+    return {"error": f"{when.strip() + ': ' if when else ''}{_error_text(exc)}"}
+
+
 class Runner:
-    """Runs variants of one model at one size: probe forward (accuracy), then timing."""
+    """Runs the variants of one model at one size: a probe forward of each (accuracy), one after
+    the other, then the timed variants together in interleaved rounds (:func:`time_interleaved`)."""
 
     def __init__(self, args, device: torch.device, timed: bool) -> None:
         self.args, self.device, self.timed = args, device, timed
@@ -297,13 +389,13 @@ class Runner:
                  skip: dict[str, str]) -> None:
         baseline: dict[str, torch.Tensor] | None = None
         base_name = next(iter(variants))
-        rows = []
+        rows: dict[str, dict[str, Any]] = {}
+        to_time: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
         for name, make in variants.items():
             row: dict[str, Any] = {"model": model_name, "tokens": n, "variant": name}
-            rows.append(row)
+            rows[name] = row
             if name in skip:
                 row["skipped"] = skip[name]
-                print(json.dumps(row), flush=True)
                 continue
             fwd = None
             try:
@@ -327,34 +419,48 @@ class Runner:
                     elif name != "no_attention" and baseline is not None:
                         row["vs_" + base_name] = {k: compare(v, baseline[k]) for k, v in outs.items()}
                     del outs
-                    if self.timed and name not in UNTIMED_VARIANTS:
-                        def timed_call(fwd=fwd, context=context):
-                            with context():
-                                fwd()
-                        row.update(time_forward(timed_call, self.args.warmup, self.args.iters))
-                    elif not self.timed:
-                        row["timing"] = "skipped: CPU run"
+                if self.timed and name not in UNTIMED_VARIANTS:
+                    to_time[name] = (fwd, context)
+                elif not self.timed:
+                    row["timing"] = "skipped: CPU run"
             except Exception as exc:  # noqa: BLE001 - a failing variant is a row, not a crash
-                if _is_oom(exc):
-                    row["skipped"] = f"out of memory: {_error_text(exc)[:200]}"
-                else:
-                    row["error"] = _error_text(exc)
+                row.update(_failure(exc))
             finally:
                 fwd = None
                 free_memory()
-            print(json.dumps(row, default=str), flush=True)
-        by = {r["variant"]: r for r in rows}
-        for r in rows:
-            for base in ("sdpa", "sdpa_cudnn"):
-                if "ms" in r and "ms" in by.get(base, {}):
-                    r[f"speedup_vs_{base}"] = by[base]["ms"] / r["ms"]
-        null = by.get("no_attention", {})
-        for r in rows:
-            if "ms" in r and "ms" in null and r is not null:
-                r["attention_fraction_est"] = max(0.0, (r["ms"] - null["ms"]) / r["ms"])
-        del baseline
+        baseline = None
+        if to_time:
+            self._time(model_name, n, rows, to_time)
+        to_time.clear()
         free_memory()
-        self.rows.extend(rows)
+        for row in rows.values():
+            print(json.dumps(row, default=str), flush=True)
+        self.rows.extend(rows.values())
+
+    def _time(self, model_name: str, n: int, rows: dict[str, dict[str, Any]],
+              calls: dict[str, tuple[Callable[[], Any], Callable[[], Any]]]) -> None:
+        """Times ``calls`` in interleaved rounds; fills ``ms``..., the speedups and the attention share."""
+        a = self.args
+        print(f"[bench_models] {model_name} {n}: timing {', '.join(calls)} in interleaved rounds "
+              f"({a.warmup} warm-up)", flush=True)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            times, failed, rounds = time_interleaved(calls, a.warmup, a.iters, a.min_time, a.max_iters)
+        print(f"[bench_models] {model_name} {n}: {rounds} rounds, {time.perf_counter() - t0:.1f} s", flush=True)
+        for name, exc in failed.items():
+            rows[name].update(_failure(exc, " while timing"))
+        for name, ts in times.items():
+            rows[name].update(timing_stats(ts, a.warmup))
+        # Speedups: ratio of the medians, and the quartiles of the per-round ratio (same rounds).
+        for name, ts in times.items():
+            for base in ("sdpa", "sdpa_cudnn"):
+                if base in times:
+                    rows[name][f"speedup_vs_{base}"] = rows[base]["ms"] / rows[name]["ms"]
+                    q1, _, q3 = quartiles([b / t for b, t in zip(times[base], ts)])
+                    rows[name][f"speedup_vs_{base}_q1_q3"] = [q1, q3]
+            if "no_attention" in times and name != "no_attention":
+                r = rows[name]
+                r["attention_fraction_est"] = max(0.0, (r["ms"] - rows["no_attention"]["ms"]) / r["ms"])
 
 
 def _dense_skip(variants, n: int, args) -> dict[str, str]:
@@ -452,12 +558,19 @@ def bench_llama(runner: Runner, cfg: dict[str, int], tokens: list[int]) -> None:
 
 
 def _llama_variant(model, ids: torch.Tensor, attn: str | None, backend: str | None):
-    """Builder of one llama variant: selects the attention implementation, returns (forward, context).
+    """Builder of one llama variant: returns (forward, context).
 
+    The variants share one model, so the context selects this variant's attention implementation
+    (and SDPA backend) on entry, before every call: the timed rounds interleave the variants.
     The first (probe) call returns what is compared (last hidden state and logits = lm_head of
     it, exactly what ``LlamaForCausalLM.forward`` computes); the timed calls run the full model."""
-    def build():
+    @contextlib.contextmanager
+    def context() -> Iterator[None]:
         _set_attn(model, attn)
+        with sdpa_backend_context(backend):
+            yield
+
+    def build():
         state = {"probe": True}
 
         def fwd():
@@ -466,7 +579,7 @@ def _llama_variant(model, ids: torch.Tensor, attn: str | None, backend: str | No
                 hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
                 return {"hidden": hidden, "logits": model.lm_head(hidden)}
             return model(input_ids=ids, use_cache=False)
-        return fwd, (lambda: sdpa_backend_context(backend))
+        return fwd, context
     return build
 
 
@@ -556,6 +669,19 @@ def _cell_ms(r: dict[str, Any]) -> str:
     return "-"
 
 
+def _cell_speedup(r: dict[str, Any], base: str) -> str:
+    """'1.05x [1.03-1.06]': ratio of medians [quartiles of the per-round ratio]."""
+    if f"speedup_vs_{base}" not in r:
+        return "-"
+    cell = f"{r[f'speedup_vs_{base}']:.2f}x"
+    q = r.get(f"speedup_vs_{base}_q1_q3")
+    return cell + (f" [{q[0]:.2f}–{q[1]:.2f}]" if q else "")
+
+
+def _cell_spread(r: dict[str, Any]) -> str:
+    return _fmt(r.get("ms_iqr_rel"), ".0%")
+
+
 def _rel(r: dict[str, Any], key: str) -> str:
     vs = r.get("vs_sdpa", {})
     if vs:
@@ -573,10 +699,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             continue
         keys = ("logits", "hidden") if model == "llama" else ("hidden",)
         refs = REFERENCE_VARIANTS[model]
-        lines.append(f"\n### {model} (ms per forward, median; rel-L1 of "
-                     f"{' / '.join(keys)} vs the sdpa run)\n")
+        lines.append(f"\n### {model} (ms per forward, median of interleaved rounds; speedup = ratio of "
+                     f"medians [quartiles of the per-round ratio]; rel-L1 of {' / '.join(keys)} vs the "
+                     f"sdpa run)\n")
         head = ["tokens", "sdpa ms", "cuDNN ms", "sage ms", "sage vs sdpa", "sage vs cuDNN",
-                "rel-L1 sage"] + [f"rel-L1 {ref}" for ref in refs] + ["attn share (sdpa)", "sage ran"]
+                "rel-L1 sage"] + [f"rel-L1 {ref}" for ref in refs] + [
+                "attn share (sdpa)", "IQR/median sdpa / cuDNN / sage", "rounds", "sage ran"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|---" * len(head) + "|")
         for n in sorted({r["tokens"] for r in sub}):
@@ -584,9 +712,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             sage_rel = " / ".join(_rel(sage, k) for k in keys)
             ref_rel = [" / ".join(_rel(_row(sub, model, n, ref), k) for k in keys) for ref in refs]
             cells = [f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n), _cell_ms(sdpa), _cell_ms(cudnn),
-                     _cell_ms(sage), _fmt(sage.get("speedup_vs_sdpa"), ".2f") + ("x" if "speedup_vs_sdpa" in sage else ""),
-                     _fmt(sage.get("speedup_vs_sdpa_cudnn"), ".2f") + ("x" if "speedup_vs_sdpa_cudnn" in sage else ""),
+                     _cell_ms(sage), _cell_speedup(sage, "sdpa"), _cell_speedup(sage, "sdpa_cudnn"),
                      sage_rel, *ref_rel, _fmt(sdpa.get("attention_fraction_est"), ".0%"),
+                     " / ".join(_cell_spread(r) for r in (sdpa, cudnn, sage)),
+                     str(next((r["iters"] for r in (sdpa, cudnn, sage) if "iters" in r), "-")),
                      sage.get("sage_ran", sage.get("skipped", sage.get("error", "-")))[:120]]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -610,8 +739,13 @@ def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> bool:
         for variant in dict.fromkeys(r["variant"] for r in sub):
             if variant in ("sdpa", "no_attention"):
                 continue
-            pts = sorted((r["tokens"], r["speedup_vs_sdpa"]) for r in sub if r["variant"] == variant)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
+            pts = sorted((r["tokens"], r["speedup_vs_sdpa"], r.get("speedup_vs_sdpa_q1_q3") or [math.nan] * 2)
+                         for r in sub if r["variant"] == variant)
+            x, y = [p[0] for p in pts], [p[1] for p in pts]
+            # error bars: the quartiles of the per-round ratio (none where a row has no rounds)
+            yerr = [[max(0.0, p[1] - p[2][0]) if p[2][0] == p[2][0] else 0.0 for p in pts],
+                    [max(0.0, p[2][1] - p[1]) if p[2][1] == p[2][1] else 0.0 for p in pts]]
+            ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=variant)
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_title(f"{model}: forward speedup over default SDPA")
@@ -647,11 +781,13 @@ def _meta(args, device: torch.device, timed: bool, command: str, configs: dict[s
         "commit": commit(),
         "command": command,
         "timestamp": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "timing": ("CUDA events, median of --iters after --warmup, each run synchronised, inference_mode"
-                   if timed else "skipped: no GPU used (the --quick models ran on the CPU for accuracy only)"),
+        "timing": (TIMING_METHOD if timed
+                   else "skipped: no GPU used (the --quick models ran on the CPU for accuracy only)"),
         "quick": bool(args.quick),
         "warmup": args.warmup,
         "iters": args.iters,
+        "min_time_s": args.min_time,
+        "max_iters": args.max_iters,
         "dtype": "bfloat16",
         "batch": 1,
         "configs": configs,
@@ -678,8 +814,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m sage_torch.bench_
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="sizes for every model")
     p.add_argument("--llama-tokens", type=int, nargs="+", default=None, help="sizes for llama (over --tokens)")
     p.add_argument("--dit-tokens", type=int, nargs="+", default=None, help="sizes for dit (over --tokens)")
-    p.add_argument("--iters", type=int, default=10, help="timed forwards per variant (median)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=MIN_ROUNDS,
+                   help="timed rounds at least (a round runs every timed variant of a size once)")
+    p.add_argument("--min-time", type=float, default=MIN_TIMED_S,
+                   help="seconds of timed forwards every variant gets at least, judged by the fastest "
+                        "variant's warm-up time: more rounds where a forward is short (0: --iters rounds)")
+    p.add_argument("--max-iters", type=int, default=MAX_ROUNDS,
+                   help="cap on the rounds --min-time asks for (never below --iters)")
+    p.add_argument("--warmup", type=int, default=WARMUP_ROUNDS,
+                   help="untimed rounds of every variant before the timed ones")
     p.add_argument("--dense-max-tokens", type=int, default=16384,
                    help="skip eager/math (dense score matrix) above this many tokens")
     p.add_argument("--quick", action="store_true", help="tiny configs and sizes (pipeline check; CPU test)")
@@ -691,9 +834,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m sage_torch.bench_
     p.add_argument("--out", default=os.environ.get("SAGE_BENCH_MODELS_OUT", "bench-out/models"))
     args = p.parse_args(argv)
     command = prog + "".join(" " + a for a in (sys.argv[1:] if argv is None else argv))
-    for flag in ("iters", "warmup"):
-        if getattr(args, flag) < (1 if flag == "iters" else 0):
-            p.error(f"--{flag} must be >= {1 if flag == 'iters' else 0}")
+    for flag, low in (("iters", 1), ("max_iters", 1), ("warmup", 0), ("min_time", 0)):
+        if getattr(args, flag) < low:
+            p.error(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
 
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible")
