@@ -39,5 +39,6 @@ def test_sm90_kernel_names_are_built():
         pytest.skip(f"sage_core was built without the sm90 family (families: {sorted(_families())})")
     built = set(sage_core.kernels())
     assert set(sm90._KERNEL_NAMES.values()) <= built
+    assert set(sm90._KERNEL_NAMES_ONE_LEVEL.values()) <= built
     assert sm90._QUANT_KERNEL_NAME in built
     assert sm90.kernels_available(), "the sm90 backend must see its kernels"

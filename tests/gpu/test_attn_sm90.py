@@ -247,7 +247,7 @@ def test_quant_fused_v_mean_arguments(seed):
 # ------------------------------------------------------------------------------------------------
 # attention vs emulation
 # ------------------------------------------------------------------------------------------------
-def _run_kernel_poisoned(q, k, v, *, layout, is_causal, scale, return_lse, smooth_v=True):
+def _run_kernel_poisoned(q, k, v, *, layout, is_causal, scale, return_lse, smooth_v=True, pv_accum="two_level"):
     """Quantize + attention through sage_core with the output a strided view into a NaN buffer.
 
     Returns (o in q's layout, lse or None, lse_slack or None). The kernel must write every element
@@ -281,6 +281,8 @@ def _run_kernel_poisoned(q, k, v, *, layout, is_causal, scale, return_lse, smoot
         lse_buf = torch.full((b, h_q, s_q + pad_s), math.nan, dtype=torch.float32, device=q.device)
         lse = lse_buf[:, :, :s_q]
     extra = {"v_mean": qz["v_mean"]} if smooth_v else {}
+    if pv_accum != "two_level":
+        extra["pv_accum"] = pv_accum
     sage_core.attn_fwd_sm90_qk_s8_pv_e4m3(qz["q"], qz["k"], qz["v_t"], qz["q_scale"], qz["k_scale"],
                                           qz["v_scale"], o_bhsd, lse, s_kv, float(scale), is_causal,
                                           torch.cuda.current_stream().cuda_stream, **extra)
@@ -315,14 +317,14 @@ _ATTN_SHAPES = [
 ]
 
 
-def _kernel_and_emulation(q, k, v, *, layout, is_causal, smooth_v):
+def _kernel_and_emulation(q, k, v, *, layout, is_causal, smooth_v, pv_accum="two_level"):
     """(o, lse, lse_slack) of the kernel (poisoned output) and (o_ref, lse_ref) of the emulation."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     o, lse, slack = _run_kernel_poisoned(q, k, v, layout=layout, is_causal=is_causal, scale=scale,
-                                         return_lse=True, smooth_v=smooth_v)
+                                         return_lse=True, smooth_v=smooth_v, pv_accum=pv_accum)
     o_ref, lse_ref = sage_quant.emulate(q, k, v, RECIPE, layout=layout, is_causal=is_causal, scale=scale,
                                         return_lse=True, kv_block=128, q_granularity="per_thread",
-                                        k_granularity="per_thread", smooth_v=smooth_v)
+                                        k_granularity="per_thread", smooth_v=smooth_v, pv_accum=pv_accum)
     return o, lse, slack, o_ref, lse_ref
 
 
@@ -361,6 +363,54 @@ def test_attn_vs_emulation(shape, is_causal, d, dtype, layout, smooth_v, seed):
     if (~masked).any():
         _check_lse(lse, lse_ref, slack, ~masked, msg)
     assert_rows_close(o, o_ref, rel_l1=2e-3, row_rel_l1_max=kRowRelL1VsEmulation, msg=msg)
+
+
+@gpu
+@pytest.mark.parametrize("shape", _ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_attn_one_level_vs_emulation(shape, is_causal, d, dtype, layout, seed):
+    """pv_accum="one_level" (P~V straight into O, three consumer warpgroups: 192-row tiles) against
+    the emulation of the same option, with the checks of test_attn_vs_emulation."""
+    if _SKIP:
+        pytest.skip(_SKIP)
+    if not sm90_backend.kernels_available(d, dtype, "one_level"):
+        pytest.skip("sage_core was built without the pv_accum='one_level' kernels")
+    b, h_q, h_kv, s_q, s_kv = shape
+    dist = "outlier" if seed % 2 else "randn"
+    q, k, v = _make(dist, b=b, h_q=h_q, h_kv=h_kv, s_q=s_q, s_kv=s_kv, d=d, dtype=dtype, layout=layout, seed=seed)
+    msg = f"seed={seed} dist={dist} shape={shape} causal={is_causal} d={d} {dtype} {layout} one_level"
+    o, lse, slack, o_ref, lse_ref = _kernel_and_emulation(q, k, v, layout=layout, is_causal=is_causal,
+                                                          smooth_v=True, pv_accum="one_level")
+    assert torch.isfinite(o).all(), f"non-finite output: {msg}"
+    masked = torch.isneginf(lse_ref)
+    if masked.any():
+        assert (_bhsd(o, layout)[masked] == 0).all(), f"fully masked rows must be 0: {msg}"
+    assert torch.equal(torch.isneginf(lse), masked), f"-inf LSE pattern differs: {msg}"
+    if (~masked).any():
+        _check_lse(lse, lse_ref, slack, ~masked, msg)
+    assert_rows_close(o, o_ref, rel_l1=2e-3, row_rel_l1_max=kRowRelL1VsEmulation, msg=msg)
+
+
+@gpu
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_attn_one_level_many_tiles(is_causal, seed):
+    """one_level over several uneven waves of 192-row tiles, every (b, h) checked."""
+    if _SKIP:
+        pytest.skip(_SKIP)
+    if not sm90_backend.kernels_available(128, torch.bfloat16, "one_level"):
+        pytest.skip("sage_core was built without the pv_accum='one_level' kernels")
+    b, h_q, h_kv, s_q, s_kv = 3, 48, 12, 650, 700
+    q, k, v = _make("outlier", b=b, h_q=h_q, h_kv=h_kv, s_q=s_q, s_kv=s_kv, d=128, dtype=torch.bfloat16,
+                    layout="bhsd", seed=seed)
+    msg = f"seed={seed} causal={is_causal} one_level"
+    o, lse, slack, o_ref, lse_ref = _kernel_and_emulation(q, k, v, layout="bhsd", is_causal=is_causal,
+                                                          smooth_v=True, pv_accum="one_level")
+    assert_rows_close(o, o_ref, rel_l1=2e-3, row_rel_l1_max=kRowRelL1VsEmulation, msg=msg)
+    err = (o.float() - o_ref.float()).abs().sum(dim=(2, 3)) / o_ref.float().abs().sum(dim=(2, 3)).clamp_min(1e-30)
+    assert err.max().item() <= 1e-2, f"worst (b, h) rel-L1 {err.max().item()}: {msg}"
 
 
 @gpu
@@ -465,6 +515,14 @@ def test_attn_vs_float64_outlier_d128(is_causal, seed):
         assert acc[smooth_v]["rel_l1"] <= rel_max, f"smooth_v={smooth_v} rel-L1: {msg}"
         assert acc[smooth_v]["cos"] >= cos_min, f"smooth_v={smooth_v} cos: {msg}"
     assert acc[True]["rel_l1"] <= kSmoothVRatioMax * acc[False]["rel_l1"], f"V smoothing must help: {msg}"
+    if sm90_backend.kernels_available(128, torch.bfloat16, "one_level"):
+        # pv_accum="one_level" (with V smoothing, the default): the same budget as two-level
+        o1, _ = sm90_backend.attention_sm90_qk_s8_pv_e4m3(q, k, v, layout="bhsd", is_causal=is_causal,
+                                                          scale=1 / math.sqrt(128), return_lse=False,
+                                                          pv_accum="one_level")
+        acc1 = sage_quant.accuracy(o1, ref)
+        rel_max, cos_min = _F64_BUDGET[(True, is_causal)]
+        assert acc1["rel_l1"] <= rel_max and acc1["cos"] >= cos_min, f"one_level {acc1}: {msg}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 namespace sage::sm90 {
 
 cudaError_t attn_fwd_sm90_qk_s8_pv_e4m3_hdim128_f16(const AttnFwdQkS8PvE4m3Args& a, cudaStream_t s) {
-  return launch_attn_fwd_sm90_qk_s8_pv_e4m3<128, OutF16>(a, s);
+  return launch_attn_fwd_sm90_qk_s8_pv_e4m3<128, OutF16, false>(a, s);
 }
 
 }  // namespace sage::sm90

@@ -69,14 +69,29 @@ void fill_attn_args(AttnFwdQkS8PvE4m3Args& a, const Array& out, const std::optio
   a.mask = is_causal ? sage::sm90::MaskKind::kCausal : sage::sm90::MaskKind::kNone;
 }
 
-// The instantiation for (head dim, output dtype); called without the GIL.
-cudaError_t launch_attn(const AttnFwdQkS8PvE4m3Args& a, bool bf16, cudaStream_t s) {
-  if (a.head_dim == 64) {
-    return bf16 ? sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim64_bf16(a, s)
-                : sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim64_f16(a, s);
+// pv_accum option -> instantiation family (checked before any launch).
+bool parse_one_level(const std::string& pv_accum, const char* fn) {
+  if (pv_accum == "two_level") return false;
+  if (pv_accum == "one_level") return true;
+  fail_value(std::string(fn) + ": pv_accum must be 'two_level' or 'one_level', got '" + pv_accum + "'");
+  return false;
+}
+
+// The instantiation for (head dim, output dtype, accumulation); called without the GIL.
+cudaError_t launch_attn(const AttnFwdQkS8PvE4m3Args& a, bool bf16, bool one_level, cudaStream_t s) {
+  namespace k = sage::sm90;
+  if (one_level) {
+    if (a.head_dim == 64) {
+      return bf16 ? k::attn_fwd_sm90_qk_s8_pv_e4m3_one_level_hdim64_bf16(a, s)
+                  : k::attn_fwd_sm90_qk_s8_pv_e4m3_one_level_hdim64_f16(a, s);
+    }
+    return bf16 ? k::attn_fwd_sm90_qk_s8_pv_e4m3_one_level_hdim128_bf16(a, s)
+                : k::attn_fwd_sm90_qk_s8_pv_e4m3_one_level_hdim128_f16(a, s);
   }
-  return bf16 ? sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim128_bf16(a, s)
-              : sage::sm90::attn_fwd_sm90_qk_s8_pv_e4m3_hdim128_f16(a, s);
+  if (a.head_dim == 64) {
+    return bf16 ? k::attn_fwd_sm90_qk_s8_pv_e4m3_hdim64_bf16(a, s) : k::attn_fwd_sm90_qk_s8_pv_e4m3_hdim64_f16(a, s);
+  }
+  return bf16 ? k::attn_fwd_sm90_qk_s8_pv_e4m3_hdim128_bf16(a, s) : k::attn_fwd_sm90_qk_s8_pv_e4m3_hdim128_f16(a, s);
 }
 
 void check_attn_launch(cudaError_t err, const char* fn) {
@@ -121,8 +136,10 @@ void check_sm_scale(float sm_scale, const char* fn) {
 // ------------------------------------------------------------------------------------------------
 void attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v_t, Array q_scale, Array k_scale, Array v_scale,
                                  Array out, std::optional<Array> lse, int64_t seq_kv, float sm_scale,
-                                 bool is_causal, uintptr_t stream, std::optional<Array> v_mean) {
+                                 bool is_causal, uintptr_t stream, std::optional<Array> v_mean,
+                                 const std::string& pv_accum) {
   constexpr const char* fn = "attn_fwd_sm90_qk_s8_pv_e4m3";
+  const bool one_level = parse_one_level(pv_accum, fn);
   check_cuda(q, "q");
   check_dtype(q, "q", {kI8});
   check_ndim(q, "q", 4);
@@ -203,7 +220,7 @@ void attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v_t, Array q_scale, Arr
   cudaError_t err;
   {
     nb::gil_scoped_release release;
-    err = launch_attn(a, bf16, as_stream(stream));
+    err = launch_attn(a, bf16, one_level, as_stream(stream));
   }
   check_attn_launch(err, fn);
 }
@@ -340,8 +357,9 @@ void quant_qkv_sm90_fused(Array q, Array k, Array v, Array q_out, Array q_scale,
 // (1 launch) over one caller-allocated workspace, no Python between them.
 void quant_attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v, Array out, std::optional<Array> lse,
                                        Array workspace, float sm_scale, bool is_causal, bool smooth_k,
-                                       bool smooth_v, uintptr_t stream) {
+                                       bool smooth_v, uintptr_t stream, const std::string& pv_accum) {
   constexpr const char* fn = "quant_attn_fwd_sm90_qk_s8_pv_e4m3";
+  const bool one_level = parse_one_level(pv_accum, fn);
   const QkvShape sh = check_qkv_inputs(q, k, v, fn);
   check_attn_out(out, lse, q, sh.b, sh.h_q, sh.s_q, sh.d, fn);
   check_sm_scale(sm_scale, fn);
@@ -393,7 +411,7 @@ void quant_attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v, Array out, std
     cudaStream_t s = as_stream(stream);
     if (!smooth_k) err = cudaMemsetAsync(qa.k_mean, 0, size_t(4 * sh.b * sh.h_kv * sh.d), s);
     if (err == cudaSuccess) err = sage::sm90::quant_qkv_sm90_fused(qa, s);
-    if (err == cudaSuccess) err = launch_attn(aa, bf16, s);
+    if (err == cudaSuccess) err = launch_attn(aa, bf16, one_level, s);
   }
   check_attn_launch(err, fn);
 }
@@ -404,7 +422,7 @@ void bind_attn_sm90(nb::module_& m) {
   m.def("attn_fwd_sm90_qk_s8_pv_e4m3", &attn_fwd_sm90_qk_s8_pv_e4m3, nb::arg("q"), nb::arg("k"), nb::arg("v_t"),
         nb::arg("q_scale"), nb::arg("k_scale"), nb::arg("v_scale"), nb::arg("out"), nb::arg("lse").none(),
         nb::arg("seq_kv"), nb::arg("sm_scale"), nb::arg("is_causal"), nb::arg("stream"),
-        nb::kw_only(), nb::arg("v_mean").none() = nb::none(),
+        nb::kw_only(), nb::arg("v_mean").none() = nb::none(), nb::arg("pv_accum") = "two_level",
         "Hopper (sm_90a) attention forward, recipe qk_s8_pv_e4m3, over tensors from quant_qkv_sm90_fused.\n\n"
         "q int8 (b, h_q, s_q, d) contiguous; k int8 (b, h_kv, seq_kv, d) contiguous (smoothed);\n"
         "v_t uint8 E4M3 (b, h_kv, d, ceil(seq_kv/128)*128), transposed and permuted per 32 tokens\n"
@@ -415,7 +433,9 @@ void bind_attn_sm90(nb::module_& m) {
         "natural log of the (smoothed) scores; fully masked rows give 0 output and -inf.\n"
         "d in {64, 128}; h_q a multiple of h_kv (GQA); is_causal = bottom-right aligned.\n"
         "stream: raw cudaStream_t as int. v_mean (keyword): None or f32 (b, h_kv, d) contiguous, the\n"
-        "V smoothing mean added to every output channel after 1/l and v_scale (rows with l == 0 stay 0).");
+        "V smoothing mean added to every output channel after 1/l and v_scale (rows with l == 0 stay 0).\n"
+        "pv_accum (keyword): 'two_level' (each KV tile's P~V in a fresh FP22 accumulator, folded into\n"
+        "an fp32 O) or 'one_level' (P~V accumulated straight into O, rescaled per tile).");
   m.def("quant_qkv_sm90_fused", &quant_qkv_sm90_fused, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("q_out"),
         nb::arg("q_scale"), nb::arg("k_out"), nb::arg("k_scale"), nb::arg("v_out"), nb::arg("v_scale"),
         nb::arg("k_mean"), nb::arg("k_mean_given"), nb::arg("workspace"), nb::arg("stream"), nb::kw_only(),
@@ -434,13 +454,15 @@ void bind_attn_sm90(nb::module_& m) {
         "(= 4*b*h_kv*ceil(s_kv/512)*d: per-chunk K sums, V sums, V max, V min).");
   m.def("quant_attn_fwd_sm90_qk_s8_pv_e4m3", &quant_attn_fwd_sm90_qk_s8_pv_e4m3, nb::arg("q"), nb::arg("k"),
         nb::arg("v"), nb::arg("out"), nb::arg("lse").none(), nb::arg("workspace"), nb::arg("sm_scale"),
-        nb::arg("is_causal"), nb::arg("smooth_k"), nb::arg("smooth_v"), nb::arg("stream"),
+        nb::arg("is_causal"), nb::arg("smooth_k"), nb::arg("smooth_v"), nb::arg("stream"), nb::kw_only(),
+        nb::arg("pv_accum") = "two_level",
         "Whole Hopper attention call, recipe qk_s8_pv_e4m3: the fused quantization (3 launches) and the\n"
         "attention forward (1 launch) in one binding call, over one workspace.\n\n"
         "q, k, v: fp16/bf16 logical (b, h, s, d) as for quant_qkv_sm90_fused; out, lse as for\n"
         "attn_fwd_sm90_qk_s8_pv_e4m3 (the LSE is of the smoothed scores: add q.k_mean*scale, k_mean\n"
         "being the f32 (b, h_kv, d) tensor at the workspace's start). workspace: uint8, contiguous,\n"
-        ">= quant_attn_fwd_sm90_workspace_size(b, h_q, s_q, h_kv, s_kv, d) bytes, 16-byte aligned.");
+        ">= quant_attn_fwd_sm90_workspace_size(b, h_q, s_q, h_kv, s_kv, d) bytes, 16-byte aligned.\n"
+        "pv_accum (keyword): 'two_level' or 'one_level', as for attn_fwd_sm90_qk_s8_pv_e4m3.");
   m.def(
       "quant_attn_fwd_sm90_workspace_size",
       [](int64_t b, int64_t h_q, int64_t s_q, int64_t h_kv, int64_t s_kv, int64_t d) {

@@ -16,21 +16,29 @@
 
 namespace sage::sm90 {
 
-// Consumer warpgroups per CTA: d=64 has half the GEMM work per score of d=128, so its tile time
-// is the softmax's; a third warpgroup (192-row tiles, 160 registers each) keeps two softmaxes in
-// flight while one warpgroup runs its GEMMs (FA3's FP8 d=64 layout). d=128 needs 240 registers
-// per consumer thread with the two-level accumulator, so it stays at two.
-template <int kHeadDim>
-inline constexpr int kSm90QkS8PvE4m3ConsumerWG = kHeadDim == 64 ? 3 : 2;
+// Consumer warpgroups per CTA: the tile time is the softmax's wherever the GEMMs are short (d=64:
+// half of d=128's GEMM work per score); a third warpgroup (192-row tiles, 160 registers each)
+// keeps two softmaxes in flight while one warpgroup runs its GEMMs (FA3's FP8 d=64 layout).
+// d=128 fits 160 registers only without the two-level buffer (S 64 + O 64 + buf 64 + P 16 is
+// over), so two-level d=128 stays at two.
+// A/B pending (docs/perf step 9): one-level d=128 with three warpgroups spills 144 B per consumer
+// thread at 160 registers (ptxas, ~30 local accesses per tile); with two it does not spill but
+// gains nothing from the freed registers yet. -DSAGE_SM90_ATTN_ONE_LEVEL_D128_WG=2 builds the latter.
+#ifndef SAGE_SM90_ATTN_ONE_LEVEL_D128_WG
+#define SAGE_SM90_ATTN_ONE_LEVEL_D128_WG 3
+#endif
+template <int kHeadDim, bool kOneLevel>
+inline constexpr int kSm90QkS8PvE4m3ConsumerWG =
+    kHeadDim == 64 ? 3 : (kOneLevel ? SAGE_SM90_ATTN_ONE_LEVEL_D128_WG : 2);
 
-template <int kHeadDim, class OutTag>
-using AttnFwdSm90QkS8PvE4m3Kernel =
-    AttnFwdSm90KernelTmaWs<CollectiveMainloopFwdSm90QkS8PvE4m3<kHeadDim, kSm90QkS8PvE4m3ConsumerWG<kHeadDim>>,
-                           CollectiveEpilogueFwdSm90StoreRegs<kHeadDim, OutTag>, AttnFwdSingleTileScheduler>;
+template <int kHeadDim, class OutTag, bool kOneLevel>
+using AttnFwdSm90QkS8PvE4m3Kernel = AttnFwdSm90KernelTmaWs<
+    CollectiveMainloopFwdSm90QkS8PvE4m3<kHeadDim, kSm90QkS8PvE4m3ConsumerWG<kHeadDim, kOneLevel>, kOneLevel>,
+    CollectiveEpilogueFwdSm90StoreRegs<kHeadDim, OutTag>, AttnFwdSingleTileScheduler>;
 
-template <int kHeadDim, class OutTag>
+template <int kHeadDim, class OutTag, bool kOneLevel>
 cudaError_t launch_attn_fwd_sm90_qk_s8_pv_e4m3(const AttnFwdQkS8PvE4m3Args& a, cudaStream_t stream) {
-  using Kernel = AttnFwdSm90QkS8PvE4m3Kernel<kHeadDim, OutTag>;
+  using Kernel = AttnFwdSm90QkS8PvE4m3Kernel<kHeadDim, OutTag, kOneLevel>;
   if (a.head_dim != kHeadDim || a.batch <= 0 || a.heads_q <= 0 || a.heads_kv <= 0 || a.seq_q <= 0 ||
       a.seq_kv <= 0 || a.heads_q % a.heads_kv != 0 || a.heads_q > 65535 || a.batch > 65535 ||
       !(a.sm_scale > 0.f) || a.q == nullptr || a.k == nullptr || a.v_t == nullptr ||

@@ -76,6 +76,11 @@ cudaError_t attn_fwd_sm90_qk_s8_pv_e4m3_hdim64_f16(const AttnFwdQkS8PvE4m3Args& 
 cudaError_t attn_fwd_sm90_qk_s8_pv_e4m3_hdim64_bf16(const AttnFwdQkS8PvE4m3Args& a, cudaStream_t s);
 cudaError_t attn_fwd_sm90_qk_s8_pv_e4m3_hdim128_f16(const AttnFwdQkS8PvE4m3Args& a, cudaStream_t s);
 cudaError_t attn_fwd_sm90_qk_s8_pv_e4m3_hdim128_bf16(const AttnFwdQkS8PvE4m3Args& a, cudaStream_t s);
+// pv_accum="one_level": P~V accumulated straight into O (NUMERICS.md qk_s8_pv_e4m3 options).
+cudaError_t attn_fwd_sm90_qk_s8_pv_e4m3_one_level_hdim64_f16(const AttnFwdQkS8PvE4m3Args& a, cudaStream_t s);
+cudaError_t attn_fwd_sm90_qk_s8_pv_e4m3_one_level_hdim64_bf16(const AttnFwdQkS8PvE4m3Args& a, cudaStream_t s);
+cudaError_t attn_fwd_sm90_qk_s8_pv_e4m3_one_level_hdim128_f16(const AttnFwdQkS8PvE4m3Args& a, cudaStream_t s);
+cudaError_t attn_fwd_sm90_qk_s8_pv_e4m3_one_level_hdim128_bf16(const AttnFwdQkS8PvE4m3Args& a, cudaStream_t s);
 
 // ---- fused quantization of Q, K, V for this kernel ---------------------------------------------
 // Inputs fp16 or bf16 (same dtype for q, k, v), logical (b, h, s, d), element strides, last dim

@@ -48,13 +48,18 @@
 namespace sage::sm90 {
 
 // kNumConsumerWG consumer warpgroups of 64 rows each take turns on the tensor cores; with three
-// (d=64: 192-row tiles) two of them are in their softmax while one runs its GEMMs.
-template <int kHeadDim_, int kNumConsumerWG_>
+// (192-row tiles) two of them are in their softmax while one runs its GEMMs.
+// kOneLevel (pv_accum="one_level"): P~V accumulates straight into O (O is rescaled by
+// exp2(m_old - m_new) before each PV instead of folding a fresh per-tile accumulator into it):
+// the FP22 accumulator then carries the whole row, and the 64 registers of the per-tile buffer
+// at d=128 are free (what lets d=128 take three consumer warpgroups at 160 registers).
+template <int kHeadDim_, int kNumConsumerWG_, bool kOneLevel_>
 struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
   static_assert(kHeadDim_ == 64 || kHeadDim_ == 128, "head dim 64 or 128");
   static_assert(kNumConsumerWG_ == 2 || kNumConsumerWG_ == 3, "2 or 3 consumer warpgroups");
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kNumConsumerWG = kNumConsumerWG_;
+  static constexpr bool kOneLevel = kOneLevel_;
   static constexpr int kRowsPerWG = 64;  // one wgmma m64 tile
   static constexpr int kBlockQ = kRowsPerWG * kNumConsumerWG;
   static constexpr int kBlockKV = kSm90BlockKV;  // also the per-thread K scale block
@@ -232,6 +237,7 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
     Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, 1, 4, stages) descriptors
     Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kRowsPerWG>, Int<kBlockKV>>{});  // s32 ((2,2,16),1,1)
     Tensor tOrBuf = partition_fragment_C(mma_pv, Shape<Int<kRowsPerWG>, Int<D>>{});      // f32, per KV tile
+    auto& tOrPV = kOneLevel ? tOrO : tOrBuf;  // what the PV wgmma accumulates into (tOrBuf unused if one-level)
     Tensor tOrP = make_tensor<cutlass::float_e4m3_t>(
         partition_shape_A(mma_pv, Shape<Int<kRowsPerWG>, Int<kBlockKV>>{}));  // ((4,2,2),1,4)
     Tensor tOrP32 = recast<uint32_t>(tOrP);  // 16 words: word 4c + {0,1,2,3} = a0..a3 of k-chunk c
@@ -277,14 +283,15 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
       }
       warpgroup_commit_batch();
     };
-    // buf = P~ V (fresh f32 accumulator) from the E4M3 registers tOrP; committed, not waited for.
+    // Two-level: buf = P~ V (fresh f32 accumulator); one-level: O += P~ V. From the E4M3
+    // registers tOrP; committed, not waited for.
     auto issue_pv = [&](int stage) {
-      warpgroup_fence_operand(tOrBuf);
+      warpgroup_fence_operand(tOrPV);
       warpgroup_arrive();
-      mma_pv.accumulate_ = GMMA::ScaleOut::Zero;
+      mma_pv.accumulate_ = kOneLevel ? GMMA::ScaleOut::One : GMMA::ScaleOut::Zero;
       CUTE_UNROLL
       for (int kb = 0; kb < size<2>(tOrP); ++kb) {
-        cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrBuf);
+        cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrPV);
         mma_pv.accumulate_ = GMMA::ScaleOut::One;
       }
       warpgroup_commit_batch();
@@ -300,12 +307,21 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
         tOrP32(4 * cch + 3) = pack_e4m3x4(sf[4 * j0 + 10], sf[4 * j0 + 11], sf[4 * j0 + 14], sf[4 * j0 + 15]);
       }
     };
-    // Two-level accumulation on CUDA cores: O = O * alpha + buf.
-    auto accumulate_o = [&](const float (&alpha)[2]) {
+    // After PV(n-1) has finished. Two-level, on CUDA cores: O = O * alpha(n-1) + buf (the
+    // rescale that goes with that tile). One-level: O *= alpha(n), so that PV(n), issued next,
+    // accumulates at tile n's running max.
+    auto fold_o = [&](const float (&alpha_prev)[2], const float (&alpha)[2]) {
+      warpgroup_fence_operand(tOrPV);
       CUTE_UNROLL
       for (int j = 0; j < D / 8; ++j) {
         CUTE_UNROLL
-        for (int i = 0; i < 4; ++i) tOrO(4 * j + i) = fmaf(tOrO(4 * j + i), alpha[i / 2], tOrBuf(4 * j + i));
+        for (int i = 0; i < 4; ++i) {
+          if constexpr (kOneLevel) {
+            tOrO(4 * j + i) *= alpha[i / 2];
+          } else {
+            tOrO(4 * j + i) = fmaf(tOrO(4 * j + i), alpha_prev[i / 2], tOrBuf(4 * j + i));
+          }
+        }
       }
     };
     // A stage is released once its reader wgmma has completed: a local arrive on the pipeline's
@@ -333,7 +349,7 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
       return PipelineState(int(i % kStages), (i / kStages) & 1, i);
     };
     float sf[Softmax::kScores];
-    float alpha_prev[2];  // the O rescale that goes with buf = PV(n-1)
+    float alpha_prev[2];  // two-level: the O rescale that goes with buf = PV(n-1)
     // Consumer warpgroup 0 issues first: the last one in turn order pre-arrives on its barrier.
     if (cw == kNumConsumerWG - 1) NamedBarrier::arrive(kPingPongThreads, kPingPongBarrier + 0);
     {
@@ -366,10 +382,9 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
       sm.step(tSrS, c, tile_masked(n), n * kBlockKV + map.col0, key_lim, sf, alpha);
       // Without this the compiler sinks the EX2s below the wait and nothing overlaps PV(n-1).
       pin_before_wgmma_wait(&ss.pin[cw * 128 + tid], sm.l[0] + sm.l[1]);
-      warpgroup_wait<0>();  // PV(n-1) done: buf valid, P registers free
-      warpgroup_fence_operand(tOrBuf);
+      warpgroup_wait<0>();  // PV(n-1) done: buf / O valid, P registers free
       release(ss.pipeline_v, vn);
-      accumulate_o(alpha_prev);
+      fold_o(alpha_prev, alpha);
       pack_p(sf);
       alpha_prev[0] = alpha[0];
       alpha_prev[1] = alpha[1];
@@ -379,10 +394,13 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
       wait(ss.pipeline_v, vl);
       issue_pv(vl.index());
       warpgroup_wait<0>();
-      warpgroup_fence_operand(tOrBuf);
       release(ss.pipeline_v, vl);
     }
-    accumulate_o(alpha_prev);
+    if constexpr (kOneLevel) {
+      warpgroup_fence_operand(tOrO);
+    } else {
+      fold_o(alpha_prev, alpha_prev);
+    }
     // Balance the barriers: warpgroup 0's got one arrival more (the pre-arrival) than it synced.
     if (cw == 0) NamedBarrier::sync(kPingPongThreads, pp_own);
     read = state(n_end);

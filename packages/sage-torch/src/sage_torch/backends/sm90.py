@@ -54,6 +54,8 @@ _KERNEL_NAMES = {
     (128, torch.float16): "attn_sm90_qk_s8_pv_e4m3_hdim128_f16",
     (128, torch.bfloat16): "attn_sm90_qk_s8_pv_e4m3_hdim128_bf16",
 }
+# pv_accum="one_level" (P~V accumulated straight into O): its own instantiations.
+_KERNEL_NAMES_ONE_LEVEL = {key: name.replace("_e4m3_hdim", "_e4m3_one_level_hdim") for key, name in _KERNEL_NAMES.items()}
 _QUANT_KERNEL_NAME = "quant_sm90_qkv_fused"
 
 # The options of sage_quant.RECIPES["qk_s8_pv_e4m3"] and the only values this kernel implements
@@ -68,7 +70,7 @@ _IMPLEMENTED: Dict[str, Any] = {
     "smooth_q": (False,),
     "delta_s": None,  # only used with smooth_q
     "kv_block": (kBlockKV,),
-    "pv_accum": ("two_level",),
+    "pv_accum": ("two_level", "one_level"),
     "acc_mantissa_bits": (13,),  # the FP22 accumulator of Hopper's FP8 wgmma
     "v_max": (None, 448, 448.0),  # the fused quantizer maps V's channel amax to 448
 }
@@ -133,13 +135,15 @@ def _has(name: str) -> bool:
         return False
 
 
-def kernels_available(head_dim: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> bool:
-    """Whether sage_core was built with the sm90 kernels (for one head dim / dtype, or any)."""
+def kernels_available(head_dim: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                      pv_accum: str = "two_level") -> bool:
+    """Whether sage_core was built with the sm90 kernels (for one head dim / dtype / pv_accum, or any)."""
     if not (hasattr(sage_core._C, _ATTN_FN) and hasattr(sage_core._C, _QUANT_FN) and _has(_QUANT_KERNEL_NAME)):
         return False
+    names = _KERNEL_NAMES_ONE_LEVEL if pv_accum == "one_level" else _KERNEL_NAMES
     if head_dim is None and dtype is None:
-        return any(_has(n) for n in _KERNEL_NAMES.values())
-    return any(_has(n) for (d, dt), n in _KERNEL_NAMES.items()
+        return any(_has(n) for n in names.values())
+    return any(_has(n) for (d, dt), n in names.items()
                if (head_dim is None or d == head_dim) and (dtype is None or dt == dtype))
 
 
@@ -303,8 +307,9 @@ def _supports(q, k, v, *, layout, is_causal, scale, return_lse, **options) -> Op
     if reason is not None:
         return reason
     d = q.shape[-1]
-    if not kernels_available(d, q.dtype):
-        return f"sage_core was built without the sm90 {RECIPE} kernel for d={d}, {q.dtype}"
+    accum = options.get("pv_accum", "two_level")
+    if not kernels_available(d, q.dtype, accum):
+        return f"sage_core was built without the sm90 {RECIPE} kernel for d={d}, {q.dtype}, pv_accum={accum!r}"
     b = q.shape[0]
     h_q = q.shape[1] if layout == "bhsd" else q.shape[2]
     h_kv = k.shape[1] if layout == "bhsd" else k.shape[2]
@@ -320,13 +325,19 @@ def _alloc_out(q: torch.Tensor, layout: str, b: int, h_q: int, s_q: int, d: int)
     return o, (o if layout == "bhsd" else o.transpose(1, 2))
 
 
+def _accum_kwargs(pv_accum: str) -> Dict[str, str]:
+    """sage_core's pv_accum keyword, passed only when not the default (an older sage_core has none)."""
+    return {} if pv_accum == "two_level" else {"pv_accum": pv_accum}
+
+
 def _launch_attn(qz: Dict[str, torch.Tensor], o_bhsd: torch.Tensor, lse: Optional[torch.Tensor],
-                 scale: float, is_causal: bool) -> None:
+                 scale: float, is_causal: bool, pv_accum: str = "two_level") -> None:
     """The attention kernel alone over the quantizer's outputs (v_mean: V smoothing, if present)."""
     s_kv = qz["k"].shape[2]
     v_mean = qz.get("v_mean")
     # keyword only when present: a sage_core built before v_mean existed still runs unsmoothed V
     extra = {} if v_mean is None else {"v_mean": _dl(v_mean)}
+    extra.update(_accum_kwargs(pv_accum))
     sage_core.attn_fwd_sm90_qk_s8_pv_e4m3(_dl(qz["q"]), _dl(qz["k"]), _dl(qz["v_t"]), _dl(qz["q_scale"]),
                                           _dl(qz["k_scale"]), _dl(qz["v_scale"]), _dl(o_bhsd), _dl(lse), int(s_kv),
                                           scale, is_causal, _stream(o_bhsd.device), **extra)
@@ -340,14 +351,14 @@ _ONE_CALL_WS = getattr(sage_core._C, "quant_attn_fwd_sm90_workspace_size", None)
 
 def _one_call(qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, o_bhsd: torch.Tensor,
               lse: Optional[torch.Tensor], scale: float, is_causal: bool, smooth_k: bool,
-              smooth_v: bool) -> torch.Tensor:
+              smooth_v: bool, pv_accum: str = "two_level") -> torch.Tensor:
     """Quantize and attend in one sage_core call; returns the workspace (k_mean is its first piece)."""
     b, h_q, s_q, d = qb.shape
     h_kv, s_kv = kb.shape[1], kb.shape[2]
     ws = torch.empty((_ONE_CALL_WS(b, h_q, s_q, h_kv, s_kv, d),), dtype=torch.uint8, device=qb.device)
     _ONE_CALL(_to_dlpack(qb), _to_dlpack(kb), _to_dlpack(vb), _to_dlpack(o_bhsd),
               None if lse is None else _to_dlpack(lse), _to_dlpack(ws), scale, is_causal, smooth_k, smooth_v,
-              _stream(qb.device))
+              _stream(qb.device), **_accum_kwargs(pv_accum))
     return ws
 
 
@@ -404,6 +415,9 @@ def attention_sm90_qk_s8_pv_e4m3(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError(f"scale must be a positive float, got {scale!r}")
     smooth_k = bool(options.get("smooth_k", True))
     smooth_v = bool(options.get("smooth_v", True))  # V smoothing: qz["v_mean"] is added back by the epilogue
+    pv_accum = options.get("pv_accum", "two_level")
+    if pv_accum != "two_level" and not kernels_available(d, q.dtype, pv_accum):
+        raise ValueError(f"sage_core was built without the sm90 pv_accum={pv_accum!r} kernel for d={d}, {q.dtype}")
 
     qb = _bhsd(q, layout)
     b, h_q, s_q, _ = qb.shape
@@ -412,12 +426,12 @@ def attention_sm90_qk_s8_pv_e4m3(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if _ONE_CALL is not None:
         kb, vb = _bhsd(k, layout), _bhsd(v, layout)
         qb, kb, vb = (x if _rows_aligned(x) else x.contiguous() for x in (qb, kb, vb))
-        ws = _one_call(qb, kb, vb, o_bhsd, lse, float(scale), bool(is_causal), smooth_k, smooth_v)
+        ws = _one_call(qb, kb, vb, o_bhsd, lse, float(scale), bool(is_causal), smooth_k, smooth_v, pv_accum)
         h_kv = kb.shape[1]
         km = ws[:4 * b * h_kv * d].view(torch.float32).view(b, h_kv, d)
     else:
         qz = quantize_qkv_sm90(q, k, v, layout=layout, smooth_k=smooth_k, smooth_v=smooth_v)
-        _launch_attn(qz, o_bhsd, lse, float(scale), bool(is_causal))
+        _launch_attn(qz, o_bhsd, lse, float(scale), bool(is_causal), pv_accum)
         km = qz["k_mean"]
     if lse is not None and smooth_k:
         # LSE of the unsmoothed scores: softmax ignored the per-row constant q·k_mean·scale.
