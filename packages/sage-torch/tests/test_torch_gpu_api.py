@@ -148,8 +148,8 @@ def test_no_host_sync(recipe, seed):
 
 
 def test_cuda_fallback_semantics(seed):
-    """On CUDA, calls sage cannot run (mask, head dim 96) give PyTorch's exact result."""
-    q, k, v = make_qkv(1, 2, 2, 64, 64, 96, dtype=torch.float16, device="cuda", seed=seed)
+    """On CUDA, calls sage cannot run (mask, head dim 160: above the padded kernels') give PyTorch's exact result."""
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 160, dtype=torch.float16, device="cuda", seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sage_torch.SageFallbackWarning)
         torch.testing.assert_close(sage_torch.scaled_dot_product_attention(q, k, v, is_causal=True),

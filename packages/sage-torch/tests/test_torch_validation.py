@@ -101,11 +101,12 @@ def test_layout_bshd_shapes(seed):
         sage_torch.attention(q, k, v, layout="bhsd")
 
 
-def test_unsupported_head_dim(seed):
-    q, k, v = make_qkv(d=96, seed=seed)
-    with pytest.raises(ValueError, match="head_dim=96 is not supported; supported: 64, 128"):
+@pytest.mark.parametrize("d", [100, 264])  # not a multiple of 8; above 256 (sage_torch._head_dim)
+def test_unsupported_head_dim(d, seed):
+    q, k, v = make_qkv(d=d, s_q=4, seed=seed)
+    with pytest.raises(ValueError, match=f"head_dim={d} is not supported; supported: multiples of 8 up to 256"):
         sage_torch.attention(q, k, v, recipe="qk_s8_pv_e4m3")
-    with pytest.warns(sage_torch.SageFallbackWarning, match="head_dim=96 is not supported by sage kernels"):
+    with pytest.warns(sage_torch.SageFallbackWarning, match=f"head_dim={d} is not supported by sage kernels"):
         o = sage_torch.attention(q, k, v)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(o, ref, rtol=0, atol=0)

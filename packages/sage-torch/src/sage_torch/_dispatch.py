@@ -4,9 +4,11 @@ Policy (docs/design/ARCHITECTURE.md §Runtime dispatch; documented for users in 
 
 ``recipe="auto"`` (after ``SAGE_FORCE_RECIPE`` replaced it, if set)
     The device's preference list :data:`ARCH_DEFAULT_RECIPES` is tried in order; the first recipe
-    with a registered, available backend for (arch, dtype, head_dim) runs. If none fits (CPU,
-    an arch without kernels, a head dim other than 64/128, kernels not built) PyTorch's SDPA runs
-    with sage semantics and a :class:`SageFallbackWarning` is issued once per reason;
+    with a registered, available backend for (arch, dtype, head_dim) runs; a head dim the kernels
+    are not compiled for but a multiple of 8 below 128 runs the next kernel head dim on zero-padded
+    copies (``sage_torch._head_dim``: the rule, the padding and its cost). If none fits (CPU, an
+    arch without kernels, a head dim above 128 or not a multiple of 8, kernels not built)
+    PyTorch's SDPA runs with sage semantics and a :class:`SageFallbackWarning` is issued once per reason;
     strict mode (``strict=True`` or ``SAGE_STRICT=1``) raises :class:`SageDispatchError` instead.
     With ``emulate=True`` / ``SAGE_FORCE_EMULATION=1`` the device's default recipe is emulated.
 
@@ -14,8 +16,9 @@ Policy (docs/design/ARCHITECTURE.md §Runtime dispatch; documented for users in 
     Its kernel runs if the device has one. Otherwise the recipe's *emulation* (sage_quant) runs
     on any device, with a once-per-reason warning: it has exactly the recipe's numerics, only
     slowly. Strict mode raises instead. ``emulate=True`` / ``SAGE_FORCE_EMULATION=1`` runs the
-    emulation even where a kernel exists (no warning: it was asked for). A head dim outside
-    64/128 is an error for an explicit recipe. An unknown recipe name is an error.
+    emulation even where a kernel exists (no warning: it was asked for). Head dims as for "auto"
+    (padded to a kernel's); one that no recipe takes (not a multiple of 8, or above 256) is an
+    error for an explicit recipe. An unknown recipe name is an error.
 
 ``recipe="torch"`` / ``SAGE_FORCE_RECIPE=torch`` runs PyTorch's SDPA (sage semantics), silently:
 it was asked for (A/B comparisons).
@@ -32,8 +35,8 @@ from typing import Any
 import torch
 
 from . import _env
-from ._recipes import (FRONT_END_OPTIONS, RECIPE_AUTO, RECIPE_TORCH, SUPPORTED_HEAD_DIMS, dtype_name,
-                       known_recipes)
+from ._head_dim import PaddedCall, kernel_head_dim, no_kernel_head_dim_reason, unsupported_head_dim_reason
+from ._recipes import FRONT_END_OPTIONS, RECIPE_AUTO, RECIPE_TORCH, dtype_name, known_recipes
 from ._layout import as_output
 from ._torch_fallback import torch_attention
 from .backends import BackendSpec, load_backend_modules, registered_backends, registry_generation
@@ -74,10 +77,16 @@ class Decision:
     backend: BackendSpec | None = None
     reason: str = ""
     warn: bool = False  # a fallback the user did not ask for: warn once (or raise when strict)
+    #: KIND_KERNEL on a head dim above the call's: the backend's head dim, the call is zero-padded
+    #: to it (sage_torch._head_dim); None: the backend runs the call's own head dim
+    pad_to: int | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "recipe": self.recipe,
-                "backend": self.backend.name if self.backend else None, "reason": self.reason}
+        out = {"kind": self.kind, "recipe": self.recipe,
+               "backend": self.backend.name if self.backend else None, "reason": self.reason}
+        if self.pad_to is not None:
+            out["pad_to"] = self.pad_to
+        return out
 
 
 # ----------------------------------------------------------------------------- arch
@@ -190,12 +199,36 @@ def _resolve_flags(emulate: bool | None, strict: bool | None) -> tuple[bool, boo
     return emulate_flag, strict_flag
 
 
-def _first_supported(specs: tuple[BackendSpec, ...], call: dict[str, Any] | None) -> tuple[BackendSpec | None, str]:
+def _kernel_head_dims(head_dim: int) -> tuple[int, ...]:
+    """Head dims to look a call of ``head_dim`` up at, in order: its own (a backend registered for
+    it runs it as is), then the kernel head dim it pads to (``_head_dim.kernel_head_dim``)."""
+    padded = kernel_head_dim(head_dim)
+    return (head_dim,) if padded in (None, head_dim) else (head_dim, padded)
+
+
+def _padded_call(call: dict[str, Any], head_dim: int) -> PaddedCall:
+    """The call's PaddedCall for ``head_dim``, made once and kept in ``call["padded"]`` so that
+    :func:`run` fills the buffers ``supports`` saw instead of allocating them again."""
+    made = call.setdefault("padded", {})
+    if head_dim not in made:
+        made[head_dim] = PaddedCall(call["q"], call["k"], call["v"], call["kwargs"].get("layout", "bhsd"), head_dim)
+    return made[head_dim]
+
+
+def _first_supported(specs: tuple[BackendSpec, ...], call: dict[str, Any] | None,
+                     head_dim: int) -> tuple[BackendSpec | None, str]:
+    """The first backend of ``specs`` (registered for ``head_dim``) whose ``supports`` accepts the
+    call, and the vetoes of those before it. A padded call shows ``supports`` the padded tensors
+    (allocated, not yet written: supports reads shapes and strides only)."""
     reasons = []
     for spec in specs:
         if spec.supports is None or call is None:
             return spec, ""
-        why = spec.supports(call["q"], call["k"], call["v"], **call["kwargs"])
+        if call["q"].shape[-1] == head_dim:
+            q, k, v = call["q"], call["k"], call["v"]
+        else:
+            q, k, v = _padded_call(call, head_dim).buffers()
+        why = spec.supports(q, k, v, **call["kwargs"])
         if why is None:
             return spec, ""
         reasons.append(f"{spec.name}: {why}")
@@ -238,6 +271,10 @@ def resolve(arch: str, dtype: torch.dtype, head_dim: int, recipe: str = RECIPE_A
     if requested != RECIPE_AUTO and requested not in recipes:
         raise ValueError(f"unknown {source}{requested!r}; accepted: 'auto', 'torch' or one of {', '.join(recipes)}")
     key_text = f"{arch}, {dtype_name(dtype)}, head_dim={head_dim}"
+    # A head dim no recipe takes (not a multiple of 8, or above 256): auto falls back, an explicit
+    # recipe raises (unless a backend was registered for exactly that head dim).
+    head_dim_error = unsupported_head_dim_reason(head_dim)
+    kernel_dims = _kernel_head_dims(head_dim)
 
     if requested == RECIPE_AUTO:
         prefs = ARCH_DEFAULT_RECIPES.get(arch, ())
@@ -245,44 +282,55 @@ def resolve(arch: str, dtype: torch.dtype, head_dim: int, recipe: str = RECIPE_A
             if not prefs:
                 raise ValueError(f"emulation was requested with recipe='auto' on {arch}, which has no default "
                                  f"recipe; pass recipe= one of {', '.join(recipes)}")
-            if head_dim not in SUPPORTED_HEAD_DIMS:
-                raise ValueError(f"emulation of {prefs[0]!r}: head_dim={head_dim} is not supported; "
-                                 f"supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
+            if head_dim_error:
+                raise ValueError(f"emulation of {prefs[0]!r}: {head_dim_error}")
             return Decision(KIND_EMULATION, prefs[0], reason="emulation requested")
-        if head_dim not in SUPPORTED_HEAD_DIMS:
-            why = (f"head_dim={head_dim} is not supported by sage kernels "
-                   f"(supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
-        elif not prefs:
-            why = (f"no sage kernel for device arch {arch!r} (sage kernels target "
+        if not prefs:
+            why = (no_kernel_head_dim_reason(head_dim) if kernel_head_dim(head_dim) is None else
+                   f"no sage kernel for device arch {arch!r} (sage kernels target "
                    f"{', '.join(sorted(ARCH_DEFAULT_RECIPES))})")
         else:
             vetoes = []
             for candidate in prefs:
-                spec, veto = _first_supported(lookup(arch, candidate, dtype, head_dim), call)
-                # strict mode asks for sage's kernel: the speed rule does not apply there
-                if (spec is not None and call is not None and not strict_flag
-                        and (routed := _auto_torch_reason_for_call(spec.name, call))):
-                    return Decision(KIND_TORCH, None, reason=routed, warn=True)
-                if spec is not None:
-                    return Decision(KIND_KERNEL, candidate, spec)
-                if veto:
-                    vetoes.append(veto)
-            why = (f"no registered and available kernel for {key_text}, recipes {list(prefs)}"
-                   + (f" ({'; '.join(vetoes)})" if vetoes else "") + "; see sage_torch.info()")
+                for hd in kernel_dims:
+                    spec, veto = _first_supported(lookup(arch, candidate, dtype, hd), call, hd)
+                    # strict mode asks for sage's kernel: the speed rule does not apply there
+                    if (spec is not None and call is not None and not strict_flag
+                            and (routed := _auto_torch_reason_for_call(spec.name, call))):
+                        return Decision(KIND_TORCH, None, reason=routed, warn=True)
+                    if spec is not None:
+                        return Decision(KIND_KERNEL, candidate, spec, pad_to=hd if hd != head_dim else None)
+                    if veto:
+                        vetoes.append(veto)
+            if kernel_head_dim(head_dim) is None and not vetoes:
+                why = no_kernel_head_dim_reason(head_dim)
+            else:
+                why = (f"no registered and available kernel for {key_text}"
+                       + (f" (padded to {kernel_dims[-1]})" if len(kernel_dims) > 1 else "")
+                       + f", recipes {list(prefs)}" + (f" ({'; '.join(vetoes)})" if vetoes else "")
+                       + "; see sage_torch.info()")
         if strict_flag:
             raise SageDispatchError(f"sage_torch strict mode: {why}; not falling back to PyTorch SDPA")
         return Decision(KIND_TORCH, None, reason=why, warn=True)
 
     # An explicit recipe.
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"recipe {requested!r}: head_dim={head_dim} is not supported; "
-                         f"supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}")
     if emulate_flag:
+        if head_dim_error:
+            raise ValueError(f"recipe {requested!r}: {head_dim_error}")
         return Decision(KIND_EMULATION, requested, reason="emulation requested")
-    spec, veto = _first_supported(lookup(arch, requested, dtype, head_dim), call)
-    if spec is not None:
-        return Decision(KIND_KERNEL, requested, spec)
-    why = f"no registered and available kernel for recipe {requested!r} on {key_text}" + (f" ({veto})" if veto else "")
+    vetoes = []
+    for hd in kernel_dims:
+        spec, veto = _first_supported(lookup(arch, requested, dtype, hd), call, hd)
+        if spec is not None:
+            return Decision(KIND_KERNEL, requested, spec, pad_to=hd if hd != head_dim else None)
+        if veto:
+            vetoes.append(veto)
+    if head_dim_error:
+        raise ValueError(f"recipe {requested!r}: {head_dim_error}")
+    why = (f"no registered and available kernel for recipe {requested!r} on {key_text}"
+           + (f" (padded to {kernel_dims[-1]})" if len(kernel_dims) > 1 else "")
+           + (f" ({'; '.join(vetoes)})" if vetoes else "")
+           + ("" if kernel_head_dim(head_dim) is not None else f"; {no_kernel_head_dim_reason(head_dim)}"))
     if strict_flag:
         raise SageDispatchError(f"sage_torch strict mode: {why}; not falling back to the emulation")
     return Decision(KIND_EMULATION, requested, reason=why, warn=True)
@@ -335,7 +383,9 @@ def _fast_entry(key: tuple, q: torch.Tensor, recipe: str) -> tuple:
         decision = resolve(arch, q.dtype, q.shape[-1], recipe)
     except Exception:  # noqa: BLE001 - the validated path raises it with the full message
         decision = None
+    # A padded head dim (decision.pad_to) takes the validated path, which pads.
     if (decision is not None and decision.kind == KIND_KERNEL and not decision.warn
+            and decision.pad_to is None
             and decision.backend is not None and decision.backend.fast is not None):
         requested = recipe if recipe != RECIPE_AUTO else (_env.env_forced_recipe() or RECIPE_AUTO)
         entry = (decision.backend.fast, requested == RECIPE_AUTO, decision.backend.name)
@@ -503,7 +553,11 @@ def _check_backend_output(spec: BackendSpec, q: torch.Tensor, o: Any, lse: Any, 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, is_causal: bool,
         scale: float | None, recipe: str, return_lse: bool, options: dict[str, Any],
         emulate: bool | None = None, strict: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decide and execute one validated call. Returns (o in the input layout, lse (b, h_q, s_q) | None)."""
+    """Decide and execute one validated call. Returns (o in the input layout, lse (b, h_q, s_q) | None).
+
+    A kernel decision at a head dim above the call's (``Decision.pad_to``) runs the backend on
+    zero-padded copies (``_head_dim.PaddedCall``) with the scale of the call's own head dim, and
+    slices o back; the LSE needs nothing (zero channels add 0 to every score)."""
     if layout == "bhsd":
         b, h_q, s_q, d = q.shape
     else:
@@ -518,9 +572,12 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, is_ca
 
     if decision.kind == KIND_KERNEL:
         spec = decision.backend
-        o, lse = spec.fn(q, k, v, **kwargs, **options)
-        _check_backend_output(spec, q, o, lse, return_lse, (b, h_q, s_q))
-        return as_output(o, q, layout), (lse.contiguous() if return_lse else None)
+        padded = _padded_call(call, decision.pad_to) if decision.pad_to is not None else None
+        qk, kk, vk = padded.inputs() if padded is not None else (q, k, v)
+        o, lse = spec.fn(qk, kk, vk, **kwargs, **options)
+        _check_backend_output(spec, qk, o, lse, return_lse, (b, h_q, s_q))
+        o = padded.output(o) if padded is not None else as_output(o, q, layout)
+        return o, (lse.contiguous() if return_lse else None)
 
     if decision.kind == KIND_EMULATION:
         if decision.warn:

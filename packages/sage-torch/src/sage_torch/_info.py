@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from . import _dispatch, _env
+from ._head_dim import HEAD_DIM_RULE
 from ._recipes import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, dtype_name, known_recipes
 from .backends import backend_module_status, load_backend_modules, registered_backends
 
@@ -88,5 +89,6 @@ def info(device: torch.device | str | None = None) -> dict[str, Any]:
         "backend_modules": modules or backend_module_status(),
         "backends": backends,
         "auto_dispatch": decisions,
+        "head_dims": HEAD_DIM_RULE,
         "env": _env.env_snapshot(),
     }

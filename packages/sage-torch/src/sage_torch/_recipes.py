@@ -21,6 +21,8 @@ RECIPE_AUTO = "auto"
 #: SAGE_FORCE_RECIPE=torch: PyTorch's own SDPA (for A/B comparisons of a whole model).
 RECIPE_TORCH = "torch"
 
+#: Head dims the kernels are compiled for. Other multiples of 8 below 128 run them zero-padded,
+#: multiples of 8 up to 256 have the emulation: the whole rule is in sage_torch._head_dim.
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = (64, 128)
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
 SUPPORTED_LAYOUTS: tuple[str, ...] = ("bhsd", "bshd")

@@ -10,7 +10,8 @@ import torch
 
 from . import _dispatch
 from . import _ops  # noqa: F401 - registers torch.ops.sage.attention_fwd
-from ._recipes import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, SUPPORTED_LAYOUTS, dtype_name
+from ._head_dim import kernel_head_dim, no_kernel_head_dim_reason
+from ._recipes import SUPPORTED_DTYPES, SUPPORTED_LAYOUTS, dtype_name
 from ._torch_fallback import TORCH_SDPA
 
 __all__ = ["attention", "scaled_dot_product_attention", "sageattn", "SAGEATTN_ACCEPTED_KWARGS"]
@@ -110,7 +111,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str 
             head ``i // (h_q // h_kv)``), ``s_kv`` tokens, the same ``d``.
         is_causal: bottom-right aligned causal mask (query i sees keys j <= i + s_kv - s_q);
             a fully masked row outputs 0 and LSE -inf.
-        scale: softmax scale, default ``1/sqrt(d)``.
+        scale: softmax scale, default ``1/sqrt(d)`` (of the call's d, also where the kernel runs
+            zero-padded to a larger head dim).
         recipe: ``"auto"`` (the device's default, see ``_dispatch``), a docs/design/NUMERICS.md §Recipes name,
             or ``"torch"`` (PyTorch's SDPA with sage semantics, for A/B comparisons).
             An explicit recipe without a kernel on this device runs its emulation (slow; warns
@@ -189,8 +191,8 @@ def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, sc
     d = query.shape[3]
     if key.shape[3] != d or value.shape[3] != d:
         return "q, k, v head dims differ", True
-    if d not in SUPPORTED_HEAD_DIMS:
-        return f"head_dim={d} (sage supports {', '.join(map(str, SUPPORTED_HEAD_DIMS))})", True
+    if kernel_head_dim(d) is None:  # the rule of sage_torch._head_dim (padded head dims run on sage)
+        return no_kernel_head_dim_reason(d), True
     if not (query.shape[0] == key.shape[0] == value.shape[0]) or key.shape[2] != value.shape[2]:
         return "batch sizes or key/value lengths differ (broadcasting)", True
     if any(t.stride(-1) != 1 for t in tensors):
@@ -230,7 +232,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                  enable_gqa: bool = False) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same signature/semantics).
 
-    Runs sage (``recipe="auto"``) for 4-D CUDA fp16/bf16 inputs with head dim 64/128, no mask, no
+    Runs sage (``recipe="auto"``) for 4-D CUDA fp16/bf16 inputs with head dim 64/128 (or a multiple
+    of 8 below 128, zero-padded to the next: ``sage_torch._head_dim``), no mask, no
     dropout, and (when causal) q_len == kv_len. Every other call goes to PyTorch's own SDPA,
     with a warning once per reason (``SAGE_STRICT=1``: an error instead), so a result never
     silently changes meaning. Forward only: inputs requiring grad go to PyTorch as well.

@@ -1,13 +1,20 @@
 """Attention benchmark: sage kernels vs PyTorch SDPA (flash, cuDNN) in one run.
 
     python -m sage_torch.bench [--d 64 128] [--n 1024 ... 32768] [--causal both] [--out DIR]
+    python -m sage_torch.bench --d 32 80 96 [...]     head dims the kernels run zero-padded
 
 On a GPU: TOPS (4·b·h·n_q·n_k·d / time, halved for causal) with quantization included
 ("end to end") and, where the backend exposes it, kernel only; accuracy (cos, rel-L1, RMSE) of
 every impl vs float64 attention on the same inputs (a strided sample of query rows of one
-batch and two heads, all keys). Writes ``bench.json`` (device, versions, commit, one row per
-impl/d/causal/n) and ``bench.png``. Without a GPU it says so and runs the CPU emulation on a small
-problem instead, so the command still shows what each recipe's accuracy is.
+batch and two heads, all keys). A head dim that sage runs zero-padded to a kernel's
+(``sage_torch._head_dim``: 32 -> 64, 80/96 -> 128) counts the call's d in its TOPS (the useful
+work), so the padded kernel's extra work shows as lower TOPS next to SDPA's; its sage rows also
+carry ``padded_to``, the kernel-only time at the padded d and ``pad_ms``, the padding alone
+(zero-padded copies of q, k, v and the slice of o back into q's order). Writes ``bench.json``
+(device, versions, commit, one row per impl/d/causal/n) and ``bench.png``. Without a GPU it says
+so and runs the CPU emulation on a small problem instead, so the command still shows what each
+recipe's accuracy is (at ``--d``; for a padded head dim also how far the emulation of the padded
+call, what the kernel computes, is from the emulation at d).
 """
 
 from __future__ import annotations
@@ -147,7 +154,26 @@ def sage_impls() -> dict[str, dict]:
     return impls
 
 
+def padding_for_bench(q, k, v, d_kernel: int):
+    """(padded q, k, v, pad_fn) for a call of head dim ``q.shape[-1]`` run at ``d_kernel``: the inputs
+    the kernel sees (for the kernel-only column) and ``pad_fn()``, which redoes the whole padding
+    work of one call (the three zero-padded copies and the slice of o back) for timing it alone."""
+    from ._head_dim import PaddedCall
+
+    qp, kp, vp = PaddedCall(q, k, v, "bhsd", d_kernel).inputs()
+    o_padded = torch.empty_like(qp)
+
+    def pad_fn():
+        call = PaddedCall(q, k, v, "bhsd", d_kernel)
+        call.inputs()
+        return call.output(o_padded)
+
+    return qp, kp, vp, pad_fn
+
+
 def bench_gpu(args) -> list[dict]:
+    from ._head_dim import kernel_head_dim
+
     rows_out = []
     impls = {"sdpa_flash": {"e2e": sdpa_impl("flash")}, "sdpa_cudnn": {"e2e": sdpa_impl("cudnn")}}
     impls.update(sage_impls())
@@ -161,9 +187,13 @@ def bench_gpu(args) -> list[dict]:
                            for _ in range(3))
                 rows = torch.linspace(0, n - 1, min(ACC_ROWS, n), device="cuda").long()
                 ref = reference_rows(q, k, v, rows, causal)
-                flops = 4.0 * b * HEADS * n * n * d * (0.5 if causal else 1.0)
+                flops = 4.0 * b * HEADS * n * n * d * (0.5 if causal else 1.0)  # the call's d: useful work
+                d_kernel = kernel_head_dim(d)
+                padded = d_kernel is not None and d_kernel != d
                 for name, impl in impls.items():
                     row = {"impl": name, "d": d, "causal": causal, "n": n, "b": b, "h": HEADS}
+                    if padded and name.startswith("sage"):
+                        row["padded_to"] = d_kernel
                     try:
                         out = torch.full_like(q, float("nan"))
                         out = impl["e2e"](q, k, v, causal)
@@ -173,8 +203,13 @@ def bench_gpu(args) -> list[dict]:
                         ms = time_cuda(impl["e2e"], q, k, v, causal)
                         row["ms"] = ms
                         row["tops"] = flops / ms / 1e9
-                        if impl.get("split"):
-                            prepared, kernel = impl["split"](q, k, v, is_causal=causal)
+                        if impl.get("split") and d_kernel is not None:
+                            if padded:  # the kernel at d_kernel on the padded inputs, scale of d
+                                qp, kp, vp, pad_fn = padding_for_bench(q, k, v, d_kernel)
+                                row["pad_ms"] = time_cuda(pad_fn)
+                                prepared, kernel = impl["split"](qp, kp, vp, is_causal=causal, scale=d ** -0.5)
+                            else:
+                                prepared, kernel = impl["split"](q, k, v, is_causal=causal)
                             kms = time_cuda(kernel, prepared)
                             row["kernel_ms"] = kms
                             row["kernel_tops"] = flops / kms / 1e9
@@ -195,9 +230,12 @@ def print_table(rows: list[dict]) -> str:
             if not sub:
                 continue
             ns = sorted({r["n"] for r in sub})
-            lines.append(f"\nd={d} {'causal' if causal else 'non-causal'} (TOPS; kernel-only in [])")
-            lines.append("| impl | " + " | ".join(f"{n // 1024}k" for n in ns) + " | rel-L1 @max n |")
-            lines.append("|---" * (len(ns) + 2) + "|")
+            padded_to = next((r["padded_to"] for r in sub if "padded_to" in r), None)
+            pad_note = f", sage zero-padded to d={padded_to}" if padded_to else ""
+            lines.append(f"\nd={d} {'causal' if causal else 'non-causal'} (TOPS at d; kernel-only in []{pad_note})")
+            lines.append("| impl | " + " | ".join(f"{n // 1024}k" for n in ns) + " | rel-L1 @max n |"
+                         + (" padding % of e2e @max n |" if padded_to else ""))
+            lines.append("|---" * (len(ns) + 2 + (1 if padded_to else 0)) + "|")
             for impl in dict.fromkeys(r["impl"] for r in sub):
                 cells = []
                 last = None
@@ -212,7 +250,11 @@ def print_table(rows: list[dict]) -> str:
                     cells.append(c)
                     last = r
                 acc = f"{last['rel_l1']:.4f}" if last and "rel_l1" in last else "-"
-                lines.append(f"| {impl} | " + " | ".join(cells) + f" | {acc} |")
+                pad = ""
+                if padded_to:
+                    pad = (f" {100 * last['pad_ms'] / last['ms']:.1f} |" if last and "pad_ms" in last and "ms" in last
+                           else " - |")
+                lines.append(f"| {impl} | " + " | ".join(cells) + f" | {acc} |" + pad)
     text = "\n".join(lines)
     print(text)
     return text
@@ -248,27 +290,51 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def cpu_demo() -> None:
-    """No GPU: accuracy of each recipe's emulation on a small problem, on the CPU."""
+def cpu_demo(head_dims: list[int] | None = None, n: int = 512) -> list[dict]:
+    """No GPU: accuracy of each recipe's emulation on a small problem, on the CPU, per head dim
+    (default 128). For a head dim the kernels run zero-padded, also the rel-L1 between the
+    emulation of the padded call (what the kernel computes) and the emulation at d (0 up to fp32
+    summation order). Returns the printed rows."""
     import sage_quant
     from sage_quant import metrics
     from sage_quant.emulation import reference_attention
     from sage_quant.inputs import make_qkv
 
+    from ._head_dim import PaddedCall, kernel_head_dim
+
     print("[bench] no CUDA GPU visible: the timing benchmark is SKIPPED (it needs a GPU).")
-    print("[bench] running the CPU emulation of every recipe instead (b=1, h=4, n=512, d=128, outlier inputs):")
-    q, k, v = make_qkv("outlier", b=1, h_q=4, h_kv=4, s_q=512, s_kv=512, d=128,
-                       dtype=torch.bfloat16, seed=0)
-    ref = reference_attention(q, k, v, is_causal=False)
-    print(f"{'recipe':<22} {'cos':>10} {'rel-L1':>9} {'rmse':>9} {'s':>6}")
-    for recipe in sage_quant.RECIPES:
-        t0 = time.perf_counter()
-        out = sage_quant.emulate(q, k, v, recipe)
-        if isinstance(out, tuple):
-            out = out[0]
-        m = metrics.accuracy(out, ref)
-        print(f"{recipe:<22} {m['cos']:>10.6f} {m['rel_l1']:>9.5f} {m['rmse']:>9.5f} "
-              f"{time.perf_counter() - t0:>6.1f}")
+    rows = []
+    for d in head_dims or [128]:
+        d_kernel = kernel_head_dim(d)
+        padded = d_kernel is not None and d_kernel != d
+        print(f"[bench] running the CPU emulation of every recipe instead (b=1, h=4, n={n}, d={d}, outlier inputs"
+              + (f"; kernels run it zero-padded to d={d_kernel}" if padded else "") + "):")
+        q, k, v = make_qkv("outlier", b=1, h_q=4, h_kv=4, s_q=n, s_kv=n, d=d, dtype=torch.bfloat16, seed=0)
+        ref = reference_attention(q, k, v, is_causal=False)
+        qp, kp, vp = PaddedCall(q, k, v, "bhsd", d_kernel).inputs() if padded else (None, None, None)
+        print(f"{'recipe':<22} {'cos':>10} {'rel-L1':>9} {'rmse':>9} {'s':>6}"
+              + (f" {'padded vs d':>12}" if padded else ""))
+        for recipe in sage_quant.RECIPES:
+            t0 = time.perf_counter()
+            try:
+                out = sage_quant.emulate(q, k, v, recipe)
+            except ValueError as exc:  # e.g. an FP4 group that does not divide d
+                print(f"{recipe:<22} not defined at d={d}: {exc}")
+                continue
+            if isinstance(out, tuple):
+                out = out[0]
+            m = metrics.accuracy(out, ref)
+            row = {"recipe": recipe, "d": d, "n": n, **{key: float(val) for key, val in m.items()},
+                   "s": time.perf_counter() - t0}
+            line = (f"{recipe:<22} {m['cos']:>10.6f} {m['rel_l1']:>9.5f} {m['rmse']:>9.5f} {row['s']:>6.1f}")
+            if padded:
+                out_p = sage_quant.emulate(qp, kp, vp, recipe, scale=d ** -0.5)[..., :d]
+                row["padded_to"] = d_kernel
+                row["padded_vs_d_rel_l1"] = float(metrics.rel_l1(out_p, out))
+                line += f" {row['padded_vs_d_rel_l1']:>12.2e}"
+            rows.append(row)
+            print(line)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,8 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         args_in.remove("--models")  # the first one; bench_models has a --models option of its own
         return bench_models.main(args_in)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--d", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    p.add_argument("--d", type=int, nargs="+", default=None,
+                   help="head dims (default 64 128; without a GPU 128); others than 64/128 run zero-padded "
+                        "(sage_torch._head_dim), e.g. --d 32 80 96")
+    p.add_argument("--n", type=int, nargs="+", default=None,
+                   help="sequence lengths (default 1024 ... 32768; without a GPU the smallest given, else 512)")
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--recipes", nargs="*", default=[],
                    help="also time these recipes forced onto their kernels (e.g. qk_s8_pv_f16 qk_s8_pv_s8); "
@@ -291,8 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     FORCED_RECIPES[:] = args.recipes
     args.causal = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     if not torch.cuda.is_available():
-        cpu_demo()
+        cpu_demo(args.d, n=min(args.n) if args.n else 512)
         return 0
+    args.d = args.d or [64, 128]
+    args.n = args.n or [1024, 2048, 4096, 8192, 16384, 32768]
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = bench_gpu(args)
@@ -303,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         "commit": commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python -m sage_torch.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "tops_definition": "4*b*h*n_q*n_k*d/time, halved for causal; 'tops' includes quantization",
+        "tops_definition": "4*b*h*n_q*n_k*d/time, halved for causal, d of the call (also where sage runs it "
+                           "zero-padded: padded_to); 'tops' includes quantization and padding, 'pad_ms' is "
+                           "the padding alone",
     }
     try:
         import sage_core

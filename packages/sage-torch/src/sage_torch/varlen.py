@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from . import _dispatch, api
+from ._head_dim import PaddedCall
 from ._recipes import SUPPORTED_DTYPES, dtype_name
 
 __all__ = ["attention_varlen", "sageattn_varlen", "emulate_varlen", "VarlenPack", "validate_varlen",
@@ -230,13 +231,17 @@ def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: i
     spec = decision.backend if decision.kind == _dispatch.KIND_KERNEL else None
     varlen_fn = getattr(spec, "varlen", None) if spec is not None else None
     if varlen_fn is not None:
-        scale_value = float(scale) if scale is not None else d ** -0.5
-        result = varlen_fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal=is_causal,
+        scale_value = float(scale) if scale is not None else d ** -0.5  # of the call's d, also when padded
+        # a kernel head dim above d: zero-padded copies of the pack, o sliced back (sage_torch._head_dim)
+        padded = PaddedCall(q, k, v, "thd", decision.pad_to) if decision.pad_to is not None else None
+        qk, kk, vk = padded.inputs() if padded is not None else (q, k, v)
+        result = varlen_fn(qk, kk, vk, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal=is_causal,
                            scale=scale_value, return_lse=return_lse, **options)
         if result is not None:  # None: the backend declined this pack (checked before any launch)
             o, lse = result
-            _check_varlen_output(spec.name, q, o, lse, return_lse)
-            return o.contiguous(), (lse.contiguous() if return_lse else None)
+            _check_varlen_output(spec.name, qk, o, lse, return_lse)
+            o = padded.output(o) if padded is not None else o.contiguous()
+            return o, (lse.contiguous() if return_lse else None)
         why = f"the varlen entry of backend {spec.name!r} declined this pack"
     elif spec is not None:
         why = f"backend {spec.name!r} has no varlen kernel"
