@@ -344,14 +344,23 @@ def _check_lse(lse, lse_ref, slack, live, msg):
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("smooth_v", [True, False], ids=["smoothv", "plainv"])
 def test_attn_vs_emulation(shape, is_causal, d, dtype, layout, smooth_v, seed):
+    _check_attn_vs_emulation(shape, is_causal, d, dtype, layout, smooth_v, "two_level", seed)
+
+
+def _check_attn_vs_emulation(shape, is_causal, d, dtype, layout, smooth_v, pv_accum, seed):
+    """The kernel (poisoned output) against the emulation of the same options: output per row and
+    overall, LSE, fully masked rows exactly 0 with LSE -inf."""
     if _SKIP:
         pytest.skip(_SKIP)
+    if not sm90_backend.kernels_available(d, dtype, pv_accum):
+        pytest.skip(f"sage_core was built without the pv_accum={pv_accum!r} kernels")
     b, h_q, h_kv, s_q, s_kv = shape
     dist = "outlier" if seed % 2 else "randn"
     q, k, v = _make(dist, b=b, h_q=h_q, h_kv=h_kv, s_q=s_q, s_kv=s_kv, d=d, dtype=dtype, layout=layout, seed=seed)
-    msg = f"seed={seed} dist={dist} shape={shape} causal={is_causal} d={d} {dtype} {layout} smooth_v={smooth_v}"
+    msg = (f"seed={seed} dist={dist} shape={shape} causal={is_causal} d={d} {dtype} {layout} smooth_v={smooth_v} "
+           f"pv_accum={pv_accum}")
     o, lse, slack, o_ref, lse_ref = _kernel_and_emulation(q, k, v, layout=layout, is_causal=is_causal,
-                                                          smooth_v=smooth_v)
+                                                          smooth_v=smooth_v, pv_accum=pv_accum)
     assert o.shape == o_ref.shape and o.dtype == q.dtype
     assert torch.isfinite(o).all(), f"non-finite output: {msg}"
     masked = torch.isneginf(lse_ref)
@@ -372,26 +381,8 @@ def test_attn_vs_emulation(shape, is_causal, d, dtype, layout, smooth_v, seed):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_attn_one_level_vs_emulation(shape, is_causal, d, dtype, layout, seed):
-    """pv_accum="one_level" (P~V straight into O, three consumer warpgroups: 192-row tiles) against
-    the emulation of the same option, with the checks of test_attn_vs_emulation."""
-    if _SKIP:
-        pytest.skip(_SKIP)
-    if not sm90_backend.kernels_available(d, dtype, "one_level"):
-        pytest.skip("sage_core was built without the pv_accum='one_level' kernels")
-    b, h_q, h_kv, s_q, s_kv = shape
-    dist = "outlier" if seed % 2 else "randn"
-    q, k, v = _make(dist, b=b, h_q=h_q, h_kv=h_kv, s_q=s_q, s_kv=s_kv, d=d, dtype=dtype, layout=layout, seed=seed)
-    msg = f"seed={seed} dist={dist} shape={shape} causal={is_causal} d={d} {dtype} {layout} one_level"
-    o, lse, slack, o_ref, lse_ref = _kernel_and_emulation(q, k, v, layout=layout, is_causal=is_causal,
-                                                          smooth_v=True, pv_accum="one_level")
-    assert torch.isfinite(o).all(), f"non-finite output: {msg}"
-    masked = torch.isneginf(lse_ref)
-    if masked.any():
-        assert (_bhsd(o, layout)[masked] == 0).all(), f"fully masked rows must be 0: {msg}"
-    assert torch.equal(torch.isneginf(lse), masked), f"-inf LSE pattern differs: {msg}"
-    if (~masked).any():
-        _check_lse(lse, lse_ref, slack, ~masked, msg)
-    assert_rows_close(o, o_ref, rel_l1=2e-3, row_rel_l1_max=kRowRelL1VsEmulation, msg=msg)
+    """pv_accum="one_level" (P~V straight into O, three consumer warpgroups: 192-row tiles)."""
+    _check_attn_vs_emulation(shape, is_causal, d, dtype, layout, True, "one_level", seed)
 
 
 @gpu
