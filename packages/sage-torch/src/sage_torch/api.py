@@ -49,23 +49,22 @@ def _as_scale(scale: Any) -> float | None:
     return value
 
 
-def _validate(q: Any, k: Any, v: Any, *, layout: Any, is_causal: Any, scale: Any, return_lse: Any) -> None:
-    """Every check the front end owns; raises TypeError/ValueError naming what was given."""
-    if not isinstance(layout, str) or layout not in SUPPORTED_LAYOUTS:
-        raise ValueError(f"layout must be one of {SUPPORTED_LAYOUTS}, got {layout!r}")
-    for name, flag in (("is_causal", is_causal), ("return_lse", return_lse)):
-        _as_bool(name, flag)
-    _as_scale(scale)
+def _check_qkv_tensors(q: Any, k: Any, v: Any, *, ndim: int, shape_text: str,
+                       dtypes: tuple[torch.dtype, ...] = SUPPORTED_DTYPES, dtype_note: str = "",
+                       last_dim_contiguous: bool = True) -> None:
+    """The per-tensor checks every front end shares (attention, attention_varlen, sage_train): a
+    tensor of ``ndim`` dims and an accepted dtype each, a contiguous last dim (where the kernels
+    read rows), one dtype and one device for all three. Same order and words everywhere, so an
+    input with several faults gets the same first error from each API."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D {_shape_text(layout)} for layout={layout!r}, "
-                             f"got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-D {shape_text}, got shape {tuple(t.shape)}")
+        if t.dtype not in dtypes:
             raise TypeError(f"{name} has dtype {dtype_name(t.dtype)}; accepted: "
-                            f"{', '.join(dtype_name(d) for d in SUPPORTED_DTYPES)}")
-        if t.stride(-1) != 1 and t.shape[-1] > 1:
+                            f"{', '.join(dtype_name(d) for d in dtypes)}{dtype_note}")
+        if last_dim_contiguous and t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides "
                              f"{tuple(t.stride())}; call .contiguous() first")
     if not (q.dtype == k.dtype == v.dtype):
@@ -73,24 +72,45 @@ def _validate(q: Any, k: Any, v: Any, *, layout: Any, is_causal: Any, scale: Any
                         f"{dtype_name(k.dtype)}, {dtype_name(v.dtype)}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _check_qkv_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, *,
+                      v_head_dim_own: bool = False) -> None:
+    """The shape checks of a dense 4-D call (attention, sage_train): one batch, k/v heads and
+    lengths, sizes >= 1, GQA. ``v_head_dim_own``: v may have its own head dim (training)."""
     h_axis, s_axis = (1, 2) if layout == "bhsd" else (2, 1)
     b, h_q, s_q, d = q.shape[0], q.shape[h_axis], q.shape[s_axis], q.shape[3]
     for name, t in (("k", k), ("v", v)):
         if t.shape[0] != b:
             raise ValueError(f"batch size of {name} ({t.shape[0]}) differs from q's ({b})")
-        if t.shape[3] != d:
+        if not v_head_dim_own and t.shape[3] != d:
             raise ValueError(f"head_dim of {name} ({t.shape[3]}) differs from q's ({d}); "
                              f"q, k and v must share one head dim")
+    if v_head_dim_own and k.shape[3] != d:
+        raise ValueError(f"head_dim of k ({k.shape[3]}) differs from q's ({d}); "
+                         f"q and k must share one head dim (v may have its own)")
     h_kv, s_kv = k.shape[h_axis], k.shape[s_axis]
     if v.shape[h_axis] != h_kv or v.shape[s_axis] != s_kv:
         raise ValueError(f"k and v must have the same heads and length, got k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)} (layout {layout!r})")
-    for name, size in (("batch", b), ("q heads", h_q), ("kv heads", h_kv), ("q length", s_q),
-                       ("kv length", s_kv), ("head_dim", d)):
+    sizes = [("batch", b), ("q heads", h_q), ("kv heads", h_kv), ("q length", s_q), ("kv length", s_kv),
+             ("head_dim", d)] + ([("v head_dim", v.shape[3])] if v_head_dim_own else [])
+    for name, size in sizes:
         if size < 1:
             raise ValueError(f"{name} must be >= 1, got {size} (q {tuple(q.shape)}, k {tuple(k.shape)})")
     if h_q % h_kv:
         raise ValueError(f"q heads ({h_q}) must be a multiple of kv heads ({h_kv}) (GQA/MQA)")
+
+
+def _validate(q: Any, k: Any, v: Any, *, layout: Any, is_causal: Any, scale: Any, return_lse: Any) -> None:
+    """Every check the front end owns; raises TypeError/ValueError naming what was given."""
+    if not isinstance(layout, str) or layout not in SUPPORTED_LAYOUTS:
+        raise ValueError(f"layout must be one of {SUPPORTED_LAYOUTS}, got {layout!r}")
+    for name, flag in (("is_causal", is_causal), ("return_lse", return_lse)):
+        _as_bool(name, flag)
+    _as_scale(scale)
+    _check_qkv_tensors(q, k, v, ndim=4, shape_text=f"{_shape_text(layout)} for layout={layout!r}")
+    _check_qkv_shapes(q, k, v, layout)
 
 
 def _check_no_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -35,7 +35,7 @@ import torch
 
 from . import _dispatch, api
 from ._head_dim import PaddedCall
-from ._recipes import SUPPORTED_DTYPES, dtype_name
+from ._recipes import dtype_name
 
 __all__ = ["attention_varlen", "sageattn_varlen", "emulate_varlen", "VarlenPack", "validate_varlen",
            "CU_SEQLENS_DTYPE"]
@@ -117,23 +117,7 @@ def validate_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any
     for name, flag in (("is_causal", is_causal), ("return_lse", return_lse)):
         api._as_bool(name, flag)
     api._as_scale(scale)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D packed (total_tokens, heads, head_dim), got shape "
-                             f"{tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {dtype_name(t.dtype)}; accepted: "
-                            f"{', '.join(dtype_name(d) for d in SUPPORTED_DTYPES)}")
-        if t.stride(-1) != 1 and t.shape[-1] > 1:
-            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides "
-                             f"{tuple(t.stride())}; call .contiguous() first")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {dtype_name(q.dtype)}, {dtype_name(k.dtype)}, "
-                        f"{dtype_name(v.dtype)}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    api._check_qkv_tensors(q, k, v, ndim=3, shape_text="packed (total_tokens, heads, head_dim)")
     total_q, h_q, d = q.shape
     total_k, h_kv, d_k = k.shape
     if d_k != d or v.shape[2] != d:
