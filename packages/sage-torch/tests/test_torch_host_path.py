@@ -44,3 +44,64 @@ def test_resolve_applies_the_rule_only_for_auto_and_not_in_strict_mode(as_arch, 
     assert d.kind == _dispatch.KIND_KERNEL and d.backend.name == "fake_sm90"
     d = _dispatch.resolve("sm90", torch.bfloat16, 64, "qk_s8_pv_e4m3", call=call, strict=False)
     assert d.kind == _dispatch.KIND_KERNEL  # an explicit recipe is never routed
+
+
+# ----------------------------------------------------------------- auto's route through the front ends
+
+def test_auto_torch_route_only_decides_cuda_calls():
+    q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+    assert _dispatch.auto_torch_route(q, q, q, "bhsd", False) is None  # CPU: nothing to route
+
+
+def test_sdpa_drop_in_makes_the_callers_own_call_where_auto_routes(monkeypatch):
+    """Where auto would run PyTorch, the drop-in runs the caller's SDPA call itself (same
+    arguments, incl. enable_gqa), so the result and the backend choice are PyTorch's own."""
+    import warnings
+
+    from sage_torch import api
+
+    calls = []
+
+    def spy_sdpa(*args, **kwargs):
+        calls.append(kwargs)
+        return torch.zeros(1)
+
+    monkeypatch.setattr(api, "SDPA_DEVICE_TYPES", ("cpu", "cuda"))
+    monkeypatch.setattr(api, "TORCH_SDPA", spy_sdpa)
+    monkeypatch.setattr(_dispatch, "auto_torch_route", lambda q, k, v, layout, is_causal: "a call this small")
+    q = torch.randn(1, 4, 8, 64, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = api.scaled_dot_product_attention(q, k, k, is_causal=True, scale=0.125, enable_gqa=True)
+    assert out.shape == (1,) and calls == [{"is_causal": True, "scale": 0.125, "enable_gqa": True}]
+
+
+def test_hf_attention_runs_transformers_sdpa_where_auto_routes(monkeypatch):
+    """transformers' attn_implementation="sage": a shape auto gives to PyTorch runs transformers'
+    own sdpa_attention_forward with the call's arguments (as attn_implementation="sdpa" would)."""
+    import warnings
+
+    pytest = __import__("pytest")
+    sdpa_mod = pytest.importorskip("transformers.integrations.sdpa_attention")
+    from sage_torch.integrations import hf
+
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((attention_mask, kwargs))
+        return "out", None
+
+    monkeypatch.setattr(sdpa_mod, "sdpa_attention_forward", spy)
+    monkeypatch.setattr(_dispatch, "auto_torch_route", lambda q, k, v, layout, is_causal: "decode-shaped")
+
+    class Module(torch.nn.Module):
+        is_causal = True
+
+    q = torch.randn(1, 4, 3, 64, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 3, 64, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = hf.hf_attention_forward(Module(), q, k, k, None, dropout=0.0, scaling=0.125, is_causal=None)
+    assert out == ("out", None)
+    assert seen == [(None, {"dropout": 0.0, "scaling": 0.125, "is_causal": None})]

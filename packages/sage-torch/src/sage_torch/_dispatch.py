@@ -388,10 +388,40 @@ def _fast_entry(key: tuple, q: torch.Tensor, recipe: str) -> tuple:
             and decision.pad_to is None
             and decision.backend is not None and decision.backend.fast is not None):
         requested = recipe if recipe != RECIPE_AUTO else (_env.env_forced_recipe() or RECIPE_AUTO)
-        entry = (decision.backend.fast, requested == RECIPE_AUTO, decision.backend.name)
+        # auto's routing to PyTorch never applies in strict mode (SAGE_STRICT, read here once)
+        auto = requested == RECIPE_AUTO and not _env.env_flag(_env.ENV_STRICT)
+        entry = (decision.backend.fast, auto, decision.backend.name)
     with _table_lock:
         _fast_cache[key] = entry
     return entry
+
+
+def _fast_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool, recipe: str) -> tuple:
+    return (q.device, q.dtype, k.dtype, v.dtype, k.device, v.device, q.shape[3], layout, is_causal, recipe,
+            q.stride(3), k.stride(3), v.stride(3))
+
+
+def auto_torch_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool) -> str | None:
+    """Why ``recipe="auto"`` would run PyTorch's SDPA for this plain call (AUTO_TORCH_RULES), or None
+    (it runs a sage kernel, or the call is not one the fast path decides). For front ends that
+    can then make *the caller's own* SDPA call instead (the SDPA drop-in, transformers'
+    attention function): a shape auto gives to PyTorch then runs exactly as without sage."""
+    if q.device.type != "cuda" or q.dim() != 4 or k.dim() != 4 or torch.compiler.is_compiling():
+        return None
+    key = _fast_key(q, k, v, layout, is_causal, RECIPE_AUTO)
+    entry = _fast_cache.get(key)
+    if entry is None:
+        entry = _fast_entry(key, q, RECIPE_AUTO)
+    fast, auto, backend = entry
+    if fast is None or not auto:
+        return None
+    if layout == "bhsd":
+        b, h_q, s_q, d = q.shape
+        s_kv = k.shape[2]
+    else:
+        b, s_q, h_q, d = q.shape
+        s_kv = k.shape[1]
+    return auto_torch_reason(backend, b, h_q, s_q, s_kv, d, is_causal)
 
 
 def fast_call(q: Any, k: Any, v: Any, layout: Any, is_causal: Any, scale: Any, recipe: Any) -> torch.Tensor | None:
@@ -411,8 +441,7 @@ def fast_call(q: Any, k: Any, v: Any, layout: Any, is_causal: Any, scale: Any, r
         scale = q.shape[3] ** -0.5
     elif type(scale) is not float or not 0.0 < scale < float("inf"):
         return None
-    key = (q.device, q.dtype, k.dtype, v.dtype, k.device, v.device, q.shape[3], layout, is_causal, recipe,
-           q.stride(3), k.stride(3), v.stride(3))
+    key = _fast_key(q, k, v, layout, is_causal, recipe)
     entry = _fast_cache.get(key)
     if entry is None:
         if not (is_causal is True or is_causal is False) or layout not in ("bhsd", "bshd"):

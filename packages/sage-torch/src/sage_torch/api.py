@@ -232,6 +232,12 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
     why, warn = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if why is None:
         if strict is None:  # no keyword: attention()'s host fast path applies
+            # A shape recipe="auto" gives to PyTorch: the caller's own SDPA call, exactly as without
+            # sage (same backend choice, same output), not sage's PyTorch path.
+            auto_why = _dispatch.auto_torch_route(query, key, value, "bhsd", bool(is_causal))
+            if auto_why is not None:
+                _dispatch._warn_torch(auto_why, {})
+                return TORCH_SDPA(query, key, value, is_causal=bool(is_causal), scale=scale, enable_gqa=enable_gqa)
             return attention(query, key, value, layout="bhsd", is_causal=bool(is_causal), scale=scale)
         return attention(query, key, value, layout="bhsd", is_causal=bool(is_causal), scale=scale, strict=strict)
     if warn:

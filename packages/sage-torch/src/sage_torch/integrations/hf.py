@@ -220,9 +220,19 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
                                       is_causal=is_causal, **kwargs)
 
     q_len, kv_len = query.shape[2], key.shape[2]
+    is_causal_arg = is_causal
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", True))
     is_causal = q_len > 1 and attention_mask is None and bool(is_causal)
+    routed = _dispatch.auto_torch_route(query, key, value, "bhsd", is_causal)
+    if routed is not None:
+        # A shape recipe="auto" gives to PyTorch (AUTO_TORCH_RULES): transformers' own SDPA
+        # attention, so the call runs exactly as with attn_implementation="sdpa" (its GQA
+        # handling, its mask, its backend choice), not through sage's PyTorch path.
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        _dispatch._warn_torch(routed, {})
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal_arg, **kwargs)
     if attention_mask is not None and _padded_batch_runs_on_sage(query, key, value, dropout, scaling):
         plan = padding.cached_padding_plan(attention_mask, q_len, kv_len)
         if plan is not None:
