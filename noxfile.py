@@ -21,7 +21,8 @@ import platform
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Iterable, Mapping
 
 import nox
 
@@ -37,6 +38,30 @@ SYSTEM = os.environ.get("SAGE_NOX_SYSTEM", "") not in ("", "0")
 #: so sage-core's must be too (compat/manylinux.cmake keeps the module at those symbol versions).
 WHEEL_PLAT_DEFAULT = {"x86_64": "manylinux_2_28_x86_64"}
 WHEEL_PLAT_AUTO = "auto"  # SAGE_WHEEL_PLAT=auto: no --plat, the most compatible tag the symbols allow
+#: CUDA toolkits that wheel(cuda=X) takes from the package registry (PyPI) when no local nvcc of
+#: that CUDA release is found: the wheels of cuda-toolkit==12.9.1's nvcc, cudart and cccl extras,
+#: exact pins. Only cu12 (wheel(cuda='13') uses the local toolkit). They are downloaded into
+#: build/cuda-registry/cu12/wheels (kept: a later run needs no network), checked for every file in
+#: TOOLKIT_FILES, and only then unpacked into one toolkit root. PyPI's CUDA 12 nvcc wheel has no
+#: compiler driver (docs/packaging.md, "cu12"), so today the check fails and the session refuses.
+REGISTRY_TOOLKITS: dict[str, dict[str, str]] = {
+    "12": {"nvidia-cuda-nvcc-cu12": "12.9.86", "nvidia-cuda-runtime-cu12": "12.9.79",
+           "nvidia-cuda-cccl-cu12": "12.9.27"},
+}
+#: What a toolkit root needs for sage-core's CMake build (path relative to the root; "a|b": either).
+TOOLKIT_FILES: dict[str, str] = {
+    "bin/nvcc": "the compiler driver",
+    "bin/nvcc.profile": "nvcc's tool and include paths",
+    "bin/cudafe++": "the host/device source splitter",
+    "nvvm/bin/cicc": "the device front end",
+    "bin/ptxas": "the PTX assembler",
+    "bin/fatbinary": "the fat-binary packer",
+    "nvvm/libdevice/libdevice.10.bc": "the device math library",
+    "include/crt/host_config.h": "nvcc's crt headers",
+    "include/cuda_runtime.h": "the runtime headers",
+    "lib/libcudart_static.a|lib64/libcudart_static.a": "the static runtime (CMakeLists.txt links it)",
+    "include/cuda/std/type_traits|include/cccl/cuda/std/type_traits": "CCCL (libcu++, used by CUTLASS)",
+}
 
 nox.options.sessions = ["test"]
 nox.options.reuse_existing_virtualenvs = True
@@ -174,17 +199,152 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "noxfile.py", "packages", "tests", "tools", external=True)
 
 
-def _nvcc(session: nox.Session) -> tuple[str, tuple[int, int]]:
-    """The nvcc CMake would pick (CUDACXX, else nvcc on PATH, else /usr/local/cuda) and its version."""
-    cand = os.environ.get("CUDACXX") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+def _probe_nvcc(cand: str) -> tuple[tuple[int, int] | None, str]:
+    """(CUDA release of the nvcc at cand, or None; why not / its --version text)."""
     try:
         out = subprocess.run([cand, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
-        session.error(f"no usable nvcc ({cand}): {exc}. Set CUDACXX to the toolkit's nvcc.")
+        return None, f"no usable nvcc ({cand}): {exc}"
     m = re.search(r"release (\d+)\.(\d+)", out)
     if not m:
-        session.error(f"cannot read the version of {cand}: {out!r}")
-    return str(pathlib.Path(cand).resolve()), (int(m.group(1)), int(m.group(2)))
+        return None, f"cannot read the version of {cand}: {out!r}"
+    return (int(m.group(1)), int(m.group(2))), out
+
+
+def _nvcc_candidate() -> str:
+    """The nvcc CMake would pick: CUDACXX, else nvcc on PATH, else /usr/local/cuda."""
+    return os.environ.get("CUDACXX") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+
+
+def _nvcc(session: nox.Session) -> tuple[str, tuple[int, int]]:
+    """The nvcc CMake would pick (CUDACXX, else nvcc on PATH, else /usr/local/cuda) and its version."""
+    cand = _nvcc_candidate()
+    have, why = _probe_nvcc(cand)
+    if have is None:
+        session.error(f"{why}. Set CUDACXX to the toolkit's nvcc.")
+    return str(pathlib.Path(cand).resolve()), have
+
+
+def _toolkit_fits(cuda: str, need: tuple[int, ...], have: tuple[int, int] | None) -> bool:
+    """Whether an nvcc of release have may build the +cu{cuda} wheel (same major, >= need)."""
+    return have is not None and have[0] == int(cuda) and have >= need
+
+
+def _toolkit_source(cuda: str, need: tuple[int, ...], have: tuple[int, int] | None) -> str:
+    """Where wheel(cuda=...) takes its toolkit: 'local' (the nvcc CMake would pick fits),
+    'registry' (it does not, and REGISTRY_TOOLKITS has this CUDA major), else 'refuse'."""
+    if _toolkit_fits(cuda, need, have):
+        return "local"
+    return "registry" if cuda in REGISTRY_TOOLKITS else "refuse"
+
+
+def _wheel_member_path(name: str) -> str | None:
+    """A wheel member's path in the toolkit root: nvidia/<component>/<path> -> <path>
+    (CUDA 12 wheels: nvidia/cuda_nvcc/bin/ptxas; CUDA 13: nvidia/cu13/bin/nvcc); None for the
+    rest (.dist-info, the Python package markers)."""
+    parts = name.split("/")
+    if len(parts) < 3 or parts[0] != "nvidia" or parts[-1] == "__init__.py" or name.endswith("/"):
+        return None
+    return "/".join(parts[2:])
+
+
+def _toolkit_missing(paths: Iterable[str]) -> list[str]:
+    """The TOOLKIT_FILES entries that none of paths (root-relative) provides."""
+    have = set(paths)
+    return [req for req in TOOLKIT_FILES if not any(alt in have for alt in req.split("|"))]
+
+
+def _registry_wheel(wheels: pathlib.Path, dist: str, version: str) -> pathlib.Path | None:
+    found = sorted(wheels.glob(f"{dist.replace('-', '_')}-{version}-*.whl"))
+    return found[0] if found else None
+
+
+def _finish_toolkit_root(root: pathlib.Path) -> None:
+    """What an unpacked set of wheels lacks next to an installed toolkit: lib64 (FindCUDAToolkit
+    and nvcc.profile look there) and the unversioned libcudart.so (FindCUDAToolkit requires it to
+    be found; the module links libcudart_static.a), as symlinks."""
+    lib = root / "lib"
+    if lib.is_dir() and not (root / "lib64").exists():
+        (root / "lib64").symlink_to("lib")
+    if lib.is_dir():
+        for so in sorted(lib.glob("*.so.*")):
+            dev = lib / (so.name.split(".so.")[0] + ".so")
+            if not dev.exists():
+                dev.symlink_to(so.name)
+
+
+def _registry_toolkit(session: nox.Session, cuda: str, need: tuple[int, ...], why: str) -> pathlib.Path:
+    """A CUDA {cuda} toolkit root assembled from REGISTRY_TOOLKITS[cuda]'s wheels (downloaded
+    once into build/cuda-registry/cu{cuda}/wheels), or a refusal that says what is missing."""
+    pins = REGISTRY_TOOLKITS[cuda]
+    label = f"+cu{cuda}"
+    want = f"{'.'.join(map(str, need))}+ of CUDA {cuda}"
+    cache = ROOT / "build" / "cuda-registry" / f"cu{cuda}"
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    session.log(f"{why}: taking the CUDA {cuda} toolkit from the package registry "
+                f"({', '.join(f'{d}=={v}' for d, v in pins.items())}; cache {wheels})")
+    files: dict[str, pathlib.Path] = {}
+    for dist, version in pins.items():
+        whl = _registry_wheel(wheels, dist, version)
+        if whl is None:
+            session.run("python", "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
+                        "--only-binary=:all:", "-d", str(wheels), f"{dist}=={version}",
+                        external=True, success_codes=[0, 1])
+            whl = _registry_wheel(wheels, dist, version)
+        if whl is None:
+            session.error(
+                f"wheel(cuda='{cuda}') needs nvcc {want} ({why}) and could not download "
+                f"{dist}=={version} from the package registry (pip's message above): refusing to "
+                f"build a wheel labelled {label}. With network access run the session again, or "
+                f"put the wheel into {wheels}, or set CUDACXX=/path/to/cuda-{cuda}.x/bin/nvcc")
+        files[dist] = whl
+    provided: dict[str, str] = {}  # root-relative path -> distribution
+    for dist, whl in files.items():
+        with zipfile.ZipFile(whl) as zf:
+            for name in zf.namelist():
+                rel = _wheel_member_path(name)
+                if rel is not None:
+                    provided.setdefault(rel, dist)
+    missing = _toolkit_missing(provided)
+    if missing:
+        lacks = "; ".join(f"{req} ({TOOLKIT_FILES[req]})" for req in missing)
+        has = ", ".join(sorted(p for p in provided if p.count("/") == 1 and p.startswith(("bin/", "lib"))
+                               or p.startswith(("nvvm/bin/", "nvvm/lib", "nvvm/libdevice/")))) or "none"
+        session.error(
+            f"wheel(cuda='{cuda}') needs nvcc {want} ({why}), and the package registry's CUDA "
+            f"{cuda} toolkit wheels ({', '.join(f.name for f in files.values())}) cannot compile: "
+            f"they lack {lacks}. Their tools and libraries: {has}. Refusing to build a wheel "
+            f"labelled {label}. Install a CUDA {'.'.join(map(str, need))}+ toolkit and set "
+            f"CUDACXX=/path/to/cuda-{cuda}.x/bin/nvcc (docs/packaging.md, \"cu12\")")
+    root = cache / "toolkit"
+    stamp = root / ".sage-registry-wheels"
+    wanted = "\n".join(sorted(f.name for f in files.values()))
+    if not (stamp.exists() and stamp.read_text() == wanted):
+        if root.exists():
+            shutil.rmtree(root)
+        for whl in files.values():
+            with zipfile.ZipFile(whl) as zf:
+                for info in zf.infolist():
+                    rel = _wheel_member_path(info.filename)
+                    if rel is None:
+                        continue
+                    dest = root / rel
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(zf.read(info))
+                    mode = (info.external_attr >> 16) & 0o777  # wheels keep the Unix mode here
+                    if rel.startswith(("bin/", "nvvm/bin/")):
+                        mode |= 0o755
+                    if mode:
+                        dest.chmod(mode)
+        _finish_toolkit_root(root)
+        stamp.write_text(wanted)
+    have, out = _probe_nvcc(str(root / "bin" / "nvcc"))
+    if not _toolkit_fits(cuda, need, have):
+        session.error(f"the nvcc assembled from the registry's wheels ({root}/bin/nvcc) is not "
+                      f"CUDA {want}: {out}. Refusing to build a wheel labelled {label}")
+    session.log(f"CUDA {cuda} toolkit from the registry: {root} (nvcc {have[0]}.{have[1]})")
+    return root
 
 
 def _wheel_plat(environ: Mapping[str, str], machine: str) -> str | None:
@@ -243,15 +403,30 @@ def build(session: nox.Session) -> None:
 
 def _make_wheel_session(cuda: str) -> None:
     def session_fn(session: nox.Session) -> None:
-        """sage-core 0.1.0+cuXX wheel with the matrix's arch list (needs that CUDA toolkit's nvcc)."""
+        """sage-core 0.1.0+cuXX wheel with the matrix's arch list (needs that CUDA toolkit's nvcc;
+        cu12 without one: the registry's CUDA 12.9 wheels, REGISTRY_TOOLKITS, or a refusal)."""
         spec = MATRIX["cuda"][cuda]
         need = tuple(int(x) for x in spec.get("min_toolkit", f"{cuda}.0").split("."))
-        nvcc, have = _nvcc(session)
-        if have[0] != int(cuda) or have < need:
-            session.error(
-                f"wheel(cuda='{cuda}') needs nvcc {'.'.join(map(str, need))}+ of CUDA {cuda}, but the "
-                f"nvcc this build would use is {nvcc} = CUDA {have[0]}.{have[1]}: refusing to build a "
-                f"wheel labelled +cu{cuda} with it. Set CUDACXX=/path/to/cuda-{cuda}.x/bin/nvcc.")
+        toolkit_args: list[str] = []
+        if cuda in REGISTRY_TOOLKITS:
+            # No fitting local nvcc (none at all, or another release): the registry's toolkit.
+            cand = _nvcc_candidate()
+            have, why = _probe_nvcc(cand)
+            if _toolkit_source(cuda, need, have) == "local":
+                nvcc = str(pathlib.Path(cand).resolve())
+            else:
+                why = (why if have is None else
+                       f"the nvcc this build would use is {pathlib.Path(cand).resolve()} = CUDA {have[0]}.{have[1]}")
+                root = _registry_toolkit(session, cuda, need, why)
+                nvcc = str(root / "bin" / "nvcc")
+                toolkit_args = [f"--config-settings=cmake.define.CUDAToolkit_ROOT={root}"]
+        else:
+            nvcc, have = _nvcc(session)
+            if have[0] != int(cuda) or have < need:
+                session.error(
+                    f"wheel(cuda='{cuda}') needs nvcc {'.'.join(map(str, need))}+ of CUDA {cuda}, but the "
+                    f"nvcc this build would use is {nvcc} = CUDA {have[0]}.{have[1]}: refusing to build a "
+                    f"wheel labelled +cu{cuda} with it. Set CUDACXX=/path/to/cuda-{cuda}.x/bin/nvcc.")
         _install_deps(session)
         stage = ROOT / "build" / f"wheel-cu{cuda}" / "sage-core"
         if stage.parent.exists():
@@ -269,7 +444,8 @@ def _make_wheel_session(cuda: str) -> None:
         assert 'version = "0.1.0"' in text
         pyproject.write_text(text.replace('version = "0.1.0"', f'version = "0.1.0+{local}"', 1))
         archs = os.environ.get("SAGE_CUDA_ARCHS", spec["archs"])  # override: quick local checks
-        _wheel_core(session, stage, archs, [f"--config-settings=cmake.define.CMAKE_CUDA_COMPILER={nvcc}"])
+        _wheel_core(session, stage, archs,
+                    [f"--config-settings=cmake.define.CMAKE_CUDA_COMPILER={nvcc}", *toolkit_args])
 
     nox.session(python=VENV, name=f"wheel(cuda='{cuda}')")(session_fn)
 
