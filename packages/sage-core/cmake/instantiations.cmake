@@ -14,7 +14,10 @@
 # Adding a kernel: one sage_instantiation() line below (see packages/sage-core/HOOKS.md).
 
 sage_kernel_family(quant ARCHS ALL             DEFINE SAGE_WITH_QUANT BINDING csrc/bind_quant.cpp)
-sage_kernel_family(sm80  ARCHS 80 86 89 90a    DEFINE SAGE_WITH_SM80  BINDING csrc/bind_attn_sm80.cpp)
+# sm80: also every Blackwell target (they keep mma.sync) until a tcgen05 (sm100) / NVFP4 (sm120)
+# kernel exists. An 'a' cubin runs only on its own compute capability, hence 103a and 121a too.
+sage_kernel_family(sm80  ARCHS 80 86 89 90a 100a 103a 120a 121a
+                                               DEFINE SAGE_WITH_SM80  BINDING csrc/bind_attn_sm80.cpp)
 sage_kernel_family(sm90  ARCHS 90a             DEFINE SAGE_WITH_SM90  BINDING csrc/bind_attn_sm90.cpp)
 sage_kernel_family(sm100 ARCHS 100a            DEFINE SAGE_WITH_SM100 BINDING csrc/bind_attn_sm100.cpp)
 sage_kernel_family(sm120 ARCHS 120a            DEFINE SAGE_WITH_SM120 BINDING csrc/bind_attn_sm120.cpp)
@@ -26,7 +29,7 @@ sage_instantiation(quant quant_int4  quant/quant_int4.cu)   # quant_int bits=4, 
 sage_instantiation(quant quant_v     quant/quant_v.cu)      # quant_v_e4m3_t, quant_v_s8
 sage_instantiation(quant quant_fp4   quant/quant_fp4.cu)    # quant_fp4 nvfp4 / mxfp4
 
-# --- sm80 family: mma.sync INT8/INT4 + FP16/FP8 PV (Ampere/Ada, also built for sm_90a) -------
+# --- sm80 family: mma.sync INT8/INT4 + FP16/FP8 PV (Ampere/Ada; also sm_90a and Blackwell) --
 # One line per SAGE_SM80_ATTN_FWD_CONFIGS entry (kernels/include/sage/sm80/sm80_attn_fwd_launch.hpp);
 # the e4m3 recipes compile to empty kernels below sm_89 (the binding refuses those GPUs).
 sage_instantiation(sm80 attn_sm80_qk_s8_pv_f16_hdim64_f16 sm80/attn_sm80_qk_s8_pv_f16_hdim64_f16.cu)

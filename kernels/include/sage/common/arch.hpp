@@ -34,7 +34,10 @@
 #define SAGE_DEVICE_SM120A 0
 #endif
 
-// mma.sync INT8/INT4/FP16 (sm_80+); FP8 mma.sync natively on sm_89 (emulated elsewhere).
+// mma.sync INT8/INT4/FP16 (sm_80+). Every later target keeps mma.sync, the Blackwell 'a' targets
+// included (__CUDA_ARCH__ 1000/1030/1200/1210), so the sm80 family builds for them unchanged.
+// Native in SASS (docs/perf/sm80_family_blackwell.md): INT8 and FP16 everywhere; FP8 on sm_89 and
+// sm_120/121 (emulated through HMMA on sm_90a and sm_100a/103a); INT4 on sm_80-89 only.
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
 #define SAGE_DEVICE_SM80_PLUS 1
 #else

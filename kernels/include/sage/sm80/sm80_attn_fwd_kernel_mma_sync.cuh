@@ -1,5 +1,6 @@
 // Ampere/Ada attention forward on mma.sync: ONE mainloop, the recipe is a policy type
-// (sm80_attn_fwd_recipes.hpp). Built for sm_80/86/89 and sm_90a (e4m3 recipes: sm_89+ only).
+// (sm80_attn_fwd_recipes.hpp). Built for sm_80/86/89, sm_90a and the Blackwell targets
+// sm_100a/103a/120a/121a, which keep mma.sync (e4m3 recipes: sm_89+ only).
 //
 // CTA = 4 warps x 16 query rows (kBlockM = 64), KV tiles of kBlockN = 64 keys, 2-stage cp.async
 // pipeline for K, V and the K tile's scales. Every operand tile lives in shared memory as rows
@@ -396,6 +397,10 @@ struct Sm80AttnFwdMainloop {
       float* sDeltaSS = sDeltaS + stage * kBlockN;
 
       if constexpr (kVBf16ToF16) {
+        // Unrolled (the trip count is constant): nvcc already did so for sm_80-90a (identical
+        // SASS), but not for sm_100a-121a, where the rolled loop cost registers (120a d=64: 8 B
+        // spilled, two local loads per KV tile; docs/perf/sm80_family_blackwell.md).
+#pragma unroll
         for (int i = tid; i < kSmemV / kChunkBytes; i += kNumThreads) {
           uint4* chunk = reinterpret_cast<uint4*>(sVs) + i;
           uint4 w = *chunk;
