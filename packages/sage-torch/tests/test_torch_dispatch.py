@@ -40,7 +40,8 @@ def test_default_scale_passed_to_backend(as_arch, fake_backend, seed):
 
 @pytest.mark.parametrize("arch, expected", [
     ("sm80", "qk_s8_pv_f16"), ("sm86", "qk_s8_pv_f16"), ("sm89", "qk_s8_pv_e4m3"),
-    ("sm90", "qk_s8_pv_e4m3"), ("sm100", "qk_nvfp4_pv_nvfp4"), ("sm120", "qk_nvfp4_pv_nvfp4"),
+    ("sm90", "qk_s8_pv_e4m3"), ("sm100", "qk_s8_pv_f16"), ("sm103", "qk_s8_pv_f16"),
+    ("sm120", "qk_nvfp4_pv_nvfp4"), ("sm121", "qk_nvfp4_pv_nvfp4"),
 ])
 def test_arch_table_default(arch, expected, fake_backend):
     for recipe in sage_quant.RECIPES:

@@ -49,10 +49,14 @@ ARCH_DEFAULT_RECIPES: dict[str, tuple[str, ...]] = {
     "sm87": ("qk_s8_pv_f16",),
     "sm89": ("qk_s8_pv_e4m3", "qk_s8_pv_f16"),
     "sm90": ("qk_s8_pv_e4m3", "qk_s8_pv_f16"),
-    "sm100": ("qk_nvfp4_pv_nvfp4", "qk_s8_pv_e4m3"),
-    "sm103": ("qk_nvfp4_pv_nvfp4", "qk_s8_pv_e4m3"),
-    "sm120": ("qk_nvfp4_pv_nvfp4", "qk_s8_pv_e4m3"),
-    "sm121": ("qk_nvfp4_pv_nvfp4", "qk_s8_pv_e4m3"),
+    # Blackwell runs the sm80 mma.sync family (built for 100a/103a/120a/121a) until its own kernels
+    # exist. sm100/103 have no block-scaled mma.sync and emulate FP8 mma.sync through HMMA (SASS,
+    # docs/perf/sm80_family_blackwell.md): FP16 P.V first; put a tcgen05 kernel's recipe first once
+    # it exists. sm120/121: the NVFP4 kernel when registered, else FP8 P.V (native QMMA there).
+    "sm100": ("qk_s8_pv_f16", "qk_s8_pv_e4m3"),
+    "sm103": ("qk_s8_pv_f16", "qk_s8_pv_e4m3"),
+    "sm120": ("qk_nvfp4_pv_nvfp4", "qk_s8_pv_e4m3", "qk_s8_pv_f16"),
+    "sm121": ("qk_nvfp4_pv_nvfp4", "qk_s8_pv_e4m3", "qk_s8_pv_f16"),
 }
 
 KIND_KERNEL = "kernel"

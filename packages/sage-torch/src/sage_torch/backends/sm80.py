@@ -1,4 +1,4 @@
-"""sm80 mma.sync attention kernels (Ampere/Ada; also built for sm_90a) as sage_torch backends.
+"""sm80 mma.sync attention kernels (Ampere/Ada; also built for sm_90a and Blackwell) as sage_torch backends.
 
 One function per recipe, ``fn(q, k, v, *, layout, is_causal, scale, return_lse, **options) ->
 (o, lse | None)``: quantize Q, K (and V for the 8-bit PV recipes) with ``sage_quant.ops`` (CUDA
@@ -20,7 +20,9 @@ Kernel facts that options must respect (``supports`` vetoes anything else, with 
   * ``pv_accum="f16_buffer"`` (``qk_s8_pv_f16`` and ``qk_s8_pv_e4m3``): each 64-key tile's P·V in
     an FP16 MMA accumulator (twice the FP32-accumulate rate on GeForce Ampere/Ada), added into
     FP32 O; a tile whose buffer overflows is recomputed in FP32. For E4M3, V is quantized with
-    ``v_max`` 2.25 so that a tile cannot overflow (64 x 448 x 2.25 < 65504).
+    ``v_max`` 2.25 so that a tile cannot overflow (64 x 448 x 2.25 < 65504);
+  * the build must hold code the device loads (:func:`arch_build_reason`: a 100a cubin does not
+    run on a B300, sm_103): a 90a-only build on an RTX 50 is vetoed, never launched.
 
 8-bit V formats (docs/design/quant-formats.md): ``v_s8_t_p32`` / ``v_e4m3_t_p32`` = the per-channel
 ``v_s8`` / ``v_e4m3_t`` values, transposed to ``(b, h_kv, d, s_pad)`` (``s_pad = ceil(s/128)*128``,
@@ -30,6 +32,8 @@ INT8/E4M3 P fragment built from the S accumulator needs no shuffles.
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any, Optional
 
 import torch
@@ -47,6 +51,7 @@ from sage_quant import ops as _qops
 from sage_quant import reference as _ref
 
 from . import register_backend
+from .. import _dispatch
 from .._layout import empty_output
 
 __all__ = [
@@ -77,13 +82,17 @@ RECIPES = ("qk_s8_pv_f16", "qk_s8_pv_s8", "qk_s8_pv_e4m3", "qk_s4_pv_e4m3")
 _QK_BITS = {"qk_s8_pv_f16": 8, "qk_s8_pv_s8": 8, "qk_s8_pv_e4m3": 8, "qk_s4_pv_e4m3": 4}
 _V_FMT = {"qk_s8_pv_s8": "s8", "qk_s8_pv_e4m3": "e4m3", "qk_s4_pv_e4m3": "e4m3"}
 # Arch families (docs/design/ARCHITECTURE.md §Runtime dispatch): FP8 mma.sync needs sm_89; sm90 runs these only when forced
-# (the sm90 module registers first and wins for the recipes it has).
+# (the sm90 module registers first and wins for the recipes it has). Blackwell keeps mma.sync: the family
+# is built for 100a/103a/120a/121a and serves there until their own kernels exist (registered as ported
+# there, like sm90, so a kernel written for the arch wins).
+_BLACKWELL = ("sm100", "sm103", "sm120", "sm121")
 _ARCHS = {
-    "qk_s8_pv_f16": ("sm80", "sm86", "sm89", "sm90"),
-    "qk_s8_pv_s8": ("sm80", "sm86", "sm89", "sm90"),
-    "qk_s8_pv_e4m3": ("sm89", "sm90"),
-    "qk_s4_pv_e4m3": ("sm89", "sm90"),
+    "qk_s8_pv_f16": ("sm80", "sm86", "sm89", "sm90") + _BLACKWELL,
+    "qk_s8_pv_s8": ("sm80", "sm86", "sm89", "sm90") + _BLACKWELL,
+    "qk_s8_pv_e4m3": ("sm89", "sm90") + _BLACKWELL,
+    "qk_s4_pv_e4m3": ("sm89", "sm90") + _BLACKWELL,
 }
+_PORTED_ARCHS = ("sm90",) + _BLACKWELL
 
 
 def _perm32() -> tuple[int, ...]:
@@ -304,9 +313,51 @@ def grid_limit_reason(q: torch.Tensor, layout: str) -> Optional[str]:
     return None
 
 
+# Lowest __CUDA_ARCH__/10 whose cubin holds the recipe's MMAs (below it the kernel is empty).
+_MIN_TARGET = {"qk_s8_pv_f16": 80, "qk_s8_pv_s8": 80, "qk_s8_pv_e4m3": 89, "qk_s4_pv_e4m3": 89}
+
+
+def _target_runs_on(target: str, major: int, minor: int) -> bool:
+    """Whether the driver loads a cubin built for ``target`` ("86", "90a", "100f") on a device of
+    compute capability major.minor: an 'a' cubin only on its own capability; a plain or 'f' one on
+    its major at the same or a higher minor (B300 = 10.3 cannot run a 100a cubin)."""
+    t_major, t_minor = divmod(int(target.rstrip("af")), 10)
+    if target.endswith("a"):
+        return (t_major, t_minor) == (major, minor)
+    return t_major == major and t_minor <= minor
+
+
+@functools.lru_cache(maxsize=None)
+def arch_build_reason(recipe: str, arch: str, targets: tuple[str, ...]) -> Optional[str]:
+    """None if a sage_core built for ``targets`` (build_info()["cuda_archs"]) runs ``recipe``'s
+    kernel on arch family ``arch`` ("sm120"), else why not. The driver loads the highest
+    compatible cubin; it must carry the recipe's MMAs (an e4m3 kernel built for 80/86 is empty)."""
+    m = re.fullmatch(r"sm(\d+)(\d)", arch)
+    if m is None:
+        return f"device arch {arch!r} is not a CUDA compute capability"
+    major, minor = int(m.group(1)), int(m.group(2))
+    usable = [t for t in targets if _target_runs_on(t, major, minor)]
+    loaded = max(usable, key=lambda t: int(t.rstrip("af")), default=None)
+    if loaded is None:
+        return (f"sage_core was built for {list(targets)}, none of which runs on {arch}: rebuild with "
+                f"SAGE_CUDA_ARCHS including its target (ci/build-matrix.json arch_targets)")
+    if int(loaded.rstrip("af")) < _MIN_TARGET[recipe]:
+        return (f"on {arch} the driver loads sage_core's sm_{loaded} code, where {recipe} compiles to an "
+                f"empty kernel (needs a target >= {_MIN_TARGET[recipe]}): rebuild with {arch}'s own target")
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _build_targets() -> tuple[str, ...]:
+    return tuple(sage_core.build_info()["cuda_archs"]) if sage_core is not None else ()
+
+
 def _make_supports(recipe: str):
     def supports(q, k, v, *, layout, is_causal, scale, return_lse, **options) -> Optional[str]:
         why = grid_limit_reason(q, layout)
+        if why is None:
+            # Registered for every arch the family can serve; this build may lack the device's target.
+            why = arch_build_reason(recipe, _dispatch.device_arch(q.device), _build_targets())
         if why is not None:
             return why
         try:
@@ -346,4 +397,4 @@ for _recipe in RECIPES:
     register_backend(f"sm80_{_recipe}", _recipe, archs=_ARCHS[_recipe], head_dims=HEAD_DIMS,
                      fn=_FNS[_recipe], available=_make_available(_recipe),
                      dtypes=(torch.float16, torch.bfloat16), supports=_make_supports(_recipe),
-                     native_archs=tuple(a for a in _ARCHS[_recipe] if a != "sm90"))
+                     native_archs=tuple(a for a in _ARCHS[_recipe] if a not in _PORTED_ARCHS))
