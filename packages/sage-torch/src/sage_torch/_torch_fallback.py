@@ -18,6 +18,11 @@ from ._layout import as_output
 #: PyTorch's SDPA captured at import, before anyone (patch_sdpa) replaces the module attribute.
 TORCH_SDPA = F.scaled_dot_product_attention
 
+try:  # bottom-right causal without a dense mask: SDPA keeps its fused kernels (torch >= 2.3)
+    from torch.nn.attention.bias import causal_lower_right as _causal_lower_right
+except ImportError:  # pragma: no cover - older torch
+    _causal_lower_right = None
+
 #: Upper bound on the float32 score block of the LSE path (elements), so long sequences are
 #: processed in query chunks instead of one (b, h, s_q, s_kv) matrix.
 kMaxScoreElements = 1 << 27
@@ -52,9 +57,19 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout
         o, lse = _math_attention_with_lse(qb, kb, vb, is_causal=is_causal, scale=scale)
         return from_bhsd(o.to(q.dtype), q, layout), lse
     gqa = qb.shape[1] != kb.shape[1]
+    o = None
     if not is_causal or s_q == s_kv:
         o = TORCH_SDPA(qb, kb, vb, is_causal=is_causal, scale=scale, enable_gqa=gqa)
-    else:
+    elif s_q == 1:  # bottom-right aligned, the one query sees every key: no mask (decode)
+        o = TORCH_SDPA(qb, kb, vb, is_causal=False, scale=scale, enable_gqa=gqa)
+    elif s_q < s_kv and _causal_lower_right is not None:
+        # chunked prefill / speculative decode: PyTorch's lower-right causal bias runs on its fused
+        # kernels; a dense boolean mask would send the call to a slower masked kernel.
+        try:
+            o = TORCH_SDPA(qb, kb, vb, attn_mask=_causal_lower_right(s_q, s_kv), scale=scale, enable_gqa=gqa)
+        except (RuntimeError, NotImplementedError, TypeError):  # a torch whose bias lacks this case
+            o = None
+    if o is None:
         # torch's is_causal is top-left aligned when s_q != s_kv; give it our mask explicitly.
         mask = bottom_right_causal_mask(s_q, s_kv, qb.device)
         o = TORCH_SDPA(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
