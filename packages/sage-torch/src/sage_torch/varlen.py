@@ -173,8 +173,10 @@ def _fill_empty_keys(o: torch.Tensor, lse: torch.Tensor | None, q0: int, q1: int
         lse[:, q0:q1] = -math.inf
 
 
-def _per_sequence(q, k, v, pack: VarlenPack, *, is_causal: bool, scale: float | None, recipe: str,
-                  return_lse: bool, call_options: dict[str, Any]):
+def _each_sequence(q, k, v, pack: VarlenPack, return_lse: bool, attend):
+    """o (and LSE) of a pack, one sequence at a time: ``attend(q_seq, k_seq, v_seq)`` gets
+    ``(1, s, h, d)`` views and returns o (or ``(o, lse)`` with ``return_lse``) for them; empty
+    sequences are skipped, sequences without keys get 0 / -inf."""
     o, lse = _alloc_outputs(q, return_lse)
     for _, q0, q1, k0, k1 in pack.sequences():
         if q1 == q0:
@@ -182,13 +184,19 @@ def _per_sequence(q, k, v, pack: VarlenPack, *, is_causal: bool, scale: float | 
         if k1 == k0:
             _fill_empty_keys(o, lse, q0, q1)
             continue
-        out = api.attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], layout="bshd", is_causal=is_causal,
-                            scale=scale, recipe=recipe, return_lse=return_lse, **call_options)
+        out = attend(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1])
         if return_lse:
             out, seq_lse = out
             lse[:, q0:q1] = seq_lse[0]
-        o[q0:q1] = out[0]
+        o[q0:q1] = out[0].to(q.dtype)
     return o, lse
+
+
+def _per_sequence(q, k, v, pack: VarlenPack, *, is_causal: bool, scale: float | None, recipe: str,
+                  return_lse: bool, call_options: dict[str, Any]):
+    return _each_sequence(q, k, v, pack, return_lse, lambda qs, ks, vs: api.attention(
+        qs, ks, vs, layout="bshd", is_causal=is_causal, scale=scale, recipe=recipe, return_lse=return_lse,
+        **call_options))
 
 
 def _check_varlen_output(name: str, q: torch.Tensor, o: Any, lse: Any, return_lse: bool) -> None:
@@ -307,20 +315,9 @@ def emulate_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
 
     pack = validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, None, None, is_causal=is_causal, scale=scale,
                            return_lse=return_lse)
-    o, lse = _alloc_outputs(q, return_lse)
-    for _, q0, q1, k0, k1 in pack.sequences():
-        if q1 == q0:
-            continue
-        if k1 == k0:
-            _fill_empty_keys(o, lse, q0, q1)
-            continue
-        out = sage_quant.emulate(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], recipe, layout="bshd",
-                                 is_causal=bool(is_causal), scale=api._as_scale(scale), return_lse=bool(return_lse),
-                                 **options)
-        if return_lse:
-            out, seq_lse = out
-            lse[:, q0:q1] = seq_lse[0]
-        o[q0:q1] = out[0].to(q.dtype)
+    o, lse = _each_sequence(q, k, v, pack, return_lse, lambda qs, ks, vs: sage_quant.emulate(
+        qs, ks, vs, recipe, layout="bshd", is_causal=bool(is_causal), scale=api._as_scale(scale),
+        return_lse=bool(return_lse), **options))
     return (o, lse) if return_lse else o
 
 
