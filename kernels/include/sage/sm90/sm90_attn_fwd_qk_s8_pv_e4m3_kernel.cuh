@@ -19,21 +19,15 @@ namespace sage::sm90 {
 // Consumer warpgroups per CTA: the tile time is the softmax's wherever the GEMMs are short (d=64:
 // half of d=128's GEMM work per score); a third warpgroup (192-row tiles, 160 registers each)
 // keeps two softmaxes in flight while one warpgroup runs its GEMMs (FA3's FP8 d=64 layout).
-// d=128 fits 160 registers only without the two-level buffer (S 64 + O 64 + buf 64 + P 16 is
-// over), so two-level d=128 stays at two.
-// A/B pending (docs/perf step 9): one-level d=128 with three warpgroups spills 144 B per consumer
-// thread at 160 registers (ptxas, ~30 local accesses per tile); with two it does not spill but
-// gains nothing from the freed registers yet. -DSAGE_SM90_ATTN_ONE_LEVEL_D128_WG=2 builds the latter.
-#ifndef SAGE_SM90_ATTN_ONE_LEVEL_D128_WG
-#define SAGE_SM90_ATTN_ONE_LEVEL_D128_WG 3
-#endif
-template <int kHeadDim, bool kOneLevel>
-inline constexpr int kSm90QkS8PvE4m3ConsumerWG =
-    kHeadDim == 64 ? 3 : (kOneLevel ? SAGE_SM90_ATTN_ONE_LEVEL_D128_WG : 2);
+// d=128 stays at two: two-level does not fit 160 registers (S 64 + O 64 + buf 64 + P 16), and
+// one-level with three spilled 144 B per thread and ran 8 % slower than with two (H200 A/B,
+// docs/perf/sm90_qk_s8_pv_e4m3.md step 9).
+template <int kHeadDim>
+inline constexpr int kSm90QkS8PvE4m3ConsumerWG = kHeadDim == 64 ? 3 : 2;
 
 template <int kHeadDim, class OutTag, bool kOneLevel>
 using AttnFwdSm90QkS8PvE4m3Kernel = AttnFwdSm90KernelTmaWs<
-    CollectiveMainloopFwdSm90QkS8PvE4m3<kHeadDim, kSm90QkS8PvE4m3ConsumerWG<kHeadDim, kOneLevel>, kOneLevel>,
+    CollectiveMainloopFwdSm90QkS8PvE4m3<kHeadDim, kSm90QkS8PvE4m3ConsumerWG<kHeadDim>, kOneLevel>,
     CollectiveEpilogueFwdSm90StoreRegs<kHeadDim, OutTag>, AttnFwdSingleTileScheduler>;
 
 template <int kHeadDim, class OutTag, bool kOneLevel>

@@ -28,7 +28,7 @@ cosine of the output (llama: logits and last hidden state; dit: the final hidden
 the ``sdpa`` run. For the ``sage`` run it also records what sage actually ran per attention call
 signature (kernel, emulation or PyTorch, with the dispatcher's reason) and how many attention
 calls reached sage. The timed variants of one size run together in interleaved rounds (every
-variant once per round, after ``--warmup`` rounds), as many rounds as give every variant
+variant once per round, the order rotated by one each round, after ``--warmup`` rounds), as many rounds as give every variant
 ``--min-time`` seconds of timed forwards (at least ``--iters``, at most ``--max-iters``), so that
 clock ramps and host jitter fall on all of them alike; a speedup is the ratio of two medians of
 the same rounds, with the quartiles of the per-round ratio next to it. Writes ``models.json``,
@@ -95,7 +95,7 @@ MAX_ROUNDS = 200
 WARMUP_ROUNDS = 3
 
 TIMING_METHOD = ("CUDA events around each forward (synchronised, inference_mode); the variants of a "
-                 "size interleaved in rounds after --warmup rounds; rounds: enough for --min-time s of "
+                 "size interleaved in rounds (order rotated by one each round) after --warmup rounds; rounds: enough for --min-time s of "
                  "timed forwards per variant, >= --iters, <= --max-iters; ms = median, ms_q1/ms_q3 = "
                  "quartiles; speedup = ratio of medians, speedup_*_q1_q3 = quartiles of the per-round ratio")
 
@@ -198,7 +198,7 @@ def time_interleaved(calls: dict[str, tuple[Callable[[], object], Callable[[], A
                      iters: int, min_time_s: float, max_iters: int,
                      clock: Callable[[Callable[[], object]], float] | None = None,
                      ) -> tuple[dict[str, list[float]], dict[str, BaseException], int]:
-    """Times the variants of one size in interleaved rounds: A B C, A B C, ...
+    """Times the variants of one size in interleaved rounds, rotated: A B C, B C A, C A B, ...
 
     ``calls`` maps a variant to ``(forward, context)``; each forward runs inside a fresh
     ``context()`` (entered outside the timed span) and is timed by ``clock`` (default:
@@ -233,8 +233,10 @@ def time_interleaved(calls: dict[str, tuple[Callable[[], object], Callable[[], A
     if warmup:
         rounds = rounds_needed({k: warm_ms[k] for k in live if k in warm_ms}, min_time_s, iters, max_iters)
     times: dict[str, list[float]] = {name: [] for name in live}
-    for _ in range(rounds):
-        for name in live:
+    for r in range(rounds):
+        # Round r starts at variant r (mod n): no variant always follows the same one (a heavy
+        # eager/math forward can leave the next one lower clocks), every position is taken alike.
+        for name in live[r % len(live):] + live[:r % len(live)]:
             if name not in failed and (t := one(name)) is not None:
                 times[name].append(t)
     return {k: v for k, v in times.items() if k not in failed}, failed, rounds
