@@ -3,6 +3,7 @@
     ncu --clock-control none --set full -k regex:attn --launch-skip 2 --launch-count 1 \
         python tools/profile_sm90.py --n 8192
     compute-sanitizer --tool memcheck python tools/profile_sm90.py --n 300 --b 1 --h 2 --causal
+    compute-sanitizer --tool racecheck python tools/profile_sm90.py --n 300 --b 1 --h 2 --pv-accum one_level
 
 --quant-only: time the fused Q/K/V quantizer alone (CUDA events, median of --reps calls after
 warm-up) and print its time and effective bandwidth. Two timings: the whole Python call
@@ -189,6 +190,8 @@ def main() -> None:
     p.add_argument("--overhead", action="store_true", help="fit the per-CTA fixed cost (kernel only)")
     p.add_argument("--torch-profile", action="store_true", help="kernels of a whole call, by CUDA time")
     p.add_argument("--host", action="store_true", help="host-side cost of a whole call (+ cProfile)")
+    p.add_argument("--pv-accum", default="two_level", choices=["two_level", "one_level"],
+                   help="the recipe option of the profiled call (one_level: its own kernels)")
     a = p.parse_args()
     dtype = torch.float16 if a.fp16 else torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -208,7 +211,7 @@ def main() -> None:
         return
     for _ in range(a.iters):
         o, _ = sm90.attention_sm90_qk_s8_pv_e4m3(q, k, v, layout="bhsd", is_causal=a.causal,
-                                                 scale=a.d ** -0.5, return_lse=False)
+                                                 scale=a.d ** -0.5, return_lse=False, pv_accum=a.pv_accum)
     torch.cuda.synchronize()
     print("ok", float(o.float().abs().mean()))
 

@@ -74,7 +74,20 @@ def test_sdpa_drop_in_makes_the_callers_own_call_where_auto_routes(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = api.scaled_dot_product_attention(q, k, k, is_causal=True, scale=0.125, enable_gqa=True)
-    assert out.shape == (1,) and calls == [{"is_causal": True, "scale": 0.125, "enable_gqa": True}]
+    assert out.shape == (1,) and calls == [{"attn_mask": None, "dropout_p": 0.0, "is_causal": True, "scale": 0.125,
+                                            "enable_gqa": True}]
+    # every argument is the caller's: a masked call auto routes runs with its mask
+    mask = torch.ones(8, 8, dtype=torch.bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        api.scaled_dot_product_attention(q, k, k, attn_mask=mask, enable_gqa=True)
+    assert calls[-1]["attn_mask"] is mask and calls[-1]["is_causal"] is False and calls[-1]["scale"] is None
+    # strict (patch_sdpa(strict=...)) never routes: the call goes to sage's own checks
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        api._sdpa(q, k, k, mask, 0.0, False, None, True, strict=False)
+    assert calls and calls[-1]["attn_mask"] is mask  # attn_mask: PyTorch's fallback, not the route
 
 
 def test_hf_attention_runs_transformers_sdpa_where_auto_routes(monkeypatch):

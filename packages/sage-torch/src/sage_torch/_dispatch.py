@@ -38,7 +38,7 @@ from . import _env
 from ._head_dim import PaddedCall, kernel_head_dim, no_kernel_head_dim_reason, unsupported_head_dim_reason
 from ._recipes import FRONT_END_OPTIONS, RECIPE_AUTO, RECIPE_TORCH, dtype_name, known_recipes
 from ._layout import as_output
-from ._torch_fallback import torch_attention
+from ._torch_fallback import TORCH_SDPA, torch_attention
 from .backends import BackendSpec, load_backend_modules, registered_backends, registry_generation
 
 #: Preference list per arch family, first = the table's default recipe. The later entries are
@@ -115,6 +115,8 @@ _warned: set[str] = set()
 
 def warn_once(key: str, message: str, stacklevel: int = 4) -> None:
     """warnings.warn(message) the first time ``key`` is seen in this process."""
+    if key in _warned:  # the per-call case: no lock (the set only grows; the locked check decides)
+        return
     with _warn_lock:
         if key in _warned:
             return
@@ -355,6 +357,23 @@ AUTO_TORCH_RULES: dict[str, tuple[int, int]] = {
 }
 
 
+_AUTO_TORCH_TEXT: dict[tuple[str, str], str] = {}  # (backend, rule) -> reason; made once, not per call
+
+
+def _auto_torch_text(backend: str, rule: str) -> str:
+    text = _AUTO_TORCH_TEXT.get((backend, rule))
+    if text is None:
+        min_rows, min_macs = AUTO_TORCH_RULES[backend]
+        if rule == "rows":
+            text = (f"q_len < {min_rows}: decode-shaped calls are faster on PyTorch's SDPA than on {backend} "
+                    f"(rule: sage_torch._dispatch.AUTO_TORCH_RULES)")
+        else:
+            text = (f"b*h*q_len*kv_len*head_dim (halved if causal) < {min_macs}: a call this small is faster "
+                    f"on PyTorch's SDPA than on {backend} (rule: sage_torch._dispatch.AUTO_TORCH_RULES)")
+        _AUTO_TORCH_TEXT[(backend, rule)] = text
+    return text
+
+
 def auto_torch_reason(backend: str, b: int, h_q: int, s_q: int, s_kv: int, d: int,
                       is_causal: bool) -> str | None:
     """Why ``recipe="auto"`` runs PyTorch's SDPA instead of ``backend`` for this shape, or None."""
@@ -363,14 +382,12 @@ def auto_torch_reason(backend: str, b: int, h_q: int, s_q: int, s_kv: int, d: in
         return None
     min_rows, min_macs = rule
     if s_q < min_rows:
-        return (f"q_len < {min_rows}: decode-shaped calls are faster on PyTorch's SDPA than on {backend} "
-                f"(rule: sage_torch._dispatch.AUTO_TORCH_RULES)")
+        return _auto_torch_text(backend, "rows")
     macs = b * h_q * s_q * s_kv * d
     if is_causal:
         macs //= 2
     if macs < min_macs:
-        return (f"b*h*q_len*kv_len*head_dim (halved if causal) < {min_macs}: a call this small is faster "
-                f"on PyTorch's SDPA than on {backend} (rule: sage_torch._dispatch.AUTO_TORCH_RULES)")
+        return _auto_torch_text(backend, "macs")
     return None
 
 
@@ -469,6 +486,9 @@ def fast_call(q: Any, k: Any, v: Any, layout: Any, is_causal: Any, scale: Any, r
                     or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
                 return None
             _warn_torch(why, {})
+            if layout == "bhsd" and (not is_causal or s_q == s_kv):  # sage's semantics are PyTorch's here
+                return as_output(TORCH_SDPA(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=h_q != h_kv),
+                                 q, layout)
             return torch_attention(q, k, v, layout=layout, is_causal=is_causal, scale=scale, return_lse=False)[0]
     return fast(q, k, v, layout, is_causal, scale)
 
@@ -626,6 +646,8 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, is_ca
 
 
 def _warn_torch(reason: str, options: dict[str, Any]) -> None:
+    if not options and "torch:" + reason in _warned:  # routed calls: once warned, nothing to format
+        return
     ignored = f" Recipe options {sorted(options)} are ignored on this path." if options else ""
     warn_once(f"torch:{reason}",
               f"sage_torch: falling back to torch.nn.functional.scaled_dot_product_attention "

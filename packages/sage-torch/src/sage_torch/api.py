@@ -229,15 +229,19 @@ def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, sc
 
 
 def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *, strict: bool | None):
+    if (strict is None and type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor
+            and value.dim() == 4 and (is_causal is True or is_causal is False)):
+        # A shape recipe="auto" gives to PyTorch (checked first: the host cost of such a call is
+        # all overhead): the caller's own SDPA call with every argument, exactly as without sage
+        # (same backend choice, same output); whatever else sage would say about it, PyTorch runs it.
+        auto_why = _dispatch.auto_torch_route(query, key, value, "bhsd", is_causal)
+        if auto_why is not None:
+            _dispatch._warn_torch(auto_why, {})
+            return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                              scale=scale, enable_gqa=enable_gqa)
     why, warn = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if why is None:
         if strict is None:  # no keyword: attention()'s host fast path applies
-            # A shape recipe="auto" gives to PyTorch: the caller's own SDPA call, exactly as without
-            # sage (same backend choice, same output), not sage's PyTorch path.
-            auto_why = _dispatch.auto_torch_route(query, key, value, "bhsd", bool(is_causal))
-            if auto_why is not None:
-                _dispatch._warn_torch(auto_why, {})
-                return TORCH_SDPA(query, key, value, is_causal=bool(is_causal), scale=scale, enable_gqa=enable_gqa)
             return attention(query, key, value, layout="bhsd", is_causal=bool(is_causal), scale=scale)
         return attention(query, key, value, layout="bhsd", is_causal=bool(is_causal), scale=scale, strict=strict)
     if warn:
