@@ -3,7 +3,8 @@
 Two measurements, both against PyTorch's default SDPA in the same run:
 
 * **Per call in a loop** (``--loop``, default 1000 calls): wall time per call of a tight Python
-  loop, synchronized once at the end, so launch-bound shapes show host cost. Rows: SDPA
+  loop, synchronized once at the end, so launch-bound shapes show host cost; the calls run as
+  ``REPS`` alternating loops per variant (SDPA, auto, kernel, SDPA, ...), median per variant. Rows: SDPA
   (default backend), ``sage_torch.attention`` with ``recipe="auto"`` and with the kernel recipe
   forced (``qk_s8_pv_e4m3`` on sm90), so a route to SDPA can never hide a slow kernel.
 * **Crossover sweep**: per-call time of the forced kernel path vs SDPA over query lengths and
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +30,8 @@ from . import api
 from ._dispatch import AUTO_TORCH_RULES, device_arch
 
 KERNEL_RECIPE = {"sm90": "qk_s8_pv_e4m3"}
+#: alternating timed loops per row (their median is the row's figure)
+REPS = 5
 
 
 def _commit() -> str:
@@ -90,9 +94,17 @@ def _row(name, b, h_q, h_kv, s_q, s_kv, d, causal, calls, recipe):
         return api.attention(q, k, v, is_causal=sdpa_causal, recipe=recipe)
 
     with torch.inference_mode():
-        t_sdpa = per_call_us(sdpa, calls)
-        t_auto = per_call_us(auto, calls)
-        t_kernel = per_call_us(kernel, calls) if recipe else float("nan")
+        # REPS alternating loops of calls/REPS each, median per variant: one slow stretch (clock or
+        # CPU frequency ramp, another process) then moves one of REPS loops, not a whole row.
+        loops = {"sdpa": [], "auto": [], "kernel": []}
+        for _ in range(REPS):
+            loops["sdpa"].append(per_call_us(sdpa, max(1, calls // REPS)))
+            loops["auto"].append(per_call_us(auto, max(1, calls // REPS)))
+            if recipe:
+                loops["kernel"].append(per_call_us(kernel, max(1, calls // REPS)))
+        t_sdpa = statistics.median(loops["sdpa"])
+        t_auto = statistics.median(loops["auto"])
+        t_kernel = statistics.median(loops["kernel"]) if recipe else float("nan")
         h_sdpa = host_only_us(sdpa)
         h_kernel = host_only_us(kernel) if recipe else float("nan")
     return {"host_sdpa_us": h_sdpa, "host_kernel_us": h_kernel, "name": name, "b": b, "h_q": h_q, "h_kv": h_kv, "s_q": s_q, "s_kv": s_kv, "d": d,
