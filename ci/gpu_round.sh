@@ -26,7 +26,7 @@ if [ "${SAGE_SANITIZE:-0}" = "1" ]; then  # memcheck + racecheck of the sm90 ker
       for tool in memcheck racecheck; do
         timeout 120 compute-sanitizer --tool $tool --print-limit 5 python3 tools/profile_sm90.py \
           --b 1 --h 2 --n 300 --d $d --causal --iters 1 --pv-accum $acc > "$OUT/sanitize.log" 2>&1
-        echo "[gpu_round] $tool d=$d $acc rc=$? $(grep 'ERROR SUMMARY' "$OUT/sanitize.log" | tail -1)"
+        echo "[gpu_round] $tool d=$d $acc rc=$? $(grep -E "(ERROR|RACECHECK) SUMMARY" "$OUT/sanitize.log" | tail -1)"
       done
     done
   done

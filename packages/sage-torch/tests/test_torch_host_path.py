@@ -53,6 +53,25 @@ def test_auto_torch_route_only_decides_cuda_calls():
     assert _dispatch.auto_torch_route(q, q, q, "bhsd", False) is None  # CPU: nothing to route
 
 
+def test_auto_torch_route_answers_from_a_bounded_cache(monkeypatch):
+    """One dict lookup per routed call: the answer is cached per (shapes, dtype, device, layout,
+    causal), the cache is bounded (a decode loop adds one kv length per step) and refresh()
+    forgets it (environment switches)."""
+    monkeypatch.setattr(_dispatch, "_route_cache", {})
+    monkeypatch.setattr(_dispatch, "_ROUTE_CACHE_MAX", 3)
+    q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+    key = (q.shape, q.shape, q.dtype, q.device, "bhsd", False)
+    assert _dispatch.auto_torch_route(q, q, q, "bhsd", False) is None and _dispatch._route_cache == {key: None}
+    _dispatch._route_cache[key] = "cached reason"
+    assert _dispatch.auto_torch_route(q, q, q, "bhsd", False) == "cached reason"
+    for n in (9, 10, 11):
+        k = torch.randn(1, 2, n, 64, dtype=torch.bfloat16)
+        _dispatch.auto_torch_route(q, k, k, "bhsd", False)
+    assert len(_dispatch._route_cache) == 1 and key not in _dispatch._route_cache  # cleared at the bound
+    _dispatch.refresh()
+    assert _dispatch._route_cache == {}
+
+
 def test_sdpa_drop_in_makes_the_callers_own_call_where_auto_routes(monkeypatch):
     """Where auto would run PyTorch, the drop-in runs the caller's SDPA call itself (same
     arguments, incl. enable_gqa), so the result and the backend choice are PyTorch's own."""

@@ -176,6 +176,7 @@ def refresh() -> None:
     with _table_lock:
         _table_generation = -1
         _fast_cache.clear()
+        _route_cache.clear()
     _build_table()
 
 
@@ -395,6 +396,10 @@ def auto_torch_reason(backend: str, b: int, h_q: int, s_q: int, s_kv: int, d: in
 
 # (device, dtypes, head dim, layout, is_causal, recipe, ...) -> (backend fast fn | None, auto?, backend name)
 _fast_cache: dict[tuple, tuple] = {}
+# auto_torch_route's answers: (q.shape, k.shape, dtype, device, layout, is_causal) -> reason | None
+_route_cache: dict[tuple, str | None] = {}
+_ROUTE_CACHE_MAX = 4096
+_MISS = object()
 
 
 def _fast_entry(key: tuple, q: torch.Tensor, recipe: str) -> tuple:
@@ -427,22 +432,34 @@ def auto_torch_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     (it runs a sage kernel, or the call is not one the fast path decides). For front ends that
     can then make *the caller's own* SDPA call instead (the SDPA drop-in, transformers'
     attention function): a shape auto gives to PyTorch then runs exactly as without sage."""
-    if q.device.type != "cuda" or q.dim() != 4 or k.dim() != 4 or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return None
-    key = _fast_key(q, k, v, layout, is_causal, RECIPE_AUTO)
-    entry = _fast_cache.get(key)
-    if entry is None:
-        entry = _fast_entry(key, q, RECIPE_AUTO)
-    fast, auto, backend = entry
-    if fast is None or not auto:
-        return None
-    if layout == "bhsd":
-        b, h_q, s_q, d = q.shape
-        s_kv = k.shape[2]
-    else:
-        b, s_q, h_q, d = q.shape
-        s_kv = k.shape[1]
-    return auto_torch_reason(backend, b, h_q, s_q, s_kv, d, is_causal)
+    # The answer depends on the shapes (the rule) and on what the signature dispatches to: cached
+    # per (shapes, dtype, device, layout, causal), so a routed call costs one dict lookup here.
+    rkey = (q.shape, k.shape, q.dtype, q.device, layout, is_causal)
+    why = _route_cache.get(rkey, _MISS)
+    if why is not _MISS:
+        return why
+    why = None
+    if q.device.type == "cuda" and q.dim() == 4 and k.dim() == 4 and v.dim() == 4:
+        key = _fast_key(q, k, v, layout, is_causal, RECIPE_AUTO)
+        entry = _fast_cache.get(key)
+        if entry is None:
+            entry = _fast_entry(key, q, RECIPE_AUTO)
+        fast, auto, backend = entry
+        if fast is not None and auto:
+            if layout == "bhsd":
+                b, h_q, s_q, d = q.shape
+                s_kv = k.shape[2]
+            else:
+                b, s_q, h_q, d = q.shape
+                s_kv = k.shape[1]
+            why = auto_torch_reason(backend, b, h_q, s_q, s_kv, d, is_causal)
+    with _table_lock:
+        if len(_route_cache) >= _ROUTE_CACHE_MAX:  # e.g. a decode loop: one kv length per step
+            _route_cache.clear()
+        _route_cache[rkey] = why
+    return why
 
 
 def fast_call(q: Any, k: Any, v: Any, layout: Any, is_causal: Any, scale: Any, recipe: Any) -> torch.Tensor | None:
