@@ -479,35 +479,41 @@ def fast_call(q: Any, k: Any, v: Any, layout: Any, is_causal: Any, scale: Any, r
         scale = q.shape[3] ** -0.5
     elif type(scale) is not float or not 0.0 < scale < float("inf"):
         return None
+    if recipe == RECIPE_AUTO and (layout == "bhsd" or layout == "bshd") and (is_causal is True or is_causal is False):
+        why = auto_torch_route(q, k, v, layout, is_causal)  # one cached lookup per call
+        if why is not None:
+            return _routed_to_torch(q, k, v, layout, is_causal, scale, why)
     key = _fast_key(q, k, v, layout, is_causal, recipe)
     entry = _fast_cache.get(key)
     if entry is None:
         if not (is_causal is True or is_causal is False) or layout not in ("bhsd", "bshd"):
             return None
         entry = _fast_entry(key, q, recipe)
-    fast, auto, backend = entry
+    fast = entry[0]
     if fast is None:
         return None
-    if auto:
-        if layout == "bhsd":
-            b, h_q, s_q, d = q.shape
-            _, h_kv, s_kv, _ = k.shape
-        else:
-            b, s_q, h_q, d = q.shape
-            _, s_kv, h_kv, _ = k.shape
-        why = auto_torch_reason(backend, b, h_q, s_q, s_kv, d, is_causal)
-        if why is not None:
-            # PyTorch's SDPA with sage semantics, after the checks the validated path would make
-            if (k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h_kv < 1 or h_q % h_kv
-                    or s_q < 1 or s_kv < 1 or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1
-                    or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
-                return None
-            _warn_torch(why, {})
-            if layout == "bhsd" and (not is_causal or s_q == s_kv):  # sage's semantics are PyTorch's here
-                return as_output(TORCH_SDPA(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=h_q != h_kv),
-                                 q, layout)
-            return torch_attention(q, k, v, layout=layout, is_causal=is_causal, scale=scale, return_lse=False)[0]
     return fast(q, k, v, layout, is_causal, scale)
+
+
+def _routed_to_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, is_causal: bool, scale: float,
+                     why: str) -> torch.Tensor | None:
+    """PyTorch's SDPA with sage semantics for a call auto gives to PyTorch, after the checks the
+    validated path would make (None: let it make them and word the error)."""
+    if layout == "bhsd":
+        b, h_q, s_q, d = q.shape
+        _, h_kv, s_kv, _ = k.shape
+    else:
+        b, s_q, h_q, d = q.shape
+        _, s_kv, h_kv, _ = k.shape
+    if (k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h_kv < 1 or h_q % h_kv
+            or s_q < 1 or s_kv < 1 or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1
+            or k.dtype is not q.dtype or v.dtype is not q.dtype or k.device != q.device or v.device != q.device
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return None
+    _warn_torch(why, {})
+    if layout == "bhsd" and (not is_causal or s_q == s_kv):  # sage's semantics are PyTorch's here
+        return as_output(TORCH_SDPA(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=h_q != h_kv), q, layout)
+    return torch_attention(q, k, v, layout=layout, is_causal=is_causal, scale=scale, return_lse=False)[0]
 
 
 # ----------------------------------------------------------------------------- options
