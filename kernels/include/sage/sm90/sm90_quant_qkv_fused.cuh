@@ -1,7 +1,8 @@
 // Fused quantization of Q, K, V for the Hopper `qk_s8_pv_e4m3` attention
 // (sm90_attn_fwd_qk_s8_pv_e4m3_kernel.cuh). Plain CUDA (no wgmma); built with the sm90 family.
 //
-// Three launches, no host synchronization, deterministic (fixed reduction orders):
+// Three launches, two when s_kv <= 2048 (F folded into B); no host synchronization, deterministic
+// (fixed reduction orders):
 //   A. stats_and_q      : grid [n_stats stats CTAs | q_jobs Q-tile CTAs]. Q needs no statistics, so
 //                         its tiles are quantized in the same launch as the K/V statistics and the
 //                         two overlap (the Q traffic hides under the stats pass, not after it).
@@ -16,6 +17,10 @@
 //                         That is exactly amax_t |fl(V - v_mean)|: fp32 subtraction of a constant
 //                         is monotonic, so the extremes of fl(v - m) are fl(vmax - m), fl(vmin - m),
 //                         and negation is exact. Without smoothing it is amax|V| as before.
+//                         s_kv <= 2048 (<= 4 chunks): not launched; every B CTA does this for its
+//                         (b, kv head) into shared memory (same function, bit-identical), V tile 0
+//                         also writes k_mean / v_mean / v_scale for the attention kernel. It saves
+//                         a launch where the call is launch-bound; the partials are only 4 rows.
 //   B. kv_tiles         : one CTA per 128-token tile of V or of K:
 //                         K int8 per-thread groups (t//128)*4 + (t%8)//2 of K - k_mean,
 //                         V E4M3 per channel of V - v_mean, transposed to (d, s_pad) and permuted
@@ -61,6 +66,9 @@ inline constexpr float kE4m3Max = 448.f;
 inline constexpr int kStatsArrays = 4;     // workspace planes: K sum, V sum, V max, V min
 inline constexpr int kWarps = kThreads / 32;
 inline constexpr int kStatsUnroll = 4;     // tokens per thread in flight in the stats loop (x2 for K+V)
+// Up to this many statistics chunks, pass B finalizes the statistics itself (no pass F launch).
+inline constexpr int kFusedFinalizeMaxChunks = 4;
+static_assert(kFusedFinalizeMaxChunks * kSm90StatsChunk == 2048, "the file comment says s_kv <= 2048");
 // Scales inside [kFastDivMin, kFastDivMax] use the reciprocal + 2 corrections division.
 inline constexpr float kFastDivMin = 0x1p-64f;
 inline constexpr float kFastDivMax = 0x1p64f;
@@ -189,6 +197,14 @@ union SmemB {
   SmemV<D> v;
   SmemQK qk;
 };
+// Finalized statistics of one (b, kv head) in the fused kv_tiles path. Outside SmemB: some threads
+// still read them while others already write the tile's buffer.
+template <int D>
+struct SmemKvStats {
+  float k_mean[D];
+  float v_mean[D];
+  float v_scale[D];
+};
 
 // ---- stats (pass A, stats CTAs) ----------------------------------------------------------------
 template <class InTag, int D>
@@ -281,6 +297,107 @@ __device__ __forceinline__ void kv_stats_chunk(const QuantQkvSm90Args& a, int n_
   }
 }
 
+// ---- finalized statistics (pass F, or folded into pass B) ---------------------------------------
+// Pass F's arithmetic for channel c of (b, kv head) bh, from the n_chunks workspace partials in
+// chunk order. want_k: k_mean; want_v: v_mean (0 without smoothing, read when given) and v_scale.
+// kMaxChunks > 0 promises n_chunks <= kMaxChunks: all loads are issued before the first sum
+// (one L2 round trip, not n_chunks); 0: any n_chunks. The order of the sums is the same.
+template <int D, int kMaxChunks>
+__device__ __forceinline__ void kv_stats_finalize_channel(const QuantQkvSm90Args& a, int n_chunks, int bh, int c,
+                                                          bool want_k, bool want_v, float& k_mean, float& v_mean,
+                                                          float& v_scale) {
+  constexpr int kStep = kMaxChunks > 0 ? kMaxChunks : 1;
+  const int ch_end = kMaxChunks > 0 ? kMaxChunks : n_chunks;  // a constant bound: one pass, unrolled
+  const int64_t n_part = int64_t(a.batch) * a.heads_kv * n_chunks * D;
+  float ks = 0.f, vs = 0.f, mx = -INFINITY, mn = INFINITY;
+  for (int ch0 = 0; ch0 < ch_end; ch0 += kStep) {
+    float pk[kStep], pv[kStep], px[kStep], pn[kStep];
+#pragma unroll
+    for (int u = 0; u < kStep; ++u) {
+      const int64_t idx = (int64_t(bh) * n_chunks + ch0 + u) * D + c;
+      if (ch0 + u < n_chunks) {
+        if (want_k) pk[u] = a.workspace[idx];
+        if (want_v) {
+          pv[u] = a.workspace[n_part + idx];
+          px[u] = a.workspace[2 * n_part + idx];
+          pn[u] = a.workspace[3 * n_part + idx];
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kStep; ++u) {
+      if (ch0 + u < n_chunks) {
+        if (want_k) ks += pk[u];
+        if (want_v) {
+          vs += pv[u];
+          mx = max_nan(mx, px[u]);
+          mn = min_nan(mn, pn[u]);
+        }
+      }
+    }
+  }
+  const int64_t o = int64_t(bh) * D + c;
+  k_mean = __fdiv_rn(ks, float(a.seq_kv));
+  float vm = 0.f;  // no V smoothing: amax = max(vmax, -vmin) = amax|V|
+  if (want_v && a.v_mean != nullptr) vm = a.v_mean_given ? a.v_mean[o] : __fdiv_rn(vs, float(a.seq_kv));
+  v_mean = vm;
+  // amax_t |fl(v - vm)| (see the file comment); every channel has >= 1 token, so mx, mn are finite
+  // or NaN here, never the +-inf initial values.
+  const float amax = max_nan(__fsub_rn(mx, vm), __fsub_rn(vm, mn));
+  v_scale = amax == 0.f ? 1.f : __fdiv_rn(amax, kE4m3Max);
+}
+
+// Where pass B finds a (b, kv head)'s statistics: rows of D floats (v_mean only with smoothing).
+// fetch() runs after a tile issued its input loads, so its latency hides under theirs.
+// Three-launch path: pass F wrote them to global.
+template <int D>
+struct KvStatsGlobal {
+  __device__ __forceinline__ void fetch(const QuantQkvSm90Args&, int, bool, bool) const {}
+  __device__ __forceinline__ const float* k_mean(const QuantQkvSm90Args& a, int bh) const {
+    return a.k_mean + int64_t(bh) * D;
+  }
+  __device__ __forceinline__ const float* v_mean(const QuantQkvSm90Args& a, int bh) const {
+    return a.v_mean + int64_t(bh) * D;
+  }
+  __device__ __forceinline__ const float* v_scale(const QuantQkvSm90Args& a, int bh) const {
+    return a.v_scale + int64_t(bh) * D;
+  }
+};
+
+// Two-launch path (n_chunks <= kFusedFinalizeMaxChunks): every CTA finalizes its own (b, kv head)
+// into shared memory (a K tile needs k_mean, a V tile v_mean and v_scale), the owner (V tile 0)
+// also writes them to global for the attention kernel. No CTA of this launch reads them from
+// global, so there is no ordering between CTAs.
+template <int D>
+struct KvStatsFused {
+  SmemKvStats<D>* sm;
+  int n_chunks;
+  __device__ __forceinline__ void fetch(const QuantQkvSm90Args& a, int bh, bool is_v, bool owner) const {
+    if (threadIdx.x < D) {
+      const int c = threadIdx.x;
+      const int64_t o = int64_t(bh) * D + c;
+      const bool want_k = !a.k_mean_given && (!is_v || owner);
+      float km, vm, vsc;
+      kv_stats_finalize_channel<D, kFusedFinalizeMaxChunks>(a, n_chunks, bh, c, want_k, is_v, km, vm, vsc);
+      if (!is_v) {
+        sm->k_mean[c] = a.k_mean_given ? a.k_mean[o] : km;
+      } else {
+        sm->v_mean[c] = vm;
+        sm->v_scale[c] = vsc;
+        if (owner) {
+          if (want_k) a.k_mean[o] = km;
+          if (a.v_mean != nullptr && !a.v_mean_given) a.v_mean[o] = vm;
+          a.v_scale[o] = vsc;
+        }
+      }
+    }
+    __syncthreads();
+  }
+  __device__ __forceinline__ const float* k_mean(const QuantQkvSm90Args&, int) const { return sm->k_mean; }
+  __device__ __forceinline__ const float* v_mean(const QuantQkvSm90Args&, int) const { return sm->v_mean; }
+  __device__ __forceinline__ const float* v_scale(const QuantQkvSm90Args&, int) const { return sm->v_scale; }
+};
+
 // ---- Q / K tiles (pass A: Q, pass B: K) --------------------------------------------------------
 // Per-token amax of |x| over the D channels (the kThreadsPerToken lanes of a token are adjacent).
 template <int D>
@@ -296,8 +413,8 @@ __device__ __forceinline__ float token_amax(const float (&x)[8]) {
 }
 
 // kIsK: K (subtract k_mean, groups over the 128-token tile); else Q (16-row MMA-tile groups).
-template <class InTag, int D, bool kIsK>
-__device__ __forceinline__ void qk_tile(const QuantQkvSm90Args& a, int job, SmemQK& sm) {
+template <class InTag, int D, bool kIsK, class Stats = KvStatsGlobal<D>>
+__device__ __forceinline__ void qk_tile(const QuantQkvSm90Args& a, int job, SmemQK& sm, const Stats& stats = {}) {
   using L = Layout<D>;
   const int c8 = threadIdx.x % L::kThreadsPerToken;
   const int r = threadIdx.x / L::kThreadsPerToken;
@@ -325,7 +442,8 @@ __device__ __forceinline__ void qk_tile(const QuantQkvSm90Args& a, int job, Smem
 #pragma unroll
   for (int i = 0; i < 8; ++i) mean[i] = 0.f;
   if (kIsK) {
-    const float4* mp = reinterpret_cast<const float4*>(a.k_mean + int64_t(bh) * D + c8 * 8);
+    stats.fetch(a, bh, false, false);
+    const float4* mp = reinterpret_cast<const float4*>(stats.k_mean(a, bh) + c8 * 8);
     const float4 m0 = mp[0], m1 = mp[1];
     mean[0] = m0.x, mean[1] = m0.y, mean[2] = m0.z, mean[3] = m0.w;
     mean[4] = m1.x, mean[5] = m1.y, mean[6] = m1.z, mean[7] = m1.w;
@@ -401,8 +519,8 @@ __device__ __forceinline__ void qk_tile(const QuantQkvSm90Args& a, int job, Smem
 // v_e4m3_t_perm32 stores at positions 4q..4q+3 (pi(4q + e) = T + {0, 1, 8, 9}[e]): one 32-bit word
 // per channel. A thread owns kQuads quads x 8 channels (c8); a warp covers 8 c8 (a 128-byte half
 // row at d=128) x 4 quads, so each 16-byte load instruction of a warp reads 4 whole 128-byte lines.
-template <class InTag, int D>
-__device__ __forceinline__ void v_tile(const QuantQkvSm90Args& a, int job, SmemV<D>& sm) {
+template <class InTag, int D, class Stats>
+__device__ __forceinline__ void v_tile(const QuantQkvSm90Args& a, int job, SmemV<D>& sm, const Stats& stats) {
   constexpr int kHalves = D / 64;                   // c8 groups of 8 (128-byte half rows)
   constexpr int kQuadStride = 32 / kHalves;         // quads covered by all warps of one half
   constexpr int kQuads = kHalves;                   // quads per thread
@@ -434,7 +552,8 @@ __device__ __forceinline__ void v_tile(const QuantQkvSm90Args& a, int job, SmemV
   float mean[8], sc[8], rc[8];
   bool fast = true;
   {
-    const float4* sp = reinterpret_cast<const float4*>(a.v_scale + int64_t(bh) * D + c8 * 8);
+    stats.fetch(a, bh, true, tile == 0);
+    const float4* sp = reinterpret_cast<const float4*>(stats.v_scale(a, bh) + c8 * 8);
     const float4 s0 = sp[0], s1 = sp[1];
     sc[0] = s0.x, sc[1] = s0.y, sc[2] = s0.z, sc[3] = s0.w;
     sc[4] = s1.x, sc[5] = s1.y, sc[6] = s1.z, sc[7] = s1.w;
@@ -445,7 +564,7 @@ __device__ __forceinline__ void v_tile(const QuantQkvSm90Args& a, int job, SmemV
       mean[i] = 0.f;
     }
     if (a.v_mean != nullptr) {
-      const float4* mp = reinterpret_cast<const float4*>(a.v_mean + int64_t(bh) * D + c8 * 8);
+      const float4* mp = reinterpret_cast<const float4*>(stats.v_mean(a, bh) + c8 * 8);
       const float4 m0 = mp[0], m1 = mp[1];
       mean[0] = m0.x, mean[1] = m0.y, mean[2] = m0.z, mean[3] = m0.w;
       mean[4] = m1.x, mean[5] = m1.y, mean[6] = m1.z, mean[7] = m1.w;
@@ -518,46 +637,38 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 }
 
-// Pass F.
+// Pass F (only when n_chunks > kFusedFinalizeMaxChunks).
 template <int D>
 __global__ void __launch_bounds__(D) kv_stats_finalize_kernel(const QuantQkvSm90Args a, int n_chunks) {
   const int bh = blockIdx.x;
   const int c = threadIdx.x;
-  const int64_t n_part = int64_t(a.batch) * a.heads_kv * n_chunks * D;
-  float ks = 0.f, vs = 0.f, mx = -INFINITY, mn = INFINITY;
-  for (int ch = 0; ch < n_chunks; ++ch) {
-    const int64_t idx = (int64_t(bh) * n_chunks + ch) * D + c;
-    ks += a.workspace[idx];
-    vs += a.workspace[n_part + idx];
-    mx = max_nan(mx, a.workspace[2 * n_part + idx]);
-    mn = min_nan(mn, a.workspace[3 * n_part + idx]);
-  }
+  float km, vm, vsc;
+  kv_stats_finalize_channel<D, 0>(a, n_chunks, bh, c, true, true, km, vm, vsc);
   const int64_t o = int64_t(bh) * D + c;
-  if (!a.k_mean_given) a.k_mean[o] = __fdiv_rn(ks, float(a.seq_kv));
-  float vm = 0.f;  // no V smoothing: amax = max(vmax, -vmin) = amax|V|
-  if (a.v_mean != nullptr) {
-    if (a.v_mean_given) {
-      vm = a.v_mean[o];
-    } else {
-      vm = __fdiv_rn(vs, float(a.seq_kv));
-      a.v_mean[o] = vm;
-    }
-  }
-  // amax_t |fl(v - vm)| (see the file comment); every channel has >= 1 token, so mx, mn are finite
-  // or NaN here, never the +-inf initial values.
-  const float amax = max_nan(__fsub_rn(mx, vm), __fsub_rn(vm, mn));
-  a.v_scale[o] = amax == 0.f ? 1.f : __fdiv_rn(amax, kE4m3Max);
+  if (!a.k_mean_given) a.k_mean[o] = km;
+  if (a.v_mean != nullptr && !a.v_mean_given) a.v_mean[o] = vm;
+  a.v_scale[o] = vsc;
 }
 
-// Pass B: [V tiles | K tiles].
-template <class InTag, int D>
-__global__ void __launch_bounds__(kThreads, 3) kv_tiles_kernel(const QuantQkvSm90Args a, int kv_jobs) {
+// Pass B: [V tiles | K tiles]. kFused: the statistics are finalized here (no pass F).
+template <class InTag, int D, bool kFused>
+__global__ void __launch_bounds__(kThreads, 3) kv_tiles_kernel(const QuantQkvSm90Args a, int kv_jobs, int n_chunks) {
   __shared__ __align__(16) SmemB<D> sm;
   const int job = blockIdx.x;
-  if (job < kv_jobs) {
-    v_tile<InTag, D>(a, job, sm.v);
+  if constexpr (kFused) {
+    __shared__ __align__(16) SmemKvStats<D> st;
+    const KvStatsFused<D> stats{&st, n_chunks};
+    if (job < kv_jobs) {
+      v_tile<InTag, D>(a, job, sm.v, stats);
+    } else {
+      qk_tile<InTag, D, true>(a, job - kv_jobs, sm.qk, stats);
+    }
   } else {
-    qk_tile<InTag, D, true>(a, job - kv_jobs, sm.qk);
+    if (job < kv_jobs) {
+      v_tile<InTag, D>(a, job, sm.v, KvStatsGlobal<D>{});
+    } else {
+      qk_tile<InTag, D, true>(a, job - kv_jobs, sm.qk);
+    }
   }
 }
 
@@ -570,8 +681,12 @@ cudaError_t launch_quant_qkv_sm90(const QuantQkvSm90Args& a, cudaStream_t stream
   const int64_t kv_jobs = bh_kv * ((a.seq_kv + kTile - 1) / kTile);
   if (n_stats + q_jobs > 0x7fffffff || 2 * kv_jobs > 0x7fffffff) return cudaErrorInvalidValue;
   stats_and_q_kernel<InTag, D><<<unsigned(n_stats + q_jobs), kThreads, 0, stream>>>(a, int(n_chunks), int(n_stats));
-  kv_stats_finalize_kernel<D><<<unsigned(bh_kv), D, 0, stream>>>(a, int(n_chunks));
-  kv_tiles_kernel<InTag, D><<<unsigned(2 * kv_jobs), kThreads, 0, stream>>>(a, int(kv_jobs));
+  if (n_chunks <= kFusedFinalizeMaxChunks) {
+    kv_tiles_kernel<InTag, D, true><<<unsigned(2 * kv_jobs), kThreads, 0, stream>>>(a, int(kv_jobs), int(n_chunks));
+  } else {
+    kv_stats_finalize_kernel<D><<<unsigned(bh_kv), D, 0, stream>>>(a, int(n_chunks));
+    kv_tiles_kernel<InTag, D, false><<<unsigned(2 * kv_jobs), kThreads, 0, stream>>>(a, int(kv_jobs), int(n_chunks));
+  }
   return cudaGetLastError();
 }
 
