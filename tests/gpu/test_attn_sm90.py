@@ -150,6 +150,8 @@ _QUANT_SHAPES = [
     (1, 2, 2, 17, 127),
     (2, 4, 2, 1031, 1000),
     (1, 2, 1, 128, 1537),  # several 512-token stats chunks, MQA
+    (1, 2, 2, 64, 2048),   # 4 chunks: the last length whose statistics the tile pass finalizes itself
+    (1, 2, 1, 33, 2600),   # 6 chunks: the separate finalize launch
 ]
 
 

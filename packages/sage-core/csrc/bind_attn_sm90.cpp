@@ -354,7 +354,7 @@ void quant_qkv_sm90_fused(Array q, Array k, Array v, Array q_out, Array q_scale,
 }
 
 // ------------------------------------------------------------------------------------------------
-// One call = the whole host path of an attention call: quantization (3 launches) and attention
+// One call = the whole host path of an attention call: quantization (3 launches, 2 for s_kv <= 2048) and attention
 // (1 launch) over one caller-allocated workspace, no Python between them.
 void quant_attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v, Array out, std::optional<Array> lse,
                                        Array workspace, float sm_scale, bool is_causal, bool smooth_k,
@@ -441,7 +441,7 @@ void bind_attn_sm90(nb::module_& m) {
         nb::arg("q_scale"), nb::arg("k_out"), nb::arg("k_scale"), nb::arg("v_out"), nb::arg("v_scale"),
         nb::arg("k_mean"), nb::arg("k_mean_given"), nb::arg("workspace"), nb::arg("stream"), nb::kw_only(),
         nb::arg("v_mean").none() = nb::none(), nb::arg("v_mean_given") = false,
-        "Fused quantization for attn_fwd_sm90_qk_s8_pv_e4m3 (3 launches, no host sync).\n\n"
+        "Fused quantization for attn_fwd_sm90_qk_s8_pv_e4m3 (3 launches, 2 for s_kv <= 2048; no host sync).\n\n"
         "q, k, v: fp16 or bf16 (same dtype), logical (b, h, s, d) with the last dim contiguous and\n"
         "strides multiple of 8 elements (pass x.transpose(1, 2) for bshd). Outputs (contiguous):\n"
         "q_out int8 (b, h_q, s_q, d), q_scale f32 (b, h_q, ceil(s_q/16)*8) per-thread;\n"
@@ -457,7 +457,7 @@ void bind_attn_sm90(nb::module_& m) {
         nb::arg("v"), nb::arg("out"), nb::arg("lse").none(), nb::arg("workspace"), nb::arg("sm_scale"),
         nb::arg("is_causal"), nb::arg("smooth_k"), nb::arg("smooth_v"), nb::arg("stream"), nb::kw_only(),
         nb::arg("pv_accum") = "two_level",
-        "Whole Hopper attention call, recipe qk_s8_pv_e4m3: the fused quantization (3 launches) and the\n"
+        "Whole Hopper attention call, recipe qk_s8_pv_e4m3: the fused quantization (2-3 launches) and the\n"
         "attention forward (1 launch) in one binding call, over one workspace.\n\n"
         "q, k, v: fp16/bf16 logical (b, h, s, d) as for quant_qkv_sm90_fused; out, lse as for\n"
         "attn_fwd_sm90_qk_s8_pv_e4m3 (the LSE is of the smoothed scores: add q.k_mean*scale, k_mean\n"

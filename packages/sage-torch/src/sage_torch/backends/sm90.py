@@ -2,8 +2,8 @@
 
 Pipeline per call (no host synchronization, CUDA-graph capturable):
 
-1. ``sage_core.quant_qkv_sm90_fused``: three launches that produce Q int8 (per-thread scales),
-   K int8 of ``K - k_mean`` (per-thread scales, 128-key tiles), V E4M3 per channel transposed to
+1. ``sage_core.quant_qkv_sm90_fused``: three launches (two for s_kv <= 2048) that produce Q int8
+   (per-thread scales), K int8 of ``K - k_mean`` (per-thread scales, 128-key tiles), V E4M3 per channel transposed to
    ``(b, h_kv, d, s_pad)`` with tokens permuted inside every 32-token chunk (format
    ``v_e4m3_t_perm32`` of docs/design/quant-formats.md, see :func:`v_token_permutation`).
 2. ``sage_core.attn_fwd_sm90_qk_s8_pv_e4m3``: the warp-specialized attention forward.
