@@ -17,7 +17,7 @@ second time by the statistics pass (K only without a given k_mean, which is the 
     ncu --set full -k regex:quant_detail python tools/profile_sm90.py --quant-only --reps 1
 
 --overhead: per-CTA fixed cost of the attention kernel (kernel only, CUDA events). The grid is
-held at a whole number of waves of 128-row query tiles while s_kv grows; a least-squares line
+held at a whole number of waves of query tiles (128 rows, 192 at d=64) while s_kv grows; a least-squares line
 time = a + t * kv_tiles (per wave) gives the fixed cost a in units of one 128x128 KV tile.
 
     python tools/profile_sm90.py --overhead
@@ -150,9 +150,10 @@ def quant_only(a, q, k, v) -> None:
 def overhead(a) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     dtype = torch.float16 if a.fp16 else torch.bfloat16
-    waves, s_q = 16, 512  # 4 query tiles per head
-    heads = sms  # one head per SM: b * heads * (s_q / 128) = waves * sms CTAs
-    b = waves * sms // (heads * (s_q // 128)) or 1
+    block_q = 192 if a.d == 64 else 128  # query rows per CTA tile (three consumer warpgroups at d=64)
+    waves, s_q = 16, 4 * block_q  # 4 query tiles per head
+    heads = sms  # one head per SM: b * heads * (s_q / block_q) = waves * sms CTAs
+    b = waves * sms // (heads * (s_q // block_q)) or 1
     pts = []
     for s_kv in (128, 256, 512, 1024, 2048, 4096):
         g = torch.Generator(device="cuda").manual_seed(s_kv)
@@ -160,7 +161,7 @@ def overhead(a) -> None:
         k, v = (torch.randn(b, heads, s_kv, a.d, device="cuda", dtype=dtype, generator=g) for _ in range(2))
         prepared, kernel = sm90.split_for_bench(q, k, v, is_causal=False)
         t = _time_queued_ms(lambda kernel=kernel, prepared=prepared: kernel(prepared), a.reps)
-        ctas = b * heads * (s_q // 128)
+        ctas = b * heads * (s_q // block_q)
         per_wave_us = t * 1e3 / (ctas / sms)
         pts.append((s_kv // 128, per_wave_us))
         tops = 4.0 * b * heads * s_q * s_kv * a.d / t / 1e9

@@ -36,3 +36,41 @@ def test_sm90_dl_capsule_roundtrip():
     assert sm90._dl(None) is None
     g = torch.zeros(3, requires_grad=True)
     assert sm90._dl(g) is g  # left to Tensor.__dlpack__, which refuses it with a clear error
+
+
+
+class _FakeEvent:
+    clock = [0.0]
+
+    def __init__(self, enable_timing=True):
+        self.t = None
+
+    def record(self):
+        self.t = _FakeEvent.clock[0]
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return end.t - self.t
+
+
+def test_time_cuda_interleaved_rotates_and_takes_medians(monkeypatch):
+    """Warm-up calls first, then rounds of per_round timed calls, the order rotated by one each round;
+    the figure is the median of each callable's samples."""
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    log = []
+
+    def make(name, ms):
+        def fn():
+            log.append(name)
+            _FakeEvent.clock[0] += ms
+        return fn
+
+    fns = {"a": make("a", 1.0), "b": make("b", 2.0), "c": make("c", 3.0)}
+    out = bench.time_cuda_interleaved(fns, warmup=2, rounds=3, per_round=2)
+    assert out == {"a": 1.0, "b": 2.0, "c": 3.0}
+    warm = ["a", "a", "b", "b", "c", "c"]
+    timed = ["a", "a", "b", "b", "c", "c", "b", "b", "c", "c", "a", "a", "c", "c", "a", "a", "b", "b"]
+    assert log == warm + timed

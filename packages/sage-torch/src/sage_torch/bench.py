@@ -94,6 +94,34 @@ def time_cuda(fn: Callable[..., object], *args, warmup: int = 5, iters: int = 20
     return times[len(times) // 2]
 
 
+def time_cuda_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 5, rounds: int = 4,
+                          per_round: int = 5) -> dict[str, float]:
+    """Median milliseconds per callable, CUDA events, the callables interleaved: after ``warmup``
+    calls each, ``rounds`` rounds of ``per_round`` timed calls each, the order rotated by one per
+    round. A clock drift over the shape's measurement (the first callable timed after a heavy one,
+    a thermal ramp) then falls on every callable alike instead of on the one timed first or last."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            for _ in range(per_round):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]()
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end))
+    out = {}
+    for name, times in samples.items():
+        times.sort()
+        out[name] = times[len(times) // 2]
+    return out
+
+
 def reference_rows(q, k, v, rows, is_causal):
     """float64 attention for the sampled query rows of batch 0, heads 0-1 (bhsd)."""
     qs = q[0, :2, rows].double()
@@ -190,33 +218,52 @@ def bench_gpu(args) -> list[dict]:
                 flops = 4.0 * b * HEADS * n * n * d * (0.5 if causal else 1.0)  # the call's d: useful work
                 d_kernel = kernel_head_dim(d)
                 padded = d_kernel is not None and d_kernel != d
+                # Correctness and preparation per impl first, then every timed callable of the
+                # shape (end to end, kernel only, padding) interleaved in rotated rounds.
+                shape_rows, timed = {}, {}
                 for name, impl in impls.items():
                     row = {"impl": name, "d": d, "causal": causal, "n": n, "b": b, "h": HEADS}
                     if padded and name.startswith("sage"):
                         row["padded_to"] = d_kernel
+                    shape_rows[name] = row
                     try:
                         out = torch.full_like(q, float("nan"))
                         out = impl["e2e"](q, k, v, causal)
                         if isinstance(out, tuple):
                             out = out[0]
                         row.update(accuracy(out, ref, rows))
-                        ms = time_cuda(impl["e2e"], q, k, v, causal)
-                        row["ms"] = ms
-                        row["tops"] = flops / ms / 1e9
+                        del out
+                        timed[(name, "ms")] = lambda impl=impl: impl["e2e"](q, k, v, causal)
                         if impl.get("split") and d_kernel is not None:
                             if padded:  # the kernel at d_kernel on the padded inputs, scale of d
                                 qp, kp, vp, pad_fn = padding_for_bench(q, k, v, d_kernel)
-                                row["pad_ms"] = time_cuda(pad_fn)
+                                timed[(name, "pad_ms")] = pad_fn
                                 prepared, kernel = impl["split"](qp, kp, vp, is_causal=causal, scale=d ** -0.5)
                             else:
                                 prepared, kernel = impl["split"](q, k, v, is_causal=causal)
-                            kms = time_cuda(kernel, prepared)
-                            row["kernel_ms"] = kms
-                            row["kernel_tops"] = flops / kms / 1e9
+                            timed[(name, "kernel_ms")] = lambda kernel=kernel, prepared=prepared: kernel(prepared)
                     except Exception as exc:  # noqa: BLE001 - a failing impl is a row, not a crash
                         row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                try:
+                    times = time_cuda_interleaved(timed)
+                except Exception:  # noqa: BLE001 - then time them one by one, to see which fails
+                    times = {}
+                    for key, fn in timed.items():
+                        try:
+                            times.update(time_cuda_interleaved({key: fn}))
+                        except Exception as exc_one:  # noqa: BLE001
+                            shape_rows[key[0]]["error"] = f"{type(exc_one).__name__}: {exc_one}"[:300]
+                for (name, field), ms in times.items():
+                    row = shape_rows[name]
+                    row[field] = ms
+                    if field == "ms":
+                        row["tops"] = flops / ms / 1e9
+                    elif field == "kernel_ms":
+                        row["kernel_tops"] = flops / ms / 1e9
+                for row in shape_rows.values():
                     rows_out.append(row)
                     print(json.dumps(row), flush=True)
+                timed.clear()
                 del q, k, v
                 torch.cuda.empty_cache()
     return rows_out
