@@ -6,7 +6,10 @@
   smoothing (``smooth_v``), and vs float64 on the outlier distribution (V smoothing must beat the
   unsmoothed kernel on the same inputs);
 * odd lengths, s_q != s_kv, GQA/MQA, causal (bottom-right, fully masked rows), both layouts,
-  fp16/bf16, d 64/128, LSE, strided/poisoned outputs, NaN rows, CUDA graph capture.
+  fp16/bf16, d 64/128, LSE, strided/poisoned outputs, NaN rows, CUDA graph capture;
+* head dims zero-filled inside the quantizer (``SM90_HEAD_DIM_ZERO_FILL``: d_in a multiple of 8
+  below 64/128): the quantizer's outputs bit for bit those of zero-padded copies (inputs with NaN
+  past d_in), the one-call binding's o / LSE those of the padded call, o stored in d_in columns only.
 
 Inputs are seeded (the ``seed`` fixture of tests/sage_pytest_plugin.py: fixed per test id, SAGE_TEST_SEED
 replays, SAGE_TEST_FRESH_SEEDS=1 draws fresh ones); the seed is part of every failure message.
@@ -106,13 +109,15 @@ def test_permute_v_roundtrip_cpu(seed):
 # ------------------------------------------------------------------------------------------------
 # fused quantizer: bit-exact vs the reference
 # ------------------------------------------------------------------------------------------------
-def _quant_poisoned(q, k, v, layout, k_mean, *, smooth_v=False, v_mean=None):
+def _quant_poisoned(q, k, v, layout, k_mean, *, smooth_v=False, v_mean=None, d_kernel=None):
     """Call sage_core directly with every output poisoned (NaN / 0x55) to catch unwritten elements.
 
     V smoothing: ``v_mean`` given -> read (v_mean_given); else ``smooth_v`` -> the kernel writes its
-    own mean into a NaN-poisoned buffer; else no V smoothing (v_mean=None)."""
+    own mean into a NaN-poisoned buffer; else no V smoothing (v_mean=None). ``d_kernel``: the
+    outputs' head dim when the inputs' is smaller (zero-filled by the quantizer); means given at it."""
     qb, kb, vb = (_bhsd(x, layout) for x in (q, k, v))
     b, h_q, s_q, d = qb.shape
+    d = d_kernel or d
     h_kv, s_kv = kb.shape[1], kb.shape[2]
     dev, f32 = q.device, torch.float32
     s_pad = -(-s_kv // 128) * 128
@@ -127,7 +132,7 @@ def _quant_poisoned(q, k, v, layout, k_mean, *, smooth_v=False, v_mean=None):
     given = k_mean is not None
     km = k_mean.clone() if given else torch.full((b, h_kv, d), math.nan, dtype=f32, device=dev)
     # workspace (poisoned): K sum, V sum, V max, V min per 512-token chunk
-    n_ws = sage_core.quant_qkv_sm90_workspace_size(b, h_kv, s_kv, d)
+    n_ws = sage_core.quant_qkv_sm90_workspace_size(b, h_kv, s_kv, qb.shape[-1])  # sized for d: the kernel's
     assert n_ws == 4 * b * h_kv * (-(-s_kv // 512)) * d
     ws = torch.full((n_ws,), math.nan, dtype=f32, device=dev)
     extra = {}
@@ -203,6 +208,135 @@ def test_quant_fused_bit_exact(shape, d, dtype, layout, dist, smooth_v, seed):
         assert torch.equal(own["v_t"], sm90_backend.permute_v_e4m3_t(v_own)), f"v_t with own mean: {msg}"
     else:
         assert torch.equal(own["v_scale"], vs_ref) and torch.equal(own["v_t"], got["v_t"]), f"v: {msg}"
+
+
+_ZERO_FILL_SHAPES = [
+    # b, h_q, h_kv, s_q, s_kv
+    (1, 1, 1, 1, 1),
+    (2, 4, 2, 1031, 1000),
+    (1, 2, 2, 64, 2048),   # statistics finalized in the tile pass (<= 4 chunks)
+    (1, 2, 1, 33, 2600),   # the separate finalize launch
+]
+
+
+def _nan_tail(x, extra=24):
+    """x as a view of wider rows whose channels past x's last dim are NaN (16-byte aligned rows)."""
+    buf = torch.full((*x.shape[:-1], x.shape[-1] + extra), math.nan, dtype=x.dtype, device=x.device)
+    buf[..., :x.shape[-1]].copy_(x)
+    return buf[..., :x.shape[-1]]
+
+
+def _zero_fill_or_skip():
+    if _SKIP:
+        pytest.skip(_SKIP)
+    assert getattr(sage_core._C, "SM90_HEAD_DIM_ZERO_FILL", False) is True, (
+        "sage_core lacks SM90_HEAD_DIM_ZERO_FILL: rebuild it from this checkout")
+
+
+@gpu
+@pytest.mark.parametrize("shape", _ZERO_FILL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("d_in, d_kernel", [(8, 64), (32, 64), (56, 64), (72, 128), (80, 128), (112, 128)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("smooth_v", [False, True], ids=["plainv", "smoothv"])
+def test_quant_fused_zero_fill_bit_exact(shape, d_in, d_kernel, dtype, layout, smooth_v, seed):
+    """Inputs of head dim d_in < D: every output of the quantizer (codes, scales, its own k_mean and
+    v_mean, v_scale) is bit for bit that of the inputs zero-padded to D (the padded channels: codes
+    0, means 0, v_scale 1). The inputs are views whose channels past d_in are NaN: never read."""
+    _zero_fill_or_skip()
+    b, h_q, h_kv, s_q, s_kv = shape
+    q, k, v = _make("outlier" if seed % 2 else "randn", b=b, h_q=h_q, h_kv=h_kv, s_q=s_q, s_kv=s_kv, d=d_in,
+                    dtype=dtype, layout=layout, seed=seed)
+    msg = f"seed={seed} shape={shape} d_in={d_in} D={d_kernel} {dtype} {layout} smooth_v={smooth_v}"
+    pad = d_kernel - d_in
+    qp, kp, vp = (torch.nn.functional.pad(x, (0, pad)) for x in (q, k, v))
+    want = _quant_poisoned(qp, kp, vp, layout, None, smooth_v=smooth_v)  # the zero-padded copy
+    got = _quant_poisoned(*(_nan_tail(x) for x in (q, k, v)), layout, None, smooth_v=smooth_v, d_kernel=d_kernel)
+    torch.cuda.synchronize()
+    assert set(got) == set(want), msg
+    for name in want:
+        assert got[name].shape == want[name].shape, f"{name} shape: {msg}"
+        g, w = got[name], want[name]
+        if g.dtype == torch.float32:  # bits: also the sign of a zero
+            g, w = g.view(torch.int32), w.view(torch.int32)
+        assert torch.equal(g, w), f"{name} differs from the zero-padded copy's: {msg}"
+    assert not got["q"][..., d_in:].any() and not got["k"][..., d_in:].any(), msg
+    assert not got["v_t"][:, :, d_in:].any() and (got["v_scale"][..., d_in:] == 1).all(), msg
+    assert not got["k_mean"][..., d_in:].any(), msg
+    if smooth_v:
+        assert not got["v_mean"][..., d_in:].any(), msg
+    # a given (zero-padded) k_mean / v_mean: the reference's codes at d_in
+    k_mean = torch.nn.functional.pad(R.token_mean(k, layout), (0, pad))
+    v_mean = torch.nn.functional.pad(R.token_mean(v, layout), (0, pad)) if smooth_v else None
+    given = _quant_poisoned(*(_nan_tail(x) for x in (q, k, v)), layout, k_mean, v_mean=v_mean, d_kernel=d_kernel)
+    torch.cuda.synchronize()
+    k_ref, ks_ref = R.quant_int(k, bits=8, granularity="per_thread", role="k", block=128,
+                                mean=k_mean[..., :d_in], layout=layout)
+    v_ref, vs_ref = R.quant_v_e4m3_t(v, layout, mean=None if v_mean is None else v_mean[..., :d_in])
+    assert torch.equal(given["k"][..., :d_in], k_ref) and torch.equal(given["k_scale"], ks_ref), msg
+    assert torch.equal(sm90_backend.unpermute_v_e4m3_t(given["v_t"])[:, :, :d_in], v_ref), msg
+    assert torch.equal(given["v_scale"][..., :d_in], vs_ref), msg
+
+
+@gpu
+@pytest.mark.parametrize("d_in", [32, 80, 112])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("pv_accum", ["two_level", "one_level"])
+def test_one_call_zero_fill_equals_the_padded_call(d_in, is_causal, pv_accum, seed):
+    """quant_attn_fwd_sm90_qk_s8_pv_e4m3 on inputs of head dim d_in (views with NaN past d_in) and o
+    of d_in columns (a view into a NaN buffer: nothing past d_in may be written) is bit for bit the
+    first d_in columns of the call on zero-padded inputs (o and the kernel's LSE); the workspace's
+    k_mean has D channels, 0 past d_in. attn_fwd_sm90_qk_s8_pv_e4m3 with an out of d_in columns
+    stores the same."""
+    _zero_fill_or_skip()
+    if pv_accum == "one_level" and not sm90_backend.kernels_available(128, torch.bfloat16, pv_accum):
+        pytest.skip("no one_level kernels")
+    d_kernel = 64 if d_in <= 64 else 128
+    b, h_q, h_kv, s_q, s_kv = 2, 4, 2, 333, 517
+    q, k, v = _make("outlier", b=b, h_q=h_q, h_kv=h_kv, s_q=s_q, s_kv=s_kv, d=d_in, dtype=torch.bfloat16,
+                    layout="bhsd", seed=seed)
+    msg = f"seed={seed} d_in={d_in} causal={is_causal} {pv_accum}"
+    stream = torch.cuda.current_stream().cuda_stream
+    scale = d_in ** -0.5
+    kw = {} if pv_accum == "two_level" else {"pv_accum": pv_accum}
+
+    def one_call(qq, kk, vv, out):
+        lse = torch.full((b, h_q, s_q), math.nan, dtype=torch.float32, device="cuda")
+        n = sage_core.quant_attn_fwd_sm90_workspace_size(b, h_q, s_q, h_kv, s_kv, qq.shape[-1])
+        ws = torch.empty((n,), dtype=torch.uint8, device="cuda")
+        sage_core.quant_attn_fwd_sm90_qk_s8_pv_e4m3(qq, kk, vv, out, lse, ws, scale, is_causal, True, True, stream,
+                                                   **kw)
+        return lse, ws[:4 * b * h_kv * d_kernel].view(torch.float32).view(b, h_kv, d_kernel)
+
+    pad = d_kernel - d_in
+    o_pad = torch.empty((b, h_q, s_q, d_kernel), dtype=torch.bfloat16, device="cuda")
+    lse_pad, km_pad = one_call(*(torch.nn.functional.pad(x, (0, pad)) for x in (q, k, v)), o_pad)
+    buf = torch.full((b, h_q, s_q, d_in + 24), math.nan, dtype=torch.bfloat16, device="cuda")
+    lse, km = one_call(*(_nan_tail(x) for x in (q, k, v)), buf[..., :d_in])
+    torch.cuda.synchronize()
+    assert torch.isnan(buf[..., d_in:]).all(), f"the epilogue wrote past d_in columns: {msg}"
+    assert torch.equal(buf[..., :d_in], o_pad[..., :d_in]), f"o differs from the padded call's: {msg}"
+    assert torch.equal(lse, lse_pad), f"LSE differs from the padded call's: {msg}"
+    assert torch.equal(km, km_pad) and not km[..., d_in:].any(), f"k_mean: {msg}"
+    # the int8-input binding with an out of d_in columns
+    qz = sm90_backend.quantize_qkv_sm90(q, k, v)
+    assert qz["q"].shape[-1] == d_kernel and qz["v_t"].shape[2] == d_kernel, msg
+    buf2 = torch.full_like(buf, math.nan)
+    sm90_backend._launch_attn(qz, buf2[..., :d_in], None, scale, is_causal, pv_accum)
+    torch.cuda.synchronize()
+    assert torch.isnan(buf2[..., d_in:]).all(), f"attn_fwd wrote past out's columns: {msg}"
+    assert torch.equal(buf2[..., :d_in], o_pad[..., :d_in]), f"two-call path: {msg}"
+    # what the bindings refuse, with what was given
+    with pytest.raises(ValueError, match="head dim d=136"):
+        bad = torch.zeros((1, 1, 8, 136), dtype=torch.bfloat16, device="cuda")
+        sage_core.quant_attn_fwd_sm90_qk_s8_pv_e4m3(bad, bad, bad, torch.empty_like(bad), None,
+                                                   torch.empty((1 << 20,), dtype=torch.uint8, device="cuda"),
+                                                   0.1, False, True, True, stream)
+    with pytest.raises(ValueError, match="out's head dim 20"):
+        sage_core.attn_fwd_sm90_qk_s8_pv_e4m3(qz["q"], qz["k"], qz["v_t"], qz["q_scale"], qz["k_scale"],
+                                              qz["v_scale"], torch.empty((b, h_q, s_q, 20), dtype=torch.bfloat16,
+                                                                         device="cuda"),
+                                              None, s_kv, scale, is_causal, stream, v_mean=qz.get("v_mean"))
 
 
 @gpu

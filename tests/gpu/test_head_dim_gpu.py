@@ -1,4 +1,9 @@
-"""Head dims 32, 80, 96 on the GPU kernels, zero-padded to 64/128 (sage_torch._head_dim).
+"""Head dims 32, 80, 96, 112 on the GPU kernels, zero-padded to 64/128 (sage_torch._head_dim).
+
+sm90 with a sage_core that announces ``SM90_HEAD_DIM_ZERO_FILL``: the zero-fill path (the backend's
+``pads_head_dim``: the quantizer zero-fills channels d..D-1 as it loads, the epilogue stores d
+columns; the dispatcher must build no ``PaddedCall``, checked by making it raise). The sm80 family
+runs on the dispatcher's zero-padded copies.
 
 Through the front end (``sage_torch.attention``, strict: the kernel, never the emulation or SDPA):
 
@@ -37,7 +42,7 @@ kLseAtol, kLseRtol = 2e-3, 1e-4
 # e4m3: d=32 0.0046 / 0.0062 causal, d=128 0.0040 / 0.0059; the other d in between)
 kF64RatioToD128 = 1.35
 kPoisonElements = 1 << 26
-HEAD_DIMS = [32, 80, 96]
+HEAD_DIMS = [32, 80, 96, 112]
 SHAPES = [  # b, h_q, h_kv, s_q, s_kv
     (1, 2, 2, 1, 1),
     (2, 4, 2, 127, 1000),  # GQA, s_q < s_kv
@@ -68,6 +73,20 @@ def _decision_or_skip(recipe: str, dtype: torch.dtype, d: int, family: str) -> _
         pytest.skip(f"{recipe} runs on {name} here, not on the {family} family")
     assert decision.pad_to == _head_dim.kernel_head_dim(d), decision
     return decision
+
+
+def _sm90_zero_fill(decision: _dispatch.Decision, monkeypatch) -> None:
+    """The sm90 call must take the zero-fill path: the backend pads itself, and the dispatcher
+    builds no PaddedCall (made to raise for the rest of the test)."""
+    from sage_torch.backends import sm90
+    assert sm90.ZERO_FILL, ("sage_core lacks SM90_HEAD_DIM_ZERO_FILL: rebuild it from this checkout "
+                            "(bind_attn_sm90.cpp) to test the zero-fill path")
+    assert decision.backend.pads_head_dim, decision.backend
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dispatcher built a PaddedCall for the zero-filling sm90 backend")
+
+    monkeypatch.setattr(_dispatch, "PaddedCall", refuse)
 
 
 def _backend_options(decision: _dispatch.Decision) -> dict:
@@ -145,9 +164,10 @@ def _check_equals_hand_padded_kernel(recipe, q, k, v, o, *, layout, is_causal, m
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
-def test_sm90_padded_vs_emulation(d, shape, is_causal, layout, seed):
+def test_sm90_padded_vs_emulation(d, shape, is_causal, layout, seed, monkeypatch):
     dtype = torch.bfloat16 if (shape[3] + d) % 2 else torch.float16  # both dtypes across the grid
     decision = _decision_or_skip("qk_s8_pv_e4m3", dtype, d, "sm90_")
+    _sm90_zero_fill(decision, monkeypatch)
     dist = "outlier" if seed % 2 else "randn"
     q, k, v = _inputs(dist, shape, d, dtype, layout, seed)
     msg = f"seed={seed} dist={dist} d={d} shape={shape} causal={is_causal} {layout} {dtype}"
@@ -163,6 +183,7 @@ def test_sm90_padded_view_of_bshd_memory_and_auto(d, seed, monkeypatch):
     """q, k, v as (b, h, s, d) views of (b, s, h, d) memory (a packed projection): o is such a view
     too. recipe="auto" (its small-shape SDPA rule off) runs the same padded kernel, no warning."""
     decision = _decision_or_skip("qk_s8_pv_e4m3", torch.bfloat16, d, "sm90_")
+    _sm90_zero_fill(decision, monkeypatch)
     q, k, v = (x.transpose(1, 2) for x in _inputs("outlier", (2, 6, 2, 333, 517), d, torch.bfloat16, "bshd", seed))
     msg = f"seed={seed} d={d} bhsd view of bshd memory"
     o, lse = _run_padded("qk_s8_pv_e4m3", q, k, v, layout="bhsd", is_causal=True)
@@ -180,9 +201,9 @@ def test_sm90_padded_view_of_bshd_memory_and_auto(d, seed, monkeypatch):
 @pytest.mark.sm90
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
-def test_sm90_padded_vs_float64(d, is_causal, seed):
+def test_sm90_padded_vs_float64(d, is_causal, seed, monkeypatch):
     """Accuracy vs float64 in the range of d=128 (outlier, b=1, h=8, n=2048, bf16)."""
-    _decision_or_skip("qk_s8_pv_e4m3", torch.bfloat16, d, "sm90_")
+    _sm90_zero_fill(_decision_or_skip("qk_s8_pv_e4m3", torch.bfloat16, d, "sm90_"), monkeypatch)
     err = {}
     for dd in (d, 128):
         q, k, v = _inputs("outlier", (1, 8, 8, 2048, 2048), dd, torch.bfloat16, "bhsd", seed)
@@ -200,8 +221,35 @@ def test_sm90_padded_vs_float64(d, is_causal, seed):
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-def test_sm90_padded_cuda_graph_capture(seed):
-    _decision_or_skip("qk_s8_pv_e4m3", torch.float16, 80, "sm90_")
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_sm90_zero_fill_reads_only_d_channels(d, layout, seed, monkeypatch):
+    """q, k, v as views of wider rows whose channels past d are NaN: the zero-fill path reads only
+    the first d (a read past d would poison amax, means and scales), o is bit for bit that of
+    contiguous inputs (the LSE up to the fp32 order of its q·k_mean term)."""
+    decision = _decision_or_skip("qk_s8_pv_e4m3", torch.float16, d, "sm90_")
+    _sm90_zero_fill(decision, monkeypatch)
+    q, k, v = _inputs("outlier", (2, 4, 2, 300, 700), d, torch.float16, layout, seed)
+
+    def nan_tail(x):
+        buf = torch.full((*x.shape[:-1], d + 24), math.nan, dtype=x.dtype, device=x.device)
+        buf[..., :d].copy_(x)
+        return buf[..., :d]
+
+    qn, kn, vn = (nan_tail(x) for x in (q, k, v))
+    msg = f"seed={seed} d={d} {layout}"
+    o, lse = _run_padded("qk_s8_pv_e4m3", q, k, v, layout=layout, is_causal=True)
+    o_n, lse_n = _run_padded("qk_s8_pv_e4m3", qn, kn, vn, layout=layout, is_causal=True)
+    assert torch.isfinite(o_n).all(), f"channels past d were read: {msg}"
+    assert torch.equal(o_n, o), msg
+    # the LSE's q·k_mean term is evaluated by torch on q's strides: equal up to fp32 summation order
+    torch.testing.assert_close(lse_n, lse, rtol=1e-6, atol=1e-5, msg=lambda m: f"{m}\n{msg}")
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_padded_cuda_graph_capture(seed, monkeypatch):
+    _sm90_zero_fill(_decision_or_skip("qk_s8_pv_e4m3", torch.float16, 80, "sm90_"), monkeypatch)
     q, k, v = _inputs("randn", (1, 4, 2, 500, 700), 80, torch.float16, "bshd", seed)
 
     def run():

@@ -3,6 +3,11 @@
 //   quant_qkv_sm90_fused(...)         the fused Q/K/V quantization that produces them
 // Every argument is validated before anything is launched; errors name the argument, what was
 // given and what is accepted. Outputs, LSE and workspace are preallocated by the caller.
+// Head dims: the kernels are instantiated for D = 64, 128. The functions that read fp16/bf16 q, k, v
+// also take an input head dim d_in that is a multiple of 8 below 128: they run the D = 64 (d_in <= 64)
+// or D = 128 instantiation, the quantizer zero-fills channels [d_in, D) as it loads (no copy), the
+// quantized tensors, statistics and workspaces have D, o has d_in (the epilogue stores d_in columns).
+// The module attribute SM90_HEAD_DIM_ZERO_FILL = True announces this.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -35,6 +40,20 @@ void check_head_dim(int64_t d, const char* fn) {
   }
 }
 
+// Input head dim of fp16/bf16 q, k, v: a multiple of 8 in [8, 128]; returns the kernel's D.
+int64_t check_head_dim_in(int64_t d_in, const char* fn) {
+  if (d_in < 8 || d_in > 128 || d_in % 8 != 0) {
+    fail_value(std::string(fn) + ": head dim d=" + std::to_string(d_in) +
+               " is not supported; accepted: multiples of 8 from 8 to 128 (64 and 128 natively, others "
+               "zero-filled to the next of them inside the quantizer)");
+  }
+  return d_in <= 64 ? 64 : 128;
+}
+
+// The kernel head dim a size query for head dim d means: multiples of 8 below 128 run zero-filled at
+// 64 / 128, any other d is taken as given (the launch validates it).
+int64_t kernel_head_dim_of(int64_t d) { return d % 8 == 0 && d >= 8 && d <= 128 ? (d <= 64 ? 64 : 128) : d; }
+
 void check_heads(int64_t h_q, int64_t h_kv, const char* fn) {
   if (h_kv <= 0 || h_q % h_kv != 0) {
     fail_value(std::string(fn) + ": q heads (" + std::to_string(h_q) + ") must be a positive multiple of kv heads (" +
@@ -49,8 +68,8 @@ void check_positive(int64_t v, const char* what, const char* fn) {
 
 // The output/LSE/shape fields of the attention args (out and lse validated by the caller).
 void fill_attn_args(AttnFwdQkS8PvE4m3Args& a, const Array& out, const std::optional<Array>& lse, int64_t b,
-                    int64_t h_q, int64_t h_kv, int64_t s_q, int64_t s_kv, int64_t d, float sm_scale,
-                    bool is_causal) {
+                    int64_t h_q, int64_t h_kv, int64_t s_q, int64_t s_kv, int64_t d, int64_t d_out,
+                    float sm_scale, bool is_causal) {
   a.o = out.data();
   a.o_stride_b = stride(out, 0);
   a.o_stride_h = stride(out, 1);
@@ -66,6 +85,7 @@ void fill_attn_args(AttnFwdQkS8PvE4m3Args& a, const Array& out, const std::optio
   a.seq_q = int(s_q);
   a.seq_kv = int(s_kv);
   a.head_dim = int(d);
+  a.head_dim_out = int(d_out);
   a.sm_scale = sm_scale;
   a.mask = is_causal ? sage::sm90::MaskKind::kCausal : sage::sm90::MaskKind::kNone;
 }
@@ -103,7 +123,7 @@ void check_attn_launch(cudaError_t err, const char* fn) {
   check_launch(err, fn);
 }
 
-// out (fp16/bf16 logical (b, h_q, s_q, d)) and lse (None or f32 (b, h_q, s_q)) of an attention call.
+// out (fp16/bf16 logical (b, h_q, s_q, d), d = the columns stored) and lse (None or f32 (b, h_q, s_q)).
 void check_attn_out(const Array& out, const std::optional<Array>& lse, const Array& ref, int64_t b, int64_t h_q,
                     int64_t s_q, int64_t d, const char* fn) {
   check_cuda(out, "out");
@@ -193,7 +213,15 @@ void attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v_t, Array q_scale, Arr
     check_aligned(*v_mean, "v_mean", 8);  // read as float2
   }
 
-  check_attn_out(out, lse, q, b, h_q, s_q, d, fn);
+  // out's head dim d_out: d, or a multiple of 8 below it (o of a head dim zero-padded to d: only the
+  // first d_out columns are stored).
+  check_ndim(out, "out", 4);
+  const int64_t d_out = dim(out, 3);
+  if (!(d_out == d || (d_out >= 8 && d_out < d && d_out % 8 == 0))) {
+    fail_value(std::string(fn) + ": out's head dim " + std::to_string(d_out) + " does not fit q's d=" +
+               std::to_string(d) + "; accepted: d, or a multiple of 8 below it (the first columns of o)");
+  }
+  check_attn_out(out, lse, q, b, h_q, s_q, d_out, fn);
   check_aligned(q, "q", 16);  // TMA: 16-byte aligned global base
   check_aligned(k, "k", 16);
   check_aligned(v_t, "v_t", 16);
@@ -214,7 +242,7 @@ void attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v_t, Array q_scale, Arr
   a.k_scale = static_cast<const float*>(k_scale.data());
   a.v_scale = static_cast<const float*>(v_scale.data());
   a.v_mean = v_mean ? static_cast<const float*>(v_mean->data()) : nullptr;
-  fill_attn_args(a, out, lse, b, h_q, h_kv, s_q, seq_kv, d, sm_scale, is_causal);
+  fill_attn_args(a, out, lse, b, h_q, h_kv, s_q, seq_kv, d, d_out, sm_scale, is_causal);
   const bool bf16 = same_dtype(out.dtype(), kBF16);
 
   DeviceGuard guard(q.device_id());
@@ -249,23 +277,24 @@ void check_input_bhsd(const Array& x, const char* what, const Array& ref) {
 
 struct QkvShape {
   int64_t b, h_q, s_q, d, h_kv, s_kv;
+  int64_t d_in;  // the inputs' head dim; d = the kernel's (64 / 128), d_in <= d
 };
 
-// fp16/bf16 q, k, v, logical (b, h, s, d), as the fused quantizer reads them; the grid limits.
+// fp16/bf16 q, k, v, logical (b, h, s, d_in), as the fused quantizer reads them; the grid limits.
 QkvShape check_qkv_inputs(const Array& q, const Array& k, const Array& v, const char* fn) {
   check_cuda(q, "q");
   check_input_bhsd(q, "q", q);
   check_input_bhsd(k, "k", q);
   check_input_bhsd(v, "v", q);
-  const QkvShape sh{dim(q, 0), dim(q, 1), dim(q, 2), dim(q, 3), dim(k, 1), dim(k, 2)};
+  const int64_t d_in = dim(q, 3);
+  const QkvShape sh{dim(q, 0), dim(q, 1), dim(q, 2), check_head_dim_in(d_in, fn), dim(k, 1), dim(k, 2), d_in};
   check_positive(sh.b, "batch", fn);
   check_positive(sh.h_q, "q heads", fn);
   check_positive(sh.s_q, "q length", fn);
   check_positive(sh.s_kv, "kv length", fn);
-  check_head_dim(sh.d, fn);
   check_heads(sh.h_q, sh.h_kv, fn);
-  check_shape(k, "k", {sh.b, sh.h_kv, sh.s_kv, sh.d});
-  check_shape(v, "v", {sh.b, sh.h_kv, sh.s_kv, sh.d});
+  check_shape(k, "k", {sh.b, sh.h_kv, sh.s_kv, sh.d_in});
+  check_shape(v, "v", {sh.b, sh.h_kv, sh.s_kv, sh.d_in});
   if (sh.b * sh.h_kv > 65535) {
     fail_value(std::string(fn) + ": batch * kv heads must be <= 65535, got " + std::to_string(sh.b * sh.h_kv));
   }
@@ -287,7 +316,7 @@ void fill_quant_inputs(QuantQkvSm90Args& a, const Array& q, const Array& k, cons
   a.k_stride_b = stride(k, 0), a.k_stride_h = stride(k, 1), a.k_stride_s = stride(k, 2);
   a.v_stride_b = stride(v, 0), a.v_stride_h = stride(v, 1), a.v_stride_s = stride(v, 2);
   a.batch = int(sh.b), a.heads_q = int(sh.h_q), a.heads_kv = int(sh.h_kv);
-  a.seq_q = int(sh.s_q), a.seq_kv = int(sh.s_kv), a.head_dim = int(sh.d);
+  a.seq_q = int(sh.s_q), a.seq_kv = int(sh.s_kv), a.head_dim = int(sh.d), a.head_dim_in = int(sh.d_in);
   a.in_bf16 = same_dtype(q.dtype(), kBF16);
 }
 
@@ -362,7 +391,7 @@ void quant_attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v, Array out, std
   constexpr const char* fn = "quant_attn_fwd_sm90_qk_s8_pv_e4m3";
   const bool one_level = parse_one_level(pv_accum, fn);
   const QkvShape sh = check_qkv_inputs(q, k, v, fn);
-  check_attn_out(out, lse, q, sh.b, sh.h_q, sh.s_q, sh.d, fn);
+  check_attn_out(out, lse, q, sh.b, sh.h_q, sh.s_q, sh.d_in, fn);  // o has the inputs' head dim
   check_sm_scale(sm_scale, fn);
   const sage::sm90::QuantAttnSm90Workspace w =
       sage::sm90::quant_attn_sm90_workspace(sh.b, sh.h_q, sh.s_q, sh.h_kv, sh.s_kv, sh.d);
@@ -402,7 +431,7 @@ void quant_attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v, Array out, std
   aa.k_scale = qa.k_scale;
   aa.v_scale = qa.v_scale;
   aa.v_mean = qa.v_mean;
-  fill_attn_args(aa, out, lse, sh.b, sh.h_q, sh.h_kv, sh.s_q, sh.s_kv, sh.d, sm_scale, is_causal);
+  fill_attn_args(aa, out, lse, sh.b, sh.h_q, sh.h_kv, sh.s_q, sh.s_kv, sh.d, sh.d_in, sm_scale, is_causal);
   const bool bf16 = same_dtype(out.dtype(), kBF16);
 
   DeviceGuard guard(q.device_id());
@@ -432,7 +461,9 @@ void bind_attn_sm90(nb::module_& m) {
         "out fp16/bf16 logical (b, h_q, s_q, d), any even strides with the last dim contiguous\n"
         "(pass out.transpose(1, 2) of a (b, s, h, d) tensor for bshd). lse: None or f32 (b, h_q, s_q),\n"
         "natural log of the (smoothed) scores; fully masked rows give 0 output and -inf.\n"
-        "d in {64, 128}; h_q a multiple of h_kv (GQA); is_causal = bottom-right aligned.\n"
+        "d in {64, 128}; out's last dim d (all columns) or a multiple of 8 below d (only the first\n"
+        "out.shape[-1] columns of o are stored: a head dim zero-padded to d by quant_qkv_sm90_fused).\n"
+        "h_q a multiple of h_kv (GQA); is_causal = bottom-right aligned.\n"
         "stream: raw cudaStream_t as int. v_mean (keyword): None or f32 (b, h_kv, d) contiguous, the\n"
         "V smoothing mean added to every output channel after 1/l and v_scale (rows with l == 0 stay 0).\n"
         "pv_accum (keyword): 'two_level' (each KV tile's P~V in a fresh FP22 accumulator, folded into\n"
@@ -442,8 +473,10 @@ void bind_attn_sm90(nb::module_& m) {
         nb::arg("k_mean"), nb::arg("k_mean_given"), nb::arg("workspace"), nb::arg("stream"), nb::kw_only(),
         nb::arg("v_mean").none() = nb::none(), nb::arg("v_mean_given") = false,
         "Fused quantization for attn_fwd_sm90_qk_s8_pv_e4m3 (3 launches, 2 for s_kv <= 2048; no host sync).\n\n"
-        "q, k, v: fp16 or bf16 (same dtype), logical (b, h, s, d) with the last dim contiguous and\n"
-        "strides multiple of 8 elements (pass x.transpose(1, 2) for bshd). Outputs (contiguous):\n"
+        "q, k, v: fp16 or bf16 (same dtype), logical (b, h, s, d_in) with the last dim contiguous and\n"
+        "strides multiple of 8 elements (pass x.transpose(1, 2) for bshd). d_in: 64, 128, or another\n"
+        "multiple of 8 below 128, zero-filled as it is read to d = 64 (d_in <= 64) or 128: every output\n"
+        "below has d and is bit for bit that of the inputs zero-padded to d. Outputs (contiguous):\n"
         "q_out int8 (b, h_q, s_q, d), q_scale f32 (b, h_q, ceil(s_q/16)*8) per-thread;\n"
         "k_out int8 (b, h_kv, s_kv, d) of K - k_mean, k_scale f32 (b, h_kv, ceil(s_kv/128)*4);\n"
         "v_out uint8 E4M3 (b, h_kv, d, ceil(s_kv/128)*128) transposed + permuted, v_scale f32 (b, h_kv, d).\n"
@@ -451,7 +484,7 @@ void bind_attn_sm90(nb::module_& m) {
         "v_mean (keyword): None = no V smoothing; else f32 (b, h_kv, d) contiguous, read if v_mean_given,\n"
         "else written (token mean of V); v_out then holds E4M3((V - v_mean) / v_scale) and the attention\n"
         "kernel must add v_mean back (its v_mean argument).\n"
-        "workspace f32 with >= quant_qkv_sm90_workspace_size(b, h_kv, s_kv, d) elements\n"
+        "workspace f32 with >= quant_qkv_sm90_workspace_size(b, h_kv, s_kv, d_in) elements\n"
         "(= 4*b*h_kv*ceil(s_kv/512)*d: per-chunk K sums, V sums, V max, V min).");
   m.def("quant_attn_fwd_sm90_qk_s8_pv_e4m3", &quant_attn_fwd_sm90_qk_s8_pv_e4m3, nb::arg("q"), nb::arg("k"),
         nb::arg("v"), nb::arg("out"), nb::arg("lse").none(), nb::arg("workspace"), nb::arg("sm_scale"),
@@ -459,10 +492,12 @@ void bind_attn_sm90(nb::module_& m) {
         nb::arg("pv_accum") = "two_level",
         "Whole Hopper attention call, recipe qk_s8_pv_e4m3: the fused quantization (2-3 launches) and the\n"
         "attention forward (1 launch) in one binding call, over one workspace.\n\n"
-        "q, k, v: fp16/bf16 logical (b, h, s, d) as for quant_qkv_sm90_fused; out, lse as for\n"
-        "attn_fwd_sm90_qk_s8_pv_e4m3 (the LSE is of the smoothed scores: add q.k_mean*scale, k_mean\n"
-        "being the f32 (b, h_kv, d) tensor at the workspace's start). workspace: uint8, contiguous,\n"
-        ">= quant_attn_fwd_sm90_workspace_size(b, h_q, s_q, h_kv, s_kv, d) bytes, 16-byte aligned.\n"
+        "q, k, v: fp16/bf16 logical (b, h, s, d_in) as for quant_qkv_sm90_fused (d_in a multiple of 8\n"
+        "up to 128: zero-filled to the kernel head dim d = 64 / 128 inside the quantizer); out\n"
+        "(b, h_q, s_q, d_in) and lse as for attn_fwd_sm90_qk_s8_pv_e4m3 (the LSE is of the smoothed\n"
+        "scores: add q.k_mean[..., :d_in]*scale, k_mean being the f32 (b, h_kv, d) tensor at the\n"
+        "workspace's start). workspace: uint8, contiguous, >= quant_attn_fwd_sm90_workspace_size(b, h_q,\n"
+        "s_q, h_kv, s_kv, d_in) bytes, 16-byte aligned.\n"
         "pv_accum (keyword): 'two_level' or 'one_level', as for attn_fwd_sm90_qk_s8_pv_e4m3.");
   m.def(
       "quant_attn_fwd_sm90_workspace_size",
@@ -470,10 +505,11 @@ void bind_attn_sm90(nb::module_& m) {
         if (b <= 0 || h_q <= 0 || s_q <= 0 || h_kv <= 0 || s_kv <= 0 || d <= 0) {
           throw nb::value_error("quant_attn_fwd_sm90_workspace_size: every size must be positive");
         }
-        return sage::sm90::quant_attn_sm90_workspace(b, h_q, s_q, h_kv, s_kv, d).total;
+        return sage::sm90::quant_attn_sm90_workspace(b, h_q, s_q, h_kv, s_kv, kernel_head_dim_of(d)).total;
       },
       nb::arg("b"), nb::arg("h_q"), nb::arg("s_q"), nb::arg("h_kv"), nb::arg("s_kv"), nb::arg("d"),
-      "bytes of the workspace quant_attn_fwd_sm90_qk_s8_pv_e4m3 needs (k_mean f32 (b, h_kv, d) first).");
+      "bytes of the workspace quant_attn_fwd_sm90_qk_s8_pv_e4m3 needs for inputs of head dim d (k_mean\n"
+      "f32 (b, h_kv, D) first, D the kernel head dim: 64 for d <= 64, 128 for other multiples of 8 up to 128).");
   m.def(
       "quant_qkv_sm90_workspace_size",
       [](int64_t b, int64_t h_kv, int64_t s_kv, int64_t d) {
@@ -482,10 +518,14 @@ void bind_attn_sm90(nb::module_& m) {
                                  std::to_string(b) + ", " + std::to_string(h_kv) + ", " + std::to_string(s_kv) +
                                  ", " + std::to_string(d)).c_str());
         }
-        return sage::sm90::quant_qkv_sm90_workspace_floats(b, h_kv, s_kv, d);
+        return sage::sm90::quant_qkv_sm90_workspace_floats(b, h_kv, s_kv, kernel_head_dim_of(d));
       },
       nb::arg("b"), nb::arg("h_kv"), nb::arg("s_kv"), nb::arg("d"),
-      "float32 elements of the workspace quant_qkv_sm90_fused needs.");
+      "float32 elements of the workspace quant_qkv_sm90_fused needs for inputs of head dim d (sized for\n"
+      "the kernel head dim: 64 for d <= 64, 128 for other multiples of 8 up to 128).");
+  // Capability: the functions above that read fp16/bf16 q, k, v take head dims that are multiples of
+  // 8 below 128 (zero-filled inside the quantizer, no copies), o of the inputs' head dim.
+  m.attr("SM90_HEAD_DIM_ZERO_FILL") = true;
 }
 
 }  // namespace sage_core

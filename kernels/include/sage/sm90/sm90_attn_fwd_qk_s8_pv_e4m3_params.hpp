@@ -11,7 +11,8 @@
 //   k_scale  f32   (b, h_kv, ceil(s_kv/128)*4)
 //   v_scale  f32   (b, h_kv, d)
 //   v_mean   f32   (b, h_kv, d)  optional (nullptr = none): V smoothing, added to every output row
-//   o        fp16/bf16, logical (b, h_q, s_q, d), element strides given, last dim contiguous
+//   o        fp16/bf16, logical (b, h_q, s_q, d_out), element strides given, last dim contiguous
+//            (d_out = head_dim_out: d unless the head dim was zero-padded inside the quantizer)
 //   lse      f32   logical (b, h_q, s_q), element strides given (natural log; nullptr = not wanted)
 #pragma once
 
@@ -51,6 +52,10 @@ struct AttnFwdQkS8PvE4m3Args {
   int batch = 0, heads_q = 0, heads_kv = 0;
   int seq_q = 0, seq_kv = 0;
   int head_dim = 0;       // 64 or 128 (must match the instantiation)
+  // Columns of o the epilogue stores: 0 or head_dim = all; else a multiple of 8 in [8, head_dim)
+  // (a head dim zero-padded inside the quantizer, QuantQkvSm90Args::head_dim_in: o has d_out
+  // columns, the kernel runs at head_dim on the zero-padded quantized tensors).
+  int head_dim_out = 0;
   float sm_scale = 0.f;   // softmax scale (natural-log domain), > 0
   MaskKind mask = MaskKind::kNone;
 };
@@ -83,8 +88,9 @@ cudaError_t attn_fwd_sm90_qk_s8_pv_e4m3_one_level_hdim128_f16(const AttnFwdQkS8P
 cudaError_t attn_fwd_sm90_qk_s8_pv_e4m3_one_level_hdim128_bf16(const AttnFwdQkS8PvE4m3Args& a, cudaStream_t s);
 
 // ---- fused quantization of Q, K, V for this kernel ---------------------------------------------
-// Inputs fp16 or bf16 (same dtype for q, k, v), logical (b, h, s, d), element strides, last dim
-// contiguous, every row 16-byte aligned. Three launches on `stream`, no host synchronization:
+// Inputs fp16 or bf16 (same dtype for q, k, v), logical (b, h, s, d_in), element strides, last dim
+// contiguous, every row 16-byte aligned (d_in = head_dim_in, a multiple of 8: a row is whole 16-byte
+// vectors). Three launches on `stream`, no host synchronization:
 //   1. per (b, kv head, 512-token chunk): partial sum of K, sum / max / min of V per channel
 //   2. per (b, kv head): k_mean = sum / s_kv (unless given); with V smoothing v_mean = sum / s_kv
 //      (unless given); v_scale = max(vmax - v_mean, v_mean - vmin) / 448 (1 if 0; v_mean = 0
@@ -99,6 +105,11 @@ struct QuantQkvSm90Args {
   int64_t k_stride_b = 0, k_stride_h = 0, k_stride_s = 0;
   int64_t v_stride_b = 0, v_stride_h = 0, v_stride_s = 0;
   int batch = 0, heads_q = 0, heads_kv = 0, seq_q = 0, seq_kv = 0, head_dim = 0;
+  // Head dim of the inputs q, k, v: 0 or head_dim = head_dim; else a multiple of 8 in [8, head_dim).
+  // Channels [head_dim_in, head_dim) are not read: they quantize as zero channels (codes 0, k_mean 0,
+  // v_mean 0, v_scale 1), bit for bit the outputs of the inputs zero-padded to head_dim. The outputs
+  // below keep head_dim (the attention kernel's instantiation).
+  int head_dim_in = 0;
   bool in_bf16 = false;          // false: fp16 inputs
   // outputs
   int8_t* q_out = nullptr;       // (b, h_q, s_q, d)

@@ -27,6 +27,12 @@
 //                         inside every 32-token chunk (v_e4m3_t_perm32 in quant-formats.md), padding 0.
 // Bytes per element: Q 2 read + 1 written; K and V 2 + 2 read (stats, tiles) + 1 written.
 //
+// Input head dim d_in < D (QuantQkvSm90Args::head_dim_in, a multiple of 8): the lanes of channels
+// c8 * 8 >= d_in do not load, they take zeros exactly as tokens past the end do, so every output
+// (codes, scales, k_mean, v_mean, v_scale) is bit for bit that of the input zero-padded to D: a
+// zero channel sums to 0 (k_mean 0, v_mean 0), its max / min are 0 (v_scale 1), its codes are 0,
+// and it adds 0 to every amax. 2 * d_in instead of 2 * D bytes are read per row, nothing is copied.
+//
 // Bandwidth: every input access is a 16-byte ld.global.nc (no L1 allocation), a warp reads whole
 // 128-byte lines; V^T leaves through a conflict-free swizzled smem transpose as 16-byte stores;
 // Q/K as 8-byte stores (a warp writes 256 contiguous bytes). Tiles keep their input packed
@@ -216,6 +222,7 @@ __device__ __forceinline__ void kv_stats_chunk(const QuantQkvSm90Args& a, int n_
   const int c8 = threadIdx.x % L::kThreadsPerToken;
   const int r = threadIdx.x / L::kThreadsPerToken;
   const bool want_k = !a.k_mean_given;  // a given k_mean: K is not read at all
+  const bool ch_in = c8 * 8 < a.head_dim_in;  // channels past the input head dim read as zeros
   const char* kp = static_cast<const char*>(a.k) +
                    (int64_t(b) * a.k_stride_b + int64_t(h) * a.k_stride_h + c8 * 8) * 2;
   const char* vp = static_cast<const char*>(a.v) +
@@ -231,8 +238,8 @@ __device__ __forceinline__ void kv_stats_chunk(const QuantQkvSm90Args& a, int n_
     for (int u = 0; u < kStatsUnroll; ++u) {
       const int tt = t + u * L::kTokensPerPass;
       if (tt < t_end) {
-        if (want_k) wk[u] = ldg_stream16(kp + int64_t(tt) * a.k_stride_s * 2);
-        wv[u] = ldg_stream16(vp + int64_t(tt) * a.v_stride_s * 2);
+        if (want_k) wk[u] = ch_in ? ldg_stream16(kp + int64_t(tt) * a.k_stride_s * 2) : make_uint4(0u, 0u, 0u, 0u);
+        wv[u] = ch_in ? ldg_stream16(vp + int64_t(tt) * a.v_stride_s * 2) : make_uint4(0u, 0u, 0u, 0u);
       }
     }
 #pragma unroll
@@ -431,12 +438,14 @@ __device__ __forceinline__ void qk_tile(const QuantQkvSm90Args& a, int job, Smem
   const int64_t st = kIsK ? a.k_stride_s : a.q_stride_s;
   const char* base = static_cast<const char*>(src) + (int64_t(b) * sb + int64_t(h) * sh + c8 * 8) * 2;
 
-  // All loads first (kPasses x 16 bytes per thread in flight), kept packed.
+  // All loads first (kPasses x 16 bytes per thread in flight), kept packed. Tokens past the end
+  // and channels past the input head dim read as zeros.
+  const bool ch_in = c8 * 8 < a.head_dim_in;
   uint4 w[L::kPasses];
 #pragma unroll
   for (int p = 0; p < L::kPasses; ++p) {
     const int t = t0 + p * L::kTokensPerPass + r;
-    w[p] = t < seq ? ldg_stream16(base + int64_t(t) * st * 2) : make_uint4(0u, 0u, 0u, 0u);
+    w[p] = t < seq && ch_in ? ldg_stream16(base + int64_t(t) * st * 2) : make_uint4(0u, 0u, 0u, 0u);
   }
   float mean[8];
 #pragma unroll
@@ -536,6 +545,7 @@ __device__ __forceinline__ void v_tile(const QuantQkvSm90Args& a, int job, SmemV
   const char* base = static_cast<const char*>(a.v) +
                      (int64_t(b) * a.v_stride_b + int64_t(h) * a.v_stride_h + c8 * 8) * 2;
 
+  const bool ch_in = c8 * 8 < a.head_dim_in;  // channels past the input head dim read as zeros
   uint4 w[kQuads][4];
 #pragma unroll
   for (int j = 0; j < kQuads; ++j) {
@@ -544,7 +554,8 @@ __device__ __forceinline__ void v_tile(const QuantQkvSm90Args& a, int job, SmemV
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int t = t0 + tq + (e & 1) + 8 * (e >> 1);
-      w[j][e] = t < a.seq_kv ? ldg_stream16(base + int64_t(t) * a.v_stride_s * 2) : make_uint4(0u, 0u, 0u, 0u);
+      w[j][e] = t < a.seq_kv && ch_in ? ldg_stream16(base + int64_t(t) * a.v_stride_s * 2)
+                                      : make_uint4(0u, 0u, 0u, 0u);
     }
   }
   // Per-channel constants: v_mean (0 without smoothing: x - 0 == x exactly, also -0 and NaN),
@@ -695,13 +706,17 @@ cudaError_t launch_quant_qkv_sm90(const QuantQkvSm90Args& a, cudaStream_t stream
 // Validates what the kernels rely on (the binding raises readable errors first) and dispatches.
 inline cudaError_t quant_qkv_sm90_fused_impl(const QuantQkvSm90Args& a, cudaStream_t stream) {
   auto row_ok = [](const void* p, int64_t sb, int64_t sh, int64_t ss) {
-    // 16-byte vector loads of 8 fp16/bf16: base and every row start 16-byte aligned
+    // 16-byte vector loads of 8 fp16/bf16: base and every row start 16-byte aligned (a row of d_in
+    // channels, d_in a multiple of 8, is whole vectors; the strides need not cover head_dim)
     return p != nullptr && (reinterpret_cast<uintptr_t>(p) % 16) == 0 && sb % 8 == 0 && sh % 8 == 0 &&
            ss % 8 == 0;
   };
   auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; };
   if (a.batch <= 0 || a.heads_q <= 0 || a.heads_kv <= 0 || a.seq_q <= 0 || a.seq_kv <= 0 ||
       a.heads_q % a.heads_kv != 0 || !(a.head_dim == 64 || a.head_dim == 128) ||
+      // input head dim: 0 / head_dim (all), or a multiple of 8 below (whole 16-byte vectors)
+      !(a.head_dim_in == 0 || a.head_dim_in == a.head_dim ||
+        (a.head_dim_in >= 8 && a.head_dim_in < a.head_dim && a.head_dim_in % 8 == 0)) ||
       !row_ok(a.q, a.q_stride_b, a.q_stride_h, a.q_stride_s) ||
       !row_ok(a.k, a.k_stride_b, a.k_stride_h, a.k_stride_s) ||
       !row_ok(a.v, a.v_stride_b, a.v_stride_h, a.v_stride_s) || a.q_out == nullptr ||
@@ -714,10 +729,12 @@ inline cudaError_t quant_qkv_sm90_fused_impl(const QuantQkvSm90Args& a, cudaStre
     return cudaErrorInvalidValue;
   }
   using namespace quant_detail;
-  if (a.head_dim == 128) {
-    return a.in_bf16 ? launch_quant_qkv_sm90<InBF16, 128>(a, stream) : launch_quant_qkv_sm90<InF16, 128>(a, stream);
+  QuantQkvSm90Args n = a;  // the kernels read head_dim_in as is: 0 means head_dim
+  if (n.head_dim_in == 0) n.head_dim_in = n.head_dim;
+  if (n.head_dim == 128) {
+    return n.in_bf16 ? launch_quant_qkv_sm90<InBF16, 128>(n, stream) : launch_quant_qkv_sm90<InF16, 128>(n, stream);
   }
-  return a.in_bf16 ? launch_quant_qkv_sm90<InBF16, 64>(a, stream) : launch_quant_qkv_sm90<InF16, 64>(a, stream);
+  return n.in_bf16 ? launch_quant_qkv_sm90<InBF16, 64>(n, stream) : launch_quant_qkv_sm90<InF16, 64>(n, stream);
 }
 
 }  // namespace sage::sm90

@@ -6,7 +6,9 @@ Policy (docs/design/ARCHITECTURE.md §Runtime dispatch; documented for users in 
     The device's preference list :data:`ARCH_DEFAULT_RECIPES` is tried in order; the first recipe
     with a registered, available backend for (arch, dtype, head_dim) runs; a head dim the kernels
     are not compiled for but a multiple of 8 below 128 runs the next kernel head dim on zero-padded
-    copies (``sage_torch._head_dim``: the rule, the padding and its cost). If none fits (CPU, an
+    copies (``sage_torch._head_dim``: the rule, the padding and its cost), or, for a backend that
+    zero-fills inside its kernel (``BackendSpec.pads_head_dim``: sm90), on the call's own tensors
+    with no copy. If none fits (CPU, an
     arch without kernels, a head dim above 128 or not a multiple of 8, kernels not built)
     PyTorch's SDPA runs with sage semantics and a :class:`SageFallbackWarning` is issued once per reason;
     strict mode (``strict=True`` or ``SAGE_STRICT=1``) raises :class:`SageDispatchError` instead.
@@ -226,12 +228,13 @@ def _first_supported(specs: tuple[BackendSpec, ...], call: dict[str, Any] | None
                      head_dim: int) -> tuple[BackendSpec | None, str]:
     """The first backend of ``specs`` (registered for ``head_dim``) whose ``supports`` accepts the
     call, and the vetoes of those before it. A padded call shows ``supports`` the padded tensors
-    (allocated, not yet written: supports reads shapes and strides only)."""
+    (allocated, not yet written: supports reads shapes and strides only), except to a backend that
+    zero-fills itself (``pads_head_dim``): that one sees the call's own tensors, as its fn will."""
     reasons = []
     for spec in specs:
         if spec.supports is None or call is None:
             return spec, ""
-        if call["q"].shape[-1] == head_dim:
+        if call["q"].shape[-1] == head_dim or spec.pads_head_dim:
             q, k, v = call["q"], call["k"], call["v"]
         else:
             q, k, v = _padded_call(call, head_dim).buffers()
@@ -409,10 +412,11 @@ def _fast_entry(key: tuple, q: torch.Tensor, recipe: str) -> tuple:
         decision = resolve(arch, q.dtype, q.shape[-1], recipe)
     except Exception:  # noqa: BLE001 - the validated path raises it with the full message
         decision = None
-    # A padded head dim (decision.pad_to) takes the validated path, which pads.
+    # A padded head dim (decision.pad_to) takes the validated path, which pads, unless the backend
+    # zero-fills inside its kernel (pads_head_dim: its fast takes the call's own tensors).
     if (decision is not None and decision.kind == KIND_KERNEL and not decision.warn
-            and decision.pad_to is None
-            and decision.backend is not None and decision.backend.fast is not None):
+            and decision.backend is not None and decision.backend.fast is not None
+            and (decision.pad_to is None or decision.backend.pads_head_dim)):
         requested = recipe if recipe != RECIPE_AUTO else (_env.env_forced_recipe() or RECIPE_AUTO)
         # auto's routing to PyTorch never applies in strict mode (SAGE_STRICT, read here once)
         auto = requested == RECIPE_AUTO and not _env.env_flag(_env.ENV_STRICT)
@@ -633,7 +637,9 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, is_ca
 
     A kernel decision at a head dim above the call's (``Decision.pad_to``) runs the backend on
     zero-padded copies (``_head_dim.PaddedCall``) with the scale of the call's own head dim, and
-    slices o back; the LSE needs nothing (zero channels add 0 to every score)."""
+    slices o back; the LSE needs nothing (zero channels add 0 to every score). A backend that
+    zero-fills inside its kernel (``BackendSpec.pads_head_dim``) gets the call's own tensors instead
+    and returns o of the call's head dim (no PaddedCall, no copies)."""
     if layout == "bhsd":
         b, h_q, s_q, d = q.shape
     else:
@@ -648,7 +654,8 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, is_ca
 
     if decision.kind == KIND_KERNEL:
         spec = decision.backend
-        padded = _padded_call(call, decision.pad_to) if decision.pad_to is not None else None
+        padded = (_padded_call(call, decision.pad_to)
+                  if decision.pad_to is not None and not spec.pads_head_dim else None)
         qk, kk, vk = padded.inputs() if padded is not None else (q, k, v)
         o, lse = spec.fn(qk, kk, vk, **kwargs, **options)
         _check_backend_output(spec, qk, o, lse, return_lse, (b, h_q, s_q))

@@ -22,7 +22,7 @@ by the dispatcher (``sage_torch._dispatch``, the one place that chooses) and by 
   8 channels, and keeping one rule for both forms means moving the padding there later changes
   no user-visible support. Real models' head dims are multiples of 8.
 
-Cost of the padding as done today (copies, no kernel change): per call, q, k and v are copied
+Cost of the padding by copies (:class:`PaddedCall`, every backend without ``pads_head_dim``): per call, q, k and v are copied
 into fresh (…, d_kernel) buffers (read 2·d bytes, write 2·d_kernel bytes per row, two launches
 each: zero the tail, copy the head), the kernel runs at d_kernel (d_kernel/d times the MMA work:
 2x at d=32, 1.6x at d=80, 1.33x at d=96) and o is copied once more from the padded output into
@@ -31,20 +31,28 @@ O(tokens^2): at long sequences the padded kernel's extra work dominates, at shor
 launches do. ``python -m sage_torch.bench --d 32 80 96`` measures both (``pad_ms``, kernel only
 at d_kernel) next to SDPA.
 
-The faster form, not written (kernel change, owner of ``kernels/``): the sm90 fused quantizer
-(``kernels/include/sage/sm90/sm90_quant_qkv_fused.cuh``) already reads q, k, v through their
-strides with one 16-byte ``ld.global.nc`` per 8 channels (lane ``c8`` of a token), and already
-substitutes zeros for tokens past the end (``t < seq ? ldg_stream16(..) : make_uint4(0)``). Give
-``QuantQkvSm90Args`` the input head dim ``d_in`` (a multiple of 8, ``d_in <= D``) next to the
-instantiation's ``D`` and predicate every input load on ``c8 * 8 < d_in`` the same way (the stats
-chunk's K and V loads, ``qk_tile``'s Q/K loads, ``v_tile``'s V loads): the int8/E4M3 outputs and
-scales are then exactly those of the zero-padded copy (a zero channel: k_mean 0, v_mean 0,
-v_scale 1, codes 0), with no copy and 2·d instead of 2·D bytes read per row. The binding
-(``bind_attn_sm90.cpp``, ``quant_attn_fwd_sm90_qk_s8_pv_e4m3``) would then accept inputs of head
-dim d_in with a D-sized instantiation, and the attention epilogue would store only the first
-d_out columns of O (a column predicate next to the row predicate it has for ``s_q``), so o needs
-no slice copy either. The sm80 family quantizes through ``sage_quant.ops`` / the generic quant
-kernels (``kernels/include/sage/quant/``), which would need the same ``d_in`` predicate.
+Zero-filling inside the kernel (sm90; no copies): a backend that registers
+``pads_head_dim=True`` (``sage_torch.backends.BackendSpec``) is handed the call's own q, k, v of
+head dim d by the dispatcher (``fn``, ``fast`` and ``supports`` alike; no :class:`PaddedCall`, the
+fast path included) and returns o of head dim d. The sm90 backend does so when sage_core announces
+``SM90_HEAD_DIM_ZERO_FILL`` (``sage_torch.backends.sm90.ZERO_FILL``): the fused quantizer
+(``kernels/include/sage/sm90/sm90_quant_qkv_fused.cuh``) reads q, k, v through their strides with
+one 16-byte ``ld.global.nc`` per 8 channels (lane ``c8`` of a token) and, as it already did for
+tokens past the end, substitutes zeros for the lanes with ``c8 * 8 >= d_in``
+(``QuantQkvSm90Args::head_dim_in``) in the stats chunk's K and V loads, ``qk_tile``'s Q/K loads
+and ``v_tile``'s V loads. Its int8/E4M3 outputs and scales at the instantiation's D are therefore
+exactly those of the zero-padded copy (a zero channel: k_mean 0, v_mean 0, v_scale 1, codes 0),
+with 2·d instead of 2·D bytes read per row and nothing copied. The attention kernel's mainloop runs
+at D unchanged; its epilogue stores only the first d_out = d columns of O (a column predicate next
+to the row predicate for ``s_q``, ``AttnFwdQkS8PvE4m3Args::head_dim_out``), so o needs no slice
+copy either. ``quant_attn_fwd_sm90_qk_s8_pv_e4m3`` (the one-call binding) takes inputs of head
+dim d with the D-sized workspace; the LSE correction ``q·k_mean·scale`` uses the unpadded q and
+the first d channels of k_mean. The softmax scale is still the call's own (``1/sqrt(d)`` unless
+given). What remains of the padding cost there is the kernel's extra MMA work at D.
+
+The sm80 family (and an sm90 backend over an older sage_core) still copies: it quantizes through
+``sage_quant.ops`` / the generic quant kernels (``kernels/include/sage/quant/``), which would need
+the same ``d_in`` predicate. Varlen entries (``attention_varlen``) also still get padded copies.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 // Collective epilogue of the Hopper forward for E4M3 V: per row 1/l, per channel V's scale (and
 // V's mean under V smoothing), stores straight from the O accumulator registers (4-byte stores,
-// rows of a thread 8 apart), natural-log LSE.
+// rows of a thread 8 apart), natural-log LSE. Only the first d_out columns of O are stored (a head
+// dim zero-padded inside the quantizer: o has the call's head dim, the padded columns are 0 anyway).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -48,11 +49,13 @@ struct CollectiveEpilogueFwdSm90StoreRegs {
     const float* v_scale;  // (b, h_kv, d)
     const float* v_mean;   // (b, h_kv, d) or nullptr
     int seq_q, heads_q, heads_kv;
+    int d_out;             // columns of o stored: a multiple of 8 in [8, kHeadDim]
   };
 
   static Params to_params(const AttnFwdQkS8PvE4m3Args& a) {
     return Params{a.o, a.o_stride_b, a.o_stride_h, a.o_stride_s, a.lse, a.lse_stride_b, a.lse_stride_h,
-                  a.v_scale, a.v_mean, a.seq_q, a.heads_q, a.heads_kv};
+                  a.v_scale, a.v_mean, a.seq_q, a.heads_q, a.heads_kv,
+                  a.head_dim_out > 0 && a.head_dim_out < kHeadDim ? a.head_dim_out : kHeadDim};
   }
 
 #if defined(__CUDACC__)
@@ -91,6 +94,8 @@ struct CollectiveEpilogueFwdSm90StoreRegs {
       OutT* o_row = o_head + int64_t(row) * p.o_stride_s + map.col0;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
+        // Columns 8j + col0 + {0, 1}: with d_out a multiple of 8, the pair is in iff 8j < d_out.
+        if (8 * j >= p.d_out) continue;
         const int i = WgmmaAccumMap::index(j, half, 0);
         *reinterpret_cast<uint32_t*>(o_row + 8 * j) =
             OutTag::pack2(fmaf(m2[j].x, has_l, tOrO(i) * inv_l * v2[j].x),

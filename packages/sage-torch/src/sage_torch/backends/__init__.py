@@ -77,6 +77,14 @@ class BackendSpec:
     #: return_lse, **options) -> (o, lse | None)`` on ``(total, h, d)`` tensors, or None to decline
     #: (the pack then runs sequence by sequence through ``fn``). Contract: ``backends/README.md``.
     varlen: Callable[..., tuple[torch.Tensor, torch.Tensor | None] | None] | None = None
+    #: The backend zero-fills head dims itself: ``fn``, ``fast`` and ``supports`` accept the call's
+    #: own head dim d below a registered kernel head dim (``d`` a multiple of 8 that
+    #: ``sage_torch._head_dim.kernel_head_dim`` maps to one of ``head_dims``), read the unpadded
+    #: q, k, v, run the kernel head dim with zero channels filled in inside the kernel, and return
+    #: o of head dim d. The dispatcher then builds no ``PaddedCall`` for them (no copies). False:
+    #: such a call gets zero-padded copies and its o is sliced back. (``varlen`` is not covered: a
+    #: packed call still gets padded copies.)
+    pads_head_dim: bool = False
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -88,6 +96,7 @@ class BackendSpec:
             "module": self.module,
             "native_archs": sorted(self.native_archs),
             "varlen": self.varlen is not None,
+            "pads_head_dim": self.pads_head_dim,
         }
 
 
@@ -109,6 +118,7 @@ def register_backend(name: str, recipe: str, archs: Iterable[str], head_dims: It
                      native_archs: Iterable[str] | None = None,
                      fast: Callable[..., torch.Tensor | None] | None = None,
                      varlen: Callable[..., Any] | None = None,
+                     pads_head_dim: bool = False,
                      replace: bool = False) -> BackendSpec:
     """Register a kernel backend.
 
@@ -126,6 +136,8 @@ def register_backend(name: str, recipe: str, archs: Iterable[str], head_dims: It
             (arch, recipe, dtype, head dim), native backends come first, then registration order.
         fast: optional host fast path, see :attr:`BackendSpec.fast`.
         varlen: optional packed-sequence entry, see :attr:`BackendSpec.varlen`.
+        pads_head_dim: the backend zero-fills smaller head dims inside its kernel (no padded
+            copies), see :attr:`BackendSpec.pads_head_dim`.
         replace: allow replacing a backend of the same name.
 
     Returns the stored :class:`BackendSpec`.
@@ -156,6 +168,8 @@ def register_backend(name: str, recipe: str, archs: Iterable[str], head_dims: It
         raise TypeError(f"register_backend({name!r}): fast must be callable or None")
     if varlen is not None and not callable(varlen):
         raise TypeError(f"register_backend({name!r}): varlen must be callable or None")
+    if not isinstance(pads_head_dim, bool):
+        raise TypeError(f"register_backend({name!r}): pads_head_dim must be True or False, got {pads_head_dim!r}")
     native_set = arch_set if native_archs is None else frozenset(
         native_archs if not isinstance(native_archs, str) else (native_archs,))
     if not native_set <= arch_set:
@@ -163,7 +177,7 @@ def register_backend(name: str, recipe: str, archs: Iterable[str], head_dims: It
                          f"among archs {sorted(arch_set)}")
     module = getattr(fn, "__module__", None)
     spec = BackendSpec(name, recipe, arch_set, hd_set, dtype_set, fn, available, supports, module, native_set,
-                       fast, varlen)
+                       fast, varlen, pads_head_dim)
     with _lock:
         if name in _registry and not replace:
             raise ValueError(f"register_backend: a backend named {name!r} is already registered "

@@ -9,6 +9,14 @@ Pipeline per call (no host synchronization, CUDA-graph capturable):
 2. ``sage_core.attn_fwd_sm90_qk_s8_pv_e4m3``: the warp-specialized attention forward.
 3. LSE (if asked): the kernel's LSE of the smoothed scores plus ``q·k_mean·scale``.
 
+Head dims: the kernels are compiled for 64 and 128. When sage_core announces
+``SM90_HEAD_DIM_ZERO_FILL`` (:data:`ZERO_FILL`), a head dim d that is another multiple of 8 below 128
+runs natively here: the quantizer reads q, k, v of head dim d and zero-fills channels d..D-1 as it
+loads them (D = 64 for d <= 64, else 128; the quantized tensors have D, bit for bit those of
+zero-padded copies), the kernel runs at D and its epilogue stores only o's d columns. The backend
+registers ``pads_head_dim=True`` then, so the dispatcher makes no padded copies. An older sage_core
+keeps the dispatcher's copy path (``sage_torch._head_dim.PaddedCall``).
+
 The module imports without a GPU (it only needs ``sage_core`` to import); whether the kernels
 are compiled in is answered by :func:`kernels_available`.
 """
@@ -38,6 +46,8 @@ __all__ = [
     "quantize_qkv_sm90",
     "attention_sm90_qk_s8_pv_e4m3",
     "split_for_bench",
+    "ZERO_FILL",
+    "kernel_head_dim",
 ]
 
 RECIPE = "qk_s8_pv_e4m3"
@@ -57,6 +67,26 @@ _KERNEL_NAMES = {
 # pv_accum="one_level" (P~V accumulated straight into O): its own instantiations.
 _KERNEL_NAMES_ONE_LEVEL = {key: name.replace("_e4m3_hdim", "_e4m3_one_level_hdim") for key, name in _KERNEL_NAMES.items()}
 _QUANT_KERNEL_NAME = "quant_sm90_qkv_fused"
+
+#: sage_core's sm90 bindings take q, k, v of a head dim that is a multiple of 8 below 128 and
+#: zero-fill it to the kernel head dim inside the quantizer (the binding module's
+#: ``SM90_HEAD_DIM_ZERO_FILL``); False for an older sage_core (the dispatcher then pads copies).
+ZERO_FILL: bool = getattr(sage_core._C, "SM90_HEAD_DIM_ZERO_FILL", False) is True
+
+
+_ACCEPTED_HEAD_DIMS = (f"{HEAD_DIMS}, and other multiples of 8 below 128 (zero-filled)" if ZERO_FILL
+                       else f"{HEAD_DIMS}")
+
+
+def kernel_head_dim(d: int) -> Optional[int]:
+    """The kernel head dim (64 / 128) that runs head dim ``d`` here, None if none does: ``d`` itself
+    for 64 / 128, with :data:`ZERO_FILL` also 64 for multiples of 8 below 64 and 128 for those
+    between 64 and 128."""
+    if d in HEAD_DIMS:
+        return d
+    if ZERO_FILL and isinstance(d, int) and 8 <= d < 128 and d % 8 == 0:
+        return 64 if d <= 64 else 128
+    return None
 
 # The options of sage_quant.RECIPES["qk_s8_pv_e4m3"] and the only values this kernel implements
 # (None = any value is fine because the kernel's arithmetic does not depend on it).
@@ -141,6 +171,10 @@ def kernels_available(head_dim: Optional[int] = None, dtype: Optional[torch.dtyp
     if not (hasattr(sage_core._C, _ATTN_FN) and hasattr(sage_core._C, _QUANT_FN) and _has(_QUANT_KERNEL_NAME)):
         return False
     names = _KERNEL_NAMES_ONE_LEVEL if pv_accum == "one_level" else _KERNEL_NAMES
+    if head_dim is not None:
+        head_dim = kernel_head_dim(head_dim)  # a zero-filled head dim runs the 64 / 128 instantiation
+        if head_dim is None:
+            return False
     if head_dim is None and dtype is None:
         return any(_has(n) for n in names.values())
     return any(_has(n) for (d, dt), n in names.items()
@@ -188,10 +222,14 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _mean_arg(mean: torch.Tensor, name: str, shape: Tuple[int, int, int], dev) -> torch.Tensor:
-    """A caller's (b, h_kv, d) mean as the contiguous, 16-byte aligned float32 tensor the kernel reads."""
+def _mean_arg(mean: torch.Tensor, name: str, shape: Tuple[int, int, int], dev,
+              d_in: Optional[int] = None) -> torch.Tensor:
+    """A caller's (b, h_kv, d) mean as the contiguous, 16-byte aligned float32 tensor the kernel reads;
+    ``d_in < d`` (a zero-filled head dim): a (b, h_kv, d_in) mean is zero-padded to d."""
     if not isinstance(mean, torch.Tensor):
         raise TypeError(f"{name} must be None or a torch.Tensor, got {type(mean).__name__}")
+    if d_in is not None and d_in != shape[2] and tuple(mean.shape) == (*shape[:2], d_in):
+        mean = torch.nn.functional.pad(mean.to(device=dev, dtype=torch.float32), (0, shape[2] - d_in))
     if tuple(mean.shape) != shape:
         raise ValueError(f"{name} must be (b, h_kv, d) = {shape}, got {tuple(mean.shape)}")
     m = mean.to(device=dev, dtype=torch.float32).contiguous()
@@ -222,14 +260,17 @@ def quantize_qkv_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layo
 
     Args:
         q: ``(b, h_q, s_q, d)`` (``"bhsd"``) or ``(b, s_q, h_q, d)`` (``"bshd"``), fp16/bf16, CUDA.
+            ``d``: 64, 128, or (with :data:`ZERO_FILL`) another multiple of 8 below 128, quantized
+            as if zero-padded to ``D = kernel_head_dim(d)``.
         k, v: same layout with ``h_kv`` heads and ``s_kv`` tokens, same dtype.
         smooth_k: subtract the token mean of K (per batch, kv head, channel) before quantizing.
-        k_mean: optional precomputed float32 ``(b, h_kv, d)`` mean to subtract instead of the
-            kernel's own (used by the bit-exact tests; implies smoothing).
+        k_mean: optional precomputed float32 ``(b, h_kv, d)`` (or ``(b, h_kv, D)``) mean to subtract
+            instead of the kernel's own (used by the bit-exact tests; implies smoothing); a ``d``
+            wide one is zero-padded to ``D``.
         smooth_v: V smoothing: quantize ``V - v_mean`` (token mean per batch, kv head, channel);
             the attention kernel adds ``v_mean`` back (rows of a softmax sum to 1).
-        v_mean: optional precomputed float32 ``(b, h_kv, d)`` V mean (bit-exact tests; implies
-            smoothing).
+        v_mean: optional precomputed float32 ``(b, h_kv, d)`` (or ``D``) V mean (bit-exact tests;
+            implies smoothing).
 
     Returns a dict (all contiguous): ``q`` int8 ``(b, h_q, s_q, d)``, ``q_scale`` f32
     ``(b, h_q, ceil(s_q/16)*8)``, ``k`` int8 ``(b, h_kv, s_kv, d)``, ``k_scale`` f32
@@ -237,13 +278,16 @@ def quantize_qkv_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layo
     the permuted ``v_e4m3_t_perm32`` order, ``v_scale`` f32 ``(b, h_kv, d)``, ``k_mean`` f32
     ``(b, h_kv, d)`` (zeros when ``smooth_k`` is False), and with V smoothing ``v_mean`` f32
     ``(b, h_kv, d)`` (the key is absent without it; pass ``out.get("v_mean")`` to the kernel).
+    Every ``d`` above is ``D`` for a zero-filled head dim (the padded channels: codes 0, k_mean and
+    v_mean 0, v_scale 1).
     """
     for name, val in (("smooth_k", smooth_k), ("smooth_v", smooth_v)):
         if not isinstance(val, bool):
             raise ValueError(f"{name} must be True or False, got {val!r}")
     qb, kb, vb = (_bhsd(x, layout) for x in (q, k, v))
     qb, kb, vb = (x if _rows_aligned(x) else x.contiguous() for x in (qb, kb, vb))
-    b, h_q, s_q, d = qb.shape
+    b, h_q, s_q, d_in = qb.shape
+    d = kernel_head_dim(d_in) or d_in  # the quantized tensors' head dim (sage_core validates d_in)
     h_kv, s_kv = kb.shape[1], kb.shape[2]
     dev = qb.device
     f32 = torch.float32
@@ -252,7 +296,7 @@ def quantize_qkv_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layo
     own_vm = v_mean is None and smooth_v
     # One allocation carved into every output and the workspace (one allocator call instead of
     # up to nine; the pieces start at 256-byte boundaries, the kernels need 16).
-    n_ws = sage_core.quant_qkv_sm90_workspace_size(b, h_kv, s_kv, d)
+    n_ws = sage_core.quant_qkv_sm90_workspace_size(b, h_kv, s_kv, d)  # d = D: the same for d_in
     specs = [("q", torch.int8, (b, h_q, s_q, d)),
              ("q_scale", f32, (b, h_q, -(-s_q // 16) * 8)),
              ("k", torch.int8, (b, h_kv, s_kv, d)),
@@ -267,13 +311,13 @@ def quantize_qkv_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layo
     out = _carve(specs, dev)
     workspace = out.pop("_ws")
     if k_mean is not None:
-        km, given = _mean_arg(k_mean, "k_mean", (b, h_kv, d), dev), True
+        km, given = _mean_arg(k_mean, "k_mean", (b, h_kv, d), dev, d_in), True
     elif smooth_k:
         km, given = out.pop("k_mean"), False
     else:
         km, given = torch.zeros((b, h_kv, d), dtype=f32, device=dev), True
     if v_mean is not None:
-        vm, v_given = _mean_arg(v_mean, "v_mean", (b, h_kv, d), dev), True
+        vm, v_given = _mean_arg(v_mean, "v_mean", (b, h_kv, d), dev, d_in), True
     elif smooth_v:
         vm, v_given = out.pop("v_mean"), False
     else:
@@ -391,7 +435,8 @@ def attention_sm90_qk_s8_pv_e4m3(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
     Args:
         q: ``(b, h_q, s_q, d)`` for ``layout="bhsd"``, ``(b, s_q, h_q, d)`` for ``"bshd"``; fp16/bf16,
-            CUDA, last dim contiguous; ``d`` in (64, 128).
+            CUDA, last dim contiguous; ``d`` in (64, 128), with :data:`ZERO_FILL` also any other
+            multiple of 8 below 128 (zero-filled inside the quantizer, o of head dim ``d``).
         k, v: same layout, ``h_kv`` heads (``h_q % h_kv == 0``), ``s_kv`` tokens.
         is_causal: bottom-right aligned causal mask.
         scale: softmax scale (> 0).
@@ -409,8 +454,9 @@ def attention_sm90_qk_s8_pv_e4m3(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q must be float16 or bfloat16, got {q.dtype}")
     d = q.shape[-1]
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head dim {d} is not supported by the sm90 kernel; accepted: {HEAD_DIMS}")
+    d_kernel = kernel_head_dim(d)
+    if d_kernel is None:
+        raise ValueError(f"head dim {d} is not supported by the sm90 kernel; accepted: {_ACCEPTED_HEAD_DIMS}")
     if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
         raise ValueError(f"scale must be a positive float, got {scale!r}")
     smooth_k = bool(options.get("smooth_k", True))
@@ -428,13 +474,15 @@ def attention_sm90_qk_s8_pv_e4m3(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         qb, kb, vb = (x if _rows_aligned(x) else x.contiguous() for x in (qb, kb, vb))
         ws = _one_call(qb, kb, vb, o_bhsd, lse, float(scale), bool(is_causal), smooth_k, smooth_v, pv_accum)
         h_kv = kb.shape[1]
-        km = ws[:4 * b * h_kv * d].view(torch.float32).view(b, h_kv, d)
+        km = ws[:4 * b * h_kv * d_kernel].view(torch.float32).view(b, h_kv, d_kernel)
     else:
         qz = quantize_qkv_sm90(q, k, v, layout=layout, smooth_k=smooth_k, smooth_v=smooth_v)
         _launch_attn(qz, o_bhsd, lse, float(scale), bool(is_causal), pv_accum)
         km = qz["k_mean"]
     if lse is not None and smooth_k:
-        # LSE of the unsmoothed scores: softmax ignored the per-row constant q·k_mean·scale.
+        # LSE of the unsmoothed scores: softmax ignored the per-row constant q·k_mean·scale. A
+        # zero-filled head dim: k_mean has the kernel's D channels, the first d are q's.
+        km = km[..., :d]
         h_kv = km.shape[1]
         if h_q != h_kv:
             km = km.repeat_interleave(h_q // h_kv, dim=1)
@@ -455,8 +503,8 @@ def split_for_bench(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_cau
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q must be float16 or bfloat16, got {q.dtype}")
     d = q.shape[-1]
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head dim {d} is not supported by the sm90 kernel; accepted: {HEAD_DIMS}")
+    if kernel_head_dim(d) is None:
+        raise ValueError(f"head dim {d} is not supported by the sm90 kernel; accepted: {_ACCEPTED_HEAD_DIMS}")
     if scale is None:
         scale = d ** -0.5
     if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
@@ -483,4 +531,5 @@ register_backend(
     dtypes=(torch.float16, torch.bfloat16),
     supports=_supports,
     fast=_fast,
+    pads_head_dim=ZERO_FILL,
 )
