@@ -71,6 +71,55 @@ def test_varlen_equals_each_sequence_alone(is_causal, seed):
         assert torch.isneginf(lse[:, q0:q1][~finite]).all()  # bottom-right: rows i < s_q - s_k see nothing
 
 
+# runs of equal-length sequences: (4, 4) x 3, an empty one, (6, 6) x 2, (3, 5)
+RUN_LENS_Q = [4, 4, 4, 0, 6, 6, 3]
+RUN_LENS_K = [4, 4, 4, 2, 6, 6, 5]
+
+
+@pytest.mark.parametrize("recipe", ["auto", RECIPE])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_varlen_runs_of_equal_lengths_are_one_batch_each(recipe, is_causal, seed, monkeypatch):
+    """Consecutive sequences of one length go to attention() as one (n, s, h, d) batch (one call per
+    run; a uniform pack is one call), with the result of each sequence alone, bit for bit."""
+    q, k, v, cq, ck = _pack(RUN_LENS_Q, RUN_LENS_K, seed=seed)
+    shapes, real = [], sage_torch.attention
+
+    def spy(qs, ks, vs, **kwargs):
+        shapes.append(tuple(qs.shape))
+        return real(qs, ks, vs, **kwargs)
+
+    monkeypatch.setattr(varlen.api, "attention", spy)
+    o, lse = _quiet(sage_torch.attention_varlen, q, k, v, cq, ck, 6, 6, is_causal=is_causal, recipe=recipe,
+                    return_lse=True)
+    assert shapes == [(3, 4, 4, 64), (2, 6, 4, 64), (1, 3, 4, 64)]
+    for i in range(len(RUN_LENS_Q)):
+        q0, q1, k0, k1 = int(cq[i]), int(cq[i + 1]), int(ck[i]), int(ck[i + 1])
+        if q1 == q0:
+            continue
+        want, want_lse = _quiet(real, q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], layout="bshd",
+                                is_causal=is_causal, recipe=recipe, return_lse=True)
+        assert torch.equal(o[q0:q1], want[0]), f"sequence {i}"
+        assert torch.equal(lse[:, q0:q1], want_lse[0]), f"sequence {i}"
+    shapes.clear()
+    qu, ku, vu, cqu, cku = _pack([5, 5, 5, 5], [5, 5, 5, 5], seed=seed)
+    _quiet(sage_torch.attention_varlen, qu, ku, vu, cqu, cku, 5, 5, is_causal=is_causal, recipe=recipe)
+    assert shapes == [(4, 5, 4, 64)]  # a uniform pack: one dense call
+
+
+def test_varlen_emulation_runs_match_per_sequence(seed):
+    """emulate_varlen (the oracle) batches the same runs: equal to sage_quant.emulate per sequence."""
+    q, k, v, cq, ck = _pack(RUN_LENS_Q, RUN_LENS_K, seed=seed)
+    o, lse = varlen.emulate_varlen(q, k, v, cq, ck, RECIPE, is_causal=True, return_lse=True)
+    for i in range(len(RUN_LENS_Q)):
+        q0, q1, k0, k1 = int(cq[i]), int(cq[i + 1]), int(ck[i]), int(ck[i + 1])
+        if q1 == q0:
+            continue
+        want, want_lse = sage_quant.emulate(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], RECIPE, layout="bshd",
+                                            is_causal=True, return_lse=True)
+        assert torch.equal(o[q0:q1], want[0].to(o.dtype)), f"sequence {i}"
+        assert torch.equal(lse[:, q0:q1], want_lse[0]), f"sequence {i}"
+
+
 def test_varlen_causal_is_bottom_right_per_sequence(seed):
     # sequence 1 has 7 queries and 3 keys: its first 4 rows see no key, row 4 sees key 0 only
     q, k, v, cq, ck = _pack([2, 7], [2, 3], seed=seed)

@@ -16,8 +16,9 @@ Execution (``_run``; the one place that chooses). The dense dispatcher's decisio
 registered a ``varlen`` entry (``register_backend(..., varlen=fn)``, contract in
 ``backends/README.md``) the whole pack is one call of it. Otherwise -- today every backend: no
 varlen kernel exists yet -- the pack runs sequence by sequence through :func:`sage_torch.attention`
-(the same kernels, emulation or PyTorch fallback a dense call would run, each sequence a view,
-no padding), and a :class:`~sage_torch.SageFallbackWarning` says so once.
+(the same kernels, emulation or PyTorch fallback a dense call would run, views, no padding;
+consecutive sequences of one length go as one dense batch, so a pack of equal lengths is one
+call), and a :class:`~sage_torch.SageFallbackWarning` says so once.
 
 Validation happens before anything is launched and reads ``cu_seqlens`` on the host (one small
 device-to-host copy): a call is therefore not capturable in a CUDA graph, and under
@@ -173,22 +174,44 @@ def _fill_empty_keys(o: torch.Tensor, lse: torch.Tensor | None, q0: int, q1: int
         lse[:, q0:q1] = -math.inf
 
 
-def _each_sequence(q, k, v, pack: VarlenPack, return_lse: bool, attend):
-    """o (and LSE) of a pack, one sequence at a time: ``attend(q_seq, k_seq, v_seq)`` gets
-    ``(1, s, h, d)`` views and returns o (or ``(o, lse)`` with ``return_lse``) for them; empty
-    sequences are skipped, sequences without keys get 0 / -inf."""
-    o, lse = _alloc_outputs(q, return_lse)
+def _runs(pack: VarlenPack):
+    """The pack as runs of consecutive sequences of one (q length, k length): yields
+    ``(q0, q1, k0, k1, n, s_q, s_k)``, the rows of ``n`` back-to-back sequences. Empty sequences
+    (no queries) and sequences without keys are runs of their own (``n == 1``)."""
+    run = None
     for _, q0, q1, k0, k1 in pack.sequences():
-        if q1 == q0:
+        s_q, s_k = q1 - q0, k1 - k0
+        if run is not None and s_q > 0 and s_k > 0 and (run[5], run[6]) == (s_q, s_k):
+            run[1], run[3], run[4] = q1, k1, run[4] + 1
             continue
-        if k1 == k0:
+        if run is not None:
+            yield tuple(run)
+        run = [q0, q1, k0, k1, 1, s_q, s_k]
+    if run is not None:
+        yield tuple(run)
+
+
+def _each_sequence(q, k, v, pack: VarlenPack, return_lse: bool, attend):
+    """o (and LSE) of a pack, every sequence on its own: ``attend(q_run, k_run, v_run)`` gets
+    ``(n, s, h, d)`` views of a run of ``n`` consecutive sequences of one length (``_runs``; packed
+    rows of equal-length sequences *are* a dense (n, s, h, d) batch, and a dense call keeps every
+    quantization group per batch element, i.e. per sequence) and returns o (or ``(o, lse)`` with
+    ``return_lse``) for them; empty sequences are skipped, sequences without keys get 0 / -inf. A
+    pack of equal lengths is one call."""
+    o, lse = _alloc_outputs(q, return_lse)
+    h_q, d = q.shape[1], q.shape[2]
+    for q0, q1, k0, k1, n, s_q, s_k in _runs(pack):
+        if s_q == 0:
+            continue
+        if s_k == 0:
             _fill_empty_keys(o, lse, q0, q1)
             continue
-        out = attend(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1])
+        out = attend(q[q0:q1].view(n, s_q, h_q, d), k[k0:k1].view(n, s_k, *k.shape[1:]),
+                     v[k0:k1].view(n, s_k, *v.shape[1:]))
         if return_lse:
-            out, seq_lse = out
-            lse[:, q0:q1] = seq_lse[0]
-        o[q0:q1] = out[0].to(q.dtype)
+            out, run_lse = out
+            lse[:, q0:q1] = run_lse.transpose(0, 1).reshape(h_q, q1 - q0)
+        o[q0:q1] = out.reshape(q1 - q0, h_q, -1).to(q.dtype)
     return o, lse
 
 
@@ -245,8 +268,9 @@ def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: i
         where = spec.name if spec is not None else decision.kind
         _dispatch.warn_once(f"varlen:per_sequence:{arch}:{where}",
                             f"sage_torch.attention_varlen: {why} on {arch}: running the pack sequence by "
-                            f"sequence through sage_torch.attention() (each sequence a view, no padding; the "
-                            f"same per-sequence numerics a varlen kernel has, one launch set per sequence).",
+                            f"sequence through sage_torch.attention() (views, no padding; consecutive sequences "
+                            f"of one length as one dense batch; the same per-sequence numerics a varlen kernel "
+                            f"has, one launch set per run of equal lengths).",
                             stacklevel=5)  # the caller of attention_varlen (past torch.compiler.disable)
     call_options = dict(options)
     if emulate is not None:
