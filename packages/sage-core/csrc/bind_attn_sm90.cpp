@@ -1,6 +1,7 @@
 // Bindings of the sm90 family (Hopper wgmma + TMA, warp-specialized): owner H4.
 //   attn_fwd_sm90_qk_s8_pv_e4m3(...)  attention forward over pre-quantized tensors
 //   quant_qkv_sm90_fused(...)         the fused Q/K/V quantization that produces them
+//   attn_fwd_sm90_train_s8(...)       the train_s8 (SageBwd) forward over per-block INT8 tensors
 // Every argument is validated before anything is launched; errors name the argument, what was
 // given and what is accepted. Outputs, LSE and workspace are preallocated by the caller.
 // Head dims: the kernels are instantiated for D = 64, 128. The functions that read fp16/bf16 q, k, v
@@ -18,9 +19,11 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <sage/sm90/sm90_attn_fwd_qk_s8_pv_e4m3_params.hpp>
+#include <sage/sm90/sm90_attn_fwd_train_s8_params.hpp>
 
 #include "sage_core/bindings.hpp"
 #include "sage_core/checks.hpp"
@@ -448,6 +451,97 @@ void quant_attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v, Array out, std
 
 }  // namespace
 
+// ------------------------------------------------------------------------------------------------
+// train_s8 forward (SageBwd) over per-block INT8 tensors (sm90_attn_fwd_train_s8_params.hpp).
+void attn_fwd_sm90_train_s8(Array q, Array k, Array v_t, Array q_scale, Array k_scale, Array v_scale, Array out,
+                            std::optional<Array> lse, int64_t seq_kv, float sm_scale, bool is_causal,
+                            uintptr_t stream) {
+  constexpr const char* fn = "attn_fwd_sm90_train_s8";
+  namespace k8 = sage::sm90;
+  check_cuda(q, "q");
+  check_dtype(q, "q", {kI8});
+  check_ndim(q, "q", 4);
+  check_contiguous(q, "q");
+  const int64_t b = dim(q, 0), h_q = dim(q, 1), s_q = dim(q, 2), d = dim(q, 3);
+  check_positive(b, "batch", fn);
+  check_positive(h_q, "q heads", fn);
+  check_positive(s_q, "q length", fn);
+  check_head_dim(d, fn);
+  check_positive(seq_kv, "seq_kv", fn);
+  check_cuda(k, "k");
+  check_same_device(q, "q", k, "k");
+  check_dtype(k, "k", {kI8});
+  check_ndim(k, "k", 4);
+  const int64_t h_kv = dim(k, 1);
+  check_heads(h_q, h_kv, fn);
+  check_shape(k, "k", {b, h_kv, seq_kv, d});
+  check_contiguous(k, "k");
+  check_cuda(v_t, "v_t");
+  check_same_device(q, "q", v_t, "v_t");
+  check_dtype(v_t, "v_t", {kI8});
+  check_shape(v_t, "v_t", {b, h_kv, d, k8::sm90_train_v_pad(seq_kv)});
+  check_contiguous(v_t, "v_t");
+  const int64_t q_blocks = k8::sm90_train_q_blocks(s_q), kv_blocks = k8::sm90_train_kv_blocks(seq_kv);
+  for (auto [t, name, shape] : {std::tuple<const Array*, const char*, std::vector<int64_t>>{&q_scale, "q_scale", {b, h_q, q_blocks}},
+                                {&k_scale, "k_scale", {b, h_kv, kv_blocks}},
+                                {&v_scale, "v_scale", {b, h_kv, kv_blocks}}}) {
+    check_cuda(*t, name);
+    check_same_device(q, "q", *t, name);
+    check_dtype(*t, name, {kF32});
+    check_shape(*t, name, shape);
+    check_contiguous(*t, name);
+  }
+  check_attn_out(out, lse, q, b, h_q, s_q, d, fn);
+  check_aligned(q, "q", 16);  // TMA: 16-byte aligned global base
+  check_aligned(k, "k", 16);
+  check_aligned(v_t, "v_t", 16);
+  check_sm_scale(sm_scale, fn);
+  if (b > 65535 || h_q > 65535) {
+    fail_value(std::string(fn) + ": batch and q heads must be <= 65535 (grid limits), got batch=" +
+               std::to_string(b) + ", heads=" + std::to_string(h_q));
+  }
+  if (s_q > (int64_t(1) << 30) || seq_kv > (int64_t(1) << 30)) {
+    fail_value(std::string(fn) + ": sequence lengths must be < 2^30");
+  }
+  k8::AttnFwdTrainS8Args a;
+  a.q = static_cast<const int8_t*>(q.data());
+  a.k = static_cast<const int8_t*>(k.data());
+  a.v_t = static_cast<const int8_t*>(v_t.data());
+  a.q_scale = static_cast<const float*>(q_scale.data());
+  a.k_scale = static_cast<const float*>(k_scale.data());
+  a.v_scale = static_cast<const float*>(v_scale.data());
+  a.o = out.data();
+  a.o_stride_b = stride(out, 0);
+  a.o_stride_h = stride(out, 1);
+  a.o_stride_s = stride(out, 2);
+  if (lse) {
+    a.lse = static_cast<float*>(lse->data());
+    a.lse_stride_b = stride(*lse, 0);
+    a.lse_stride_h = stride(*lse, 1);
+  }
+  a.batch = int(b);
+  a.heads_q = int(h_q);
+  a.heads_kv = int(h_kv);
+  a.seq_q = int(s_q);
+  a.seq_kv = int(seq_kv);
+  a.head_dim = int(d);
+  a.sm_scale = sm_scale;
+  a.mask = is_causal ? k8::MaskKind::kCausal : k8::MaskKind::kNone;
+  const bool bf16 = same_dtype(out.dtype(), kBF16);
+  DeviceGuard guard(q.device_id());
+  cudaError_t err;
+  {
+    nb::gil_scoped_release release;
+    const cudaStream_t st = as_stream(stream);
+    if (d == 64) {
+      err = bf16 ? k8::attn_fwd_sm90_train_s8_hdim64_bf16(a, st) : k8::attn_fwd_sm90_train_s8_hdim64_f16(a, st);
+    } else {
+      err = bf16 ? k8::attn_fwd_sm90_train_s8_hdim128_bf16(a, st) : k8::attn_fwd_sm90_train_s8_hdim128_f16(a, st);
+    }
+  }
+  check_attn_launch(err, fn);
+}
+
 void bind_attn_sm90(nb::module_& m) {
   m.def("attn_fwd_sm90_qk_s8_pv_e4m3", &attn_fwd_sm90_qk_s8_pv_e4m3, nb::arg("q"), nb::arg("k"), nb::arg("v_t"),
         nb::arg("q_scale"), nb::arg("k_scale"), nb::arg("v_scale"), nb::arg("out"), nb::arg("lse").none(),
@@ -523,6 +617,16 @@ void bind_attn_sm90(nb::module_& m) {
       nb::arg("b"), nb::arg("h_kv"), nb::arg("s_kv"), nb::arg("d"),
       "float32 elements of the workspace quant_qkv_sm90_fused needs for inputs of head dim d (sized for\n"
       "the kernel head dim: 64 for d <= 64, 128 for other multiples of 8 up to 128).");
+  m.def("attn_fwd_sm90_train_s8", &attn_fwd_sm90_train_s8, nb::arg("q"), nb::arg("k"), nb::arg("v_t"),
+        nb::arg("q_scale"), nb::arg("k_scale"), nb::arg("v_scale"), nb::arg("out"), nb::arg("lse").none(),
+        nb::arg("seq_kv"), nb::arg("sm_scale"), nb::arg("is_causal"), nb::arg("stream"),
+        "Hopper train_s8 forward (SageBwd), per-block INT8 throughout (NUMERICS.md train_s8).\n\n"
+        "q int8 (b, h_q, s_q, d) contiguous, q_scale f32 (b, h_q, ceil(s_q/128)); k int8 (b, h_kv, s_kv, d)\n"
+        "of K - k_mean, k_scale f32 (b, h_kv, ceil(s_kv/64)); v_t int8 (b, h_kv, d, ceil(s_kv/64)*64): V\n"
+        "transposed with the tokens permuted inside every 32-token chunk as v_e4m3_t_perm32 (padding 0),\n"
+        "v_scale f32 (b, h_kv, ceil(s_kv/64)); d 64 or 128. out fp16/bf16 logical (b, h_q, s_q, d) (last\n"
+        "dim contiguous, even strides); lse None or f32 (b, h_q, s_q): natural log of the smoothed scores\n"
+        "(-inf for a row that sees no key). is_causal: bottom-right aligned.");
   // Capability: the functions above that read fp16/bf16 q, k, v take head dims that are multiples of
   // 8 below 128 (zero-filled inside the quantizer, no copies), o of the inputs' head dim.
   m.attr("SM90_HEAD_DIM_ZERO_FILL") = true;

@@ -249,11 +249,13 @@ def test_sm90_module_is_the_plug_point():
     assert sage_train.kernel_module_status()["sage_train.backends.sm90"] == "imported"
     (spec,) = [s for s in sage_train.registered_kernels() if s.name == sm90.BACKEND_NAME]
     assert spec.archs == {"sm90"} and spec.head_dims == {64, 128}
-    assert spec.available() is False  # no kernel yet: every call is the emulation
+    assert spec.available() is False  # no backward kernel yet: every call is the emulation
     assert sm90.supports(None, None, None, layout="bhsd", is_causal=False, scale=1.0, dp_precision="int8",
                          smooth_k=True) is not None
-    with pytest.raises(NotImplementedError, match="not written yet"):
+    with pytest.raises(RuntimeError, match="no sm90 train_s8 forward kernel here"):
         sm90.forward(None, None, None, layout="bhsd", is_causal=False, scale=1.0, smooth_k=True)
+    with pytest.raises(NotImplementedError, match="not written yet"):
+        sm90.backward(None, None, None, None, None, None, layout="bhsd", is_causal=False, scale=1.0, smooth_k=True)
     assert not sage_train.kernel_available("cpu")
 
 

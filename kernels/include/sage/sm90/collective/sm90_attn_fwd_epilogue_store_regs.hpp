@@ -13,6 +13,7 @@
 #include "sage/sm90/collective/sm90_attn_fwd_softmax_online.hpp"
 #include "sage/sm90/kernel/sm90_attn_fwd_tile_scheduler.hpp"
 #include "sage/sm90/sm90_attn_fwd_qk_s8_pv_e4m3_params.hpp"
+#include "sage/sm90/sm90_attn_fwd_train_s8_params.hpp"
 
 namespace sage::sm90 {
 
@@ -36,7 +37,10 @@ struct OutBF16 {
 #endif
 };
 
-template <int kHeadDim_, class OutTag_>
+// kVChannelScale: O is in V's per-channel quantized units (qk_s8_pv_e4m3: times v_scale, plus
+// v_mean under V smoothing); false: O is already dequantized by the mainloop (train_s8's per-block
+// V scales are folded per KV tile), only 1/l applies.
+template <int kHeadDim_, class OutTag_, bool kVChannelScale = true>
 struct CollectiveEpilogueFwdSm90StoreRegs {
   static constexpr int kHeadDim = kHeadDim_;
   using OutTag = OutTag_;
@@ -57,6 +61,11 @@ struct CollectiveEpilogueFwdSm90StoreRegs {
                   a.v_scale, a.v_mean, a.seq_q, a.heads_q, a.heads_kv,
                   a.head_dim_out > 0 && a.head_dim_out < kHeadDim ? a.head_dim_out : kHeadDim};
   }
+  static Params to_params(const AttnFwdTrainS8Args& a) {
+    static_assert(!kVChannelScale, "train_s8 has no per-channel V scale");
+    return Params{a.o, a.o_stride_b, a.o_stride_h, a.o_stride_s, a.lse, a.lse_stride_b, a.lse_stride_h,
+                  nullptr, nullptr, a.seq_q, a.heads_q, a.heads_kv, kHeadDim};
+  }
 
 #if defined(__CUDACC__)
   // Rows [row_begin, row_begin + 64) of the tile's head, held by one consumer warpgroup in
@@ -71,14 +80,17 @@ struct CollectiveEpilogueFwdSm90StoreRegs {
     // All V scale / mean loads are issued before the first store: interleaved with the stores they
     // were serialized (the compiler may not move a load above a store that could alias it), one
     // L2 round trip per 8 channels, ~17k cycles per CTA on an H100 = 7 KV tiles.
-    const float* vs = p.v_scale + int64_t(bh_kv) * D + map.col0;
-    const float* vm = p.v_mean != nullptr ? p.v_mean + int64_t(bh_kv) * D + map.col0 : nullptr;
+    const float* vs = kVChannelScale ? p.v_scale + int64_t(bh_kv) * D + map.col0 : nullptr;
+    const float* vm = kVChannelScale && p.v_mean != nullptr ? p.v_mean + int64_t(bh_kv) * D + map.col0 : nullptr;
     float2 v2[D / 8], m2[D / 8];
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) v2[j] = __ldg(reinterpret_cast<const float2*>(vs + 8 * j));
+    for (int j = 0; j < D / 8; ++j) {
+      v2[j] = kVChannelScale ? __ldg(reinterpret_cast<const float2*>(vs + 8 * j)) : make_float2(1.f, 1.f);
+    }
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
-      m2[j] = vm != nullptr ? __ldg(reinterpret_cast<const float2*>(vm + 8 * j)) : make_float2(0.f, 0.f);
+      m2[j] = kVChannelScale && vm != nullptr ? __ldg(reinterpret_cast<const float2*>(vm + 8 * j))
+                                              : make_float2(0.f, 0.f);
     }
     using OutT = typename OutTag::T;
     OutT* o_head = static_cast<OutT*>(p.o) + int64_t(t.batch) * p.o_stride_b + int64_t(t.head) * p.o_stride_h;

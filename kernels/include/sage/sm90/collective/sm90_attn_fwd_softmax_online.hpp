@@ -46,11 +46,13 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // Online softmax for one thread's two rows over s32 score tiles of kBlockKV keys.
 // One scale per thread and tile, c = q_scale * k_scale * sm_scale * log2e > 0 (the Q and K
-// per-thread groups make it so), hence the row max is taken on the raw integers and scaled once
-// (exact: the conversion and the scaling are monotonic), and each P~ is one FFMA + one EX2:
-// P~ = exp2(raw * c - (m - log2 448)), so the row max maps to E4M3's 448.
-template <int kBlockKV>
+// per-thread or per-block groups make it so), hence the row max is taken on the raw integers and
+// scaled once (exact: the conversion and the scaling are monotonic), and each P~ is one FFMA + one
+// EX2: P~ = exp2(raw * c - (m - bias)). kE4m3Bias: bias = log2 448, so the row max maps to E4M3's
+// 448 (qk_s8_pv_e4m3); else bias 0, P~ <= 1 (train_s8, whose P is quantized per row afterwards).
+template <int kBlockKV, bool kE4m3Bias = true>
 struct OnlineSoftmaxS32Sm90 {
+  static constexpr float kPLog2Bias = kE4m3Bias ? kLog2Fp8E4m3Max : 0.f;
   static constexpr int kScores = kBlockKV / 2;  // per thread and tile: 2 rows x kBlockKV/4 keys
   float m[2] = {-INFINITY, -INFINITY};           // running row max (log2 domain, incl. sm_scale)
   float l[2] = {0.f, 0.f};                       // thread-partial row sums of fp32 P~
@@ -112,7 +114,7 @@ struct OnlineSoftmaxS32Sm90 {
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
       alpha[half] = detail::ex2_approx(m[half] - m_use);
       m[half] = m_new;
-      neg_off[half] = kLog2Fp8E4m3Max - m_use;
+      neg_off[half] = kPLog2Bias - m_use;
     }
     float ps[2];
 #pragma unroll
@@ -133,9 +135,9 @@ struct OnlineSoftmaxS32Sm90 {
   // Whole-row sum of P~ (all four threads of the quad return it).
   __device__ __forceinline__ float row_sum(int half) const { return detail::quad_sum(l[half]); }
 
-  // Natural-log LSE of the scaled scores from the whole-row sum: sum_j 2^{s_j} = l * 2^m / 448.
+  // Natural-log LSE of the scaled scores from the whole-row sum: sum_j 2^{s_j} = l * 2^m / 2^bias.
   __device__ __forceinline__ float lse(int half, float row_l) const {
-    return row_l == 0.f ? -INFINITY : kLn2 * (m[half] + __log2f(row_l) - kLog2Fp8E4m3Max);
+    return row_l == 0.f ? -INFINITY : kLn2 * (m[half] + __log2f(row_l) - kPLog2Bias);
   }
 };
 
