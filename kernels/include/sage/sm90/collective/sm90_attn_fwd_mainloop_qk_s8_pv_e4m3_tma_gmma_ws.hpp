@@ -32,6 +32,7 @@
 // namespace cutlass, which would hide the global PFN_* typedefs that driver_api.hpp needs.
 #include "sage/common/arch.hpp"
 #include "sage/common/cvt_e4m3.cuh"
+#include "sage/sm90/collective/sm90_attn_fwd_mainloop_tma_loads.hpp"
 #include "sage/sm90/collective/sm90_attn_fwd_softmax_online.hpp"
 #include "sage/sm90/kernel/sm90_attn_fwd_tile_scheduler.hpp"
 #include "sage/sm90/sm90_attn_fwd_qk_s8_pv_e4m3_params.hpp"
@@ -54,7 +55,8 @@ namespace sage::sm90 {
 // the FP22 accumulator then carries the whole row, and the 64 registers of the per-tile buffer
 // at d=128 are free (what lets d=128 take three consumer warpgroups at 160 registers).
 template <int kHeadDim_, int kNumConsumerWG_, bool kOneLevel_>
-struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
+struct CollectiveMainloopFwdSm90QkS8PvE4m3
+    : AttnFwdSm90TmaLoadsFor<kHeadDim_, kNumConsumerWG_, kSm90BlockKV> {
   static_assert(kHeadDim_ == 64 || kHeadDim_ == 128, "head dim 64 or 128");
   static_assert(kNumConsumerWG_ == 2 || kNumConsumerWG_ == 3, "2 or 3 consumer warpgroups");
   static constexpr int kHeadDim = kHeadDim_;
@@ -97,6 +99,9 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
   static constexpr uint32_t kQTileBytes = kBlockQ * kHeadDim;
   static constexpr uint32_t kKTileBytes = kBlockKV * kHeadDim;
   static constexpr uint32_t kVTileBytes = kHeadDim * kBlockKV;
+  // The shared pieces (tile bounds, barrier setup, the TMA producer): the base, at these sizes.
+  using Loads = AttnFwdSm90TmaLoadsFor<kHeadDim, kNumConsumerWG, kBlockKV>;
+  static_assert(kRowsPerWG == 64 && kQTileBytes == uint32_t(kBlockQ * kHeadDim), "the loads' tile sizes");
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;  // one for K, one for V^T
   using PipelineState = typename Pipeline::PipelineState;
@@ -161,48 +166,6 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
   }
 
 #if defined(__CUDACC__)
-  // KV tiles that query block m_block may see: [0, n_end). Bottom-right causal: row i sees keys
-  // <= i + (s_kv - s_q); a block whose rows see no key loads nothing (n_end == 0).
-  static __device__ __forceinline__ int n_block_end(const Params& p, int m_block) {
-    int n_end = p.num_n_blocks;
-    if (p.causal) {
-      const int last_row = min(m_block * kBlockQ + kBlockQ - 1, p.seq_q - 1);
-      const int last_key = last_row + p.seq_kv - p.seq_q;
-      n_end = last_key < 0 ? 0 : min(n_end, last_key / kBlockKV + 1);
-    }
-    return n_end;
-  }
-
-  static __device__ __forceinline__ int kv_head(const Params& p, int head) { return head / (p.heads_q / p.heads_kv); }
-
-  // One thread, before the CTA-wide barrier that follows barrier initialization.
-  static __device__ __forceinline__ void init(const Params& p, SharedStorage& ss) {
-    cutlass::arch::ClusterBarrier::init(&ss.bar_q, 1);
-    cute::prefetch_tma_descriptor(&p.tma_q);
-    cute::prefetch_tma_descriptor(&p.tma_k);
-    cute::prefetch_tma_descriptor(&p.tma_v);
-  }
-
-  // Producer (one thread): Q once, then K(n) and V^T(n) for n < n_end into the rings.
-  static __device__ void load(const Params& p, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
-                              PipelineState& write, const AttnFwdTile& t, int n_end) {
-    using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
-    constexpr uint64_t kCacheHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
-    const int bh_q = t.batch * p.heads_q + t.head;
-    const int bh_kv = t.batch * p.heads_kv + kv_head(p, t.head);
-    TxBarrier::arrive_and_expect_tx(&ss.bar_q, kQTileBytes);
-    cute::SM90_TMA_LOAD_3D::copy(&p.tma_q, &ss.bar_q, kCacheHint, ss.q, 0, t.m_block * kBlockQ, bh_q);
-    for (int n = 0; n < n_end; ++n) {
-      pipe_k.producer_acquire(write);
-      cute::SM90_TMA_LOAD_3D::copy(&p.tma_k, pipe_k.producer_get_barrier(write), kCacheHint,
-                                   ss.k + write.index() * kKTileBytes, 0, n * kBlockKV, bh_kv);
-      pipe_v.producer_acquire(write);
-      cute::SM90_TMA_LOAD_3D::copy(&p.tma_v, pipe_v.producer_get_barrier(write), kCacheHint,
-                                   ss.v + write.index() * kVTileBytes, n * kBlockKV, 0, bh_kv);
-      ++write;
-    }
-  }
-
   // The O accumulator of one consumer warpgroup: f32 ((2,2,D/8),1,1), WgmmaAccumMap order.
   static __device__ __forceinline__ auto make_fragment_o() {
     return cute::partition_fragment_C(TiledMmaPV{}, cute::Shape<cute::Int<kRowsPerWG>, cute::Int<kHeadDim>>{});
@@ -250,7 +213,7 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
 
     const WgmmaAccumMap map(tid);
     const int bh_q = t.batch * p.heads_q + t.head;
-    const int bh_kv = t.batch * p.heads_kv + kv_head(p, t.head);
+    const int bh_kv = t.batch * p.heads_kv + Loads::kv_head(p, t.head);
     const int wg_row_begin = t.m_block * kBlockQ + cw * kRowsPerWG;
     const int grow0 = wg_row_begin + map.row0;  // global query rows grow0 and grow0 + 8
     // Rows grow0 and grow0 + 8 share one Q scale group (per-thread groups of 16-row MMA tiles).
@@ -381,7 +344,7 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
       float alpha[2];
       sm.step(tSrS, c, tile_masked(n), n * kBlockKV + map.col0, key_lim, sf, alpha);
       // Without this the compiler sinks the EX2s below the wait and nothing overlaps PV(n-1).
-      pin_before_wgmma_wait(&ss.pin[cw * 128 + tid], sm.l[0] + sm.l[1]);
+      Loads::pin_before_wgmma_wait(&ss.pin[cw * 128 + tid], sm.l[0] + sm.l[1]);
       warpgroup_wait<0>();  // PV(n-1) done: buf / O valid, P registers free
       release(ss.pipeline_v, vn);
       fold_o(alpha_prev, alpha);
@@ -406,15 +369,6 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3 {
     read = state(n_end);
   }
 
- private:
-  // ptxas hoists wgmma.wait_group above independent ALU work (it did so for the whole softmax,
-  // which then no longer overlapped the PV wgmma). A shared-memory store is not moved across the
-  // wait; storing a value that depends on every EX2 of the tile (the row sums) pins the softmax
-  // before it. One STS per thread per tile; the slot is never read.
-  static __device__ __forceinline__ void pin_before_wgmma_wait(float* slot, float v) {
-    asm volatile("st.shared.f32 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(slot))), "f"(v)
-                 : "memory");
-  }
 #endif  // __CUDACC__
 };
 

@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "sage/common/arch.hpp"
+#include "sage/sm90/collective/sm90_attn_fwd_mainloop_tma_loads.hpp"
 #include "sage/sm90/collective/sm90_attn_fwd_softmax_online.hpp"
 #include "sage/sm90/kernel/sm90_attn_fwd_tile_scheduler.hpp"
 #include "sage/sm90/sm90_attn_fwd_train_s8_params.hpp"
@@ -39,7 +40,8 @@
 namespace sage::sm90 {
 
 template <int kHeadDim_, int kNumConsumerWG_>
-struct CollectiveMainloopFwdSm90TrainS8 {
+struct CollectiveMainloopFwdSm90TrainS8
+    : AttnFwdSm90TmaLoadsFor<kHeadDim_, kNumConsumerWG_, kSm90TrainBlockKV> {
   static_assert(kHeadDim_ == 64 || kHeadDim_ == 128, "head dim 64 or 128");
   static_assert(kNumConsumerWG_ == 2 || kNumConsumerWG_ == 3, "2 or 3 consumer warpgroups");
   static constexpr int kHeadDim = kHeadDim_;
@@ -78,6 +80,9 @@ struct CollectiveMainloopFwdSm90TrainS8 {
   static constexpr uint32_t kQTileBytes = kBlockQ * kHeadDim;
   static constexpr uint32_t kKTileBytes = kBlockKV * kHeadDim;
   static constexpr uint32_t kVTileBytes = kHeadDim * kBlockKV;
+  // The shared pieces (tile bounds, barrier setup, the TMA producer): the base, at these sizes.
+  using Loads = AttnFwdSm90TmaLoadsFor<kHeadDim, kNumConsumerWG, kBlockKV>;
+  static_assert(kRowsPerWG == 64 && kQTileBytes == uint32_t(kBlockQ * kHeadDim), "the loads' tile sizes");
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename Pipeline::PipelineState;
@@ -137,46 +142,6 @@ struct CollectiveMainloopFwdSm90TrainS8 {
   }
 
 #if defined(__CUDACC__)
-  // KV tiles that query block m_block may see: [0, n_end) (bottom-right causal).
-  static __device__ __forceinline__ int n_block_end(const Params& p, int m_block) {
-    int n_end = p.num_n_blocks;
-    if (p.causal) {
-      const int last_row = min(m_block * kBlockQ + kBlockQ - 1, p.seq_q - 1);
-      const int last_key = last_row + p.seq_kv - p.seq_q;
-      n_end = last_key < 0 ? 0 : min(n_end, last_key / kBlockKV + 1);
-    }
-    return n_end;
-  }
-
-  static __device__ __forceinline__ int kv_head(const Params& p, int head) { return head / (p.heads_q / p.heads_kv); }
-
-  static __device__ __forceinline__ void init(const Params& p, SharedStorage& ss) {
-    cutlass::arch::ClusterBarrier::init(&ss.bar_q, 1);
-    cute::prefetch_tma_descriptor(&p.tma_q);
-    cute::prefetch_tma_descriptor(&p.tma_k);
-    cute::prefetch_tma_descriptor(&p.tma_v);
-  }
-
-  // Producer (one thread): Q once, then K(n) and V^T(n) for n < n_end into the rings.
-  static __device__ void load(const Params& p, SharedStorage& ss, Pipeline& pipe_k, Pipeline& pipe_v,
-                              PipelineState& write, const AttnFwdTile& t, int n_end) {
-    using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
-    constexpr uint64_t kCacheHint = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
-    const int bh_q = t.batch * p.heads_q + t.head;
-    const int bh_kv = t.batch * p.heads_kv + kv_head(p, t.head);
-    TxBarrier::arrive_and_expect_tx(&ss.bar_q, kQTileBytes);
-    cute::SM90_TMA_LOAD_3D::copy(&p.tma_q, &ss.bar_q, kCacheHint, ss.q, 0, t.m_block * kBlockQ, bh_q);
-    for (int n = 0; n < n_end; ++n) {
-      pipe_k.producer_acquire(write);
-      cute::SM90_TMA_LOAD_3D::copy(&p.tma_k, pipe_k.producer_get_barrier(write), kCacheHint,
-                                   ss.k + write.index() * kKTileBytes, 0, n * kBlockKV, bh_kv);
-      pipe_v.producer_acquire(write);
-      cute::SM90_TMA_LOAD_3D::copy(&p.tma_v, pipe_v.producer_get_barrier(write), kCacheHint,
-                                   ss.v + write.index() * kVTileBytes, n * kBlockKV, 0, bh_kv);
-      ++write;
-    }
-  }
-
   // The O accumulator of one consumer warpgroup: f32, the PV accumulator's layout.
   static __device__ __forceinline__ auto make_fragment_o() {
     return cute::make_tensor<float>(
@@ -216,7 +181,7 @@ struct CollectiveMainloopFwdSm90TrainS8 {
 
     const WgmmaAccumMap map(tid);
     const int bh_q = t.batch * p.heads_q + t.head;
-    const int bh_kv = t.batch * p.heads_kv + kv_head(p, t.head);
+    const int bh_kv = t.batch * p.heads_kv + Loads::kv_head(p, t.head);
     const int wg_row_begin = t.m_block * kBlockQ + cw * kRowsPerWG;
     const int grow0 = wg_row_begin + map.row0;
     // One Q scale per 128 rows: the warpgroup's 64 rows share it (rows past s_q store nothing).
@@ -356,7 +321,7 @@ struct CollectiveMainloopFwdSm90TrainS8 {
       release(ss.pipeline_k, kn);
       float alpha[2];
       sm.step(tSrS, c, tile_masked(n), n * kBlockKV + map.col0, key_lim, sf, alpha);
-      pin_before_wgmma_wait(&ss.pin[cw * 128 + tid], sm.l[0] + sm.l[1]);
+      Loads::pin_before_wgmma_wait(&ss.pin[cw * 128 + tid], sm.l[0] + sm.l[1]);
       warpgroup_wait<0>();  // PV(n-1) done: buf valid, P registers free
       release(ss.pipeline_v, vn);
       fold_o(alpha_prev, pv_scale_prev);
@@ -380,12 +345,6 @@ struct CollectiveMainloopFwdSm90TrainS8 {
     read = state(n_end);
   }
 
- private:
-  // As in the inference mainloop: keeps ptxas from hoisting wgmma.wait_group above the softmax.
-  static __device__ __forceinline__ void pin_before_wgmma_wait(float* slot, float v) {
-    asm volatile("st.shared.f32 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(slot))), "f"(v)
-                 : "memory");
-  }
 #endif  // __CUDACC__
 };
 
