@@ -32,11 +32,11 @@
 // namespace cutlass, which would hide the global PFN_* typedefs that driver_api.hpp needs.
 #include "sage/common/arch.hpp"
 #include "sage/common/cvt_e4m3.cuh"
-#include "sage/sm90/collective/sm90_attn_fwd_mainloop_tma_loads.hpp"
 #include "sage/sm90/collective/sm90_attn_fwd_softmax_online.hpp"
 #include "sage/sm90/kernel/sm90_attn_fwd_tile_scheduler.hpp"
 #include "sage/sm90/sm90_attn_fwd_qk_s8_pv_e4m3_params.hpp"
 #include "sage/sm90/sm90_tma_desc.hpp"
+#include "sage/sm90/collective/sm90_attn_fwd_mainloop_tma_loads.hpp"
 
 #include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
@@ -107,10 +107,8 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3
   using PipelineState = typename Pipeline::PipelineState;
   using Softmax = OnlineSoftmaxS32Sm90<kBlockKV>;
 
-  // Named barriers of the GEMM turns, one per consumer warpgroup (CUTLASS user ids: offset past
-  // the ids CUTLASS reserves). Barrier k is synced by warpgroup k and arrived at by the one
-  // before it in turn order: 2 x 128 threads.
-  static constexpr uint32_t kPingPongBarrier = 0;
+  // Named barriers of the GEMM turns (Loads::kv_loop), one per consumer warpgroup: barrier k is
+  // synced by warpgroup k and arrived at by the one before it in turn order: 2 x 128 threads.
   static constexpr uint32_t kPingPongThreads = 2 * 128;
 
   struct SharedStorage {
@@ -184,7 +182,6 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3
                              int n_end, int cw, int tid, FragO& tOrO, Softmax& sm) {
     using namespace cute;
     using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
-    using NamedBarrier = cutlass::arch::NamedBarrier;
     constexpr int D = kHeadDim;
     TiledMmaQK mma_qk;
     TiledMmaPV mma_pv;
@@ -228,36 +225,14 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3
 
     // Last key each of my rows may see (inclusive); the warpgroup's smallest limit decides
     // whether a tile needs the element mask.
-    const int causal_offset = p.seq_kv - p.seq_q;
-    const int key_lim[2] = {p.causal ? min(p.seq_kv - 1, grow0 + causal_offset) : p.seq_kv - 1,
-                            p.causal ? min(p.seq_kv - 1, grow0 + 8 + causal_offset) : p.seq_kv - 1};
-    const int wg_key_lim = p.causal ? min(p.seq_kv - 1, wg_row_begin + causal_offset) : p.seq_kv - 1;
-    auto tile_masked = [&](int n) { return n * kBlockKV + kBlockKV - 1 > wg_key_lim; };
+    const typename Loads::KeyLimits lim(p, grow0, wg_row_begin);
 
     // S = Q K^T (s32) into tSrS; issued and committed as one wgmma batch, not waited for.
-    auto issue_qk = [&](int stage) {
-      warpgroup_fence_operand(tSrS);
-      warpgroup_arrive();
-      mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-        cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
-        mma_qk.accumulate_ = GMMA::ScaleOut::One;
-      }
-      warpgroup_commit_batch();
-    };
+    auto issue_qk = [&](int stage) { Loads::issue_gemm(mma_qk, tSrQ, tSrK, stage, tSrS, GMMA::ScaleOut::Zero); };
     // Two-level: buf = P~ V (fresh f32 accumulator); one-level: O += P~ V. From the E4M3
     // registers tOrP; committed, not waited for.
     auto issue_pv = [&](int stage) {
-      warpgroup_fence_operand(tOrPV);
-      warpgroup_arrive();
-      mma_pv.accumulate_ = kOneLevel ? GMMA::ScaleOut::One : GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
-        cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrPV);
-        mma_pv.accumulate_ = GMMA::ScaleOut::One;
-      }
-      warpgroup_commit_batch();
+      Loads::issue_gemm(mma_pv, tOrP, tOrV, stage, tOrPV, kOneLevel ? GMMA::ScaleOut::One : GMMA::ScaleOut::Zero);
     };
     // P~ -> E4M3 A fragment of the PV wgmma (see the file comment for why no shuffle is needed).
     auto pack_p = [&](const float (&sf)[Softmax::kScores]) {
@@ -287,86 +262,30 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3
         }
       }
     };
-    // A stage is released once its reader wgmma has completed: a local arrive on the pipeline's
-    // empty barrier (consumer_release's cluster-addressed form, mapa + remote arrive, put a
-    // dependent chain in the loop; this CTA is its own cluster); lane 0 of each warp, after that
-    // warp's wait (kEmptyArrivals).
-    const bool release_lane = tid % 32 == 0;
-    auto release = [&](typename Pipeline::SharedStorage& pipe, const PipelineState& st) {
-      if (release_lane) pipe.empty_barrier_[st.index()].arrive();
-    };
-    auto wait = [](typename Pipeline::SharedStorage& pipe, const PipelineState& st) {
-      pipe.full_barrier_[st.index()].wait(st.phase());
-    };
-    const uint32_t pp_own = kPingPongBarrier + cw;
-    const uint32_t pp_next = kPingPongBarrier + (cw + 1) % kNumConsumerWG;
-
     TxBarrier::wait(&ss.bar_q, 0);
-    // Stage and phase of KV tile n from the loop counter, not from PipelineState objects carried
-    // through the loop: ptxas then keeps them (and the smem descriptors built from them) in
-    // uniform registers; carried states put the descriptor math on the vector path right before
-    // each wgmma issue (+17 instructions per tile in the loop).
-    const uint32_t first = read.count();
-    auto state = [first](int n) {
-      const uint32_t i = first + uint32_t(n);
-      return PipelineState(int(i % kStages), (i / kStages) & 1, i);
-    };
     float sf[Softmax::kScores];
+    float alpha[2];       // exp2(m_old - m_new) of tile n
     float alpha_prev[2];  // two-level: the O rescale that goes with buf = PV(n-1)
-    // Consumer warpgroup 0 issues first: the last one in turn order pre-arrives on its barrier.
-    if (cw == kNumConsumerWG - 1) NamedBarrier::arrive(kPingPongThreads, kPingPongBarrier + 0);
-    {
-      const float c = tile_scale(0);
-      const PipelineState k0 = state(0);
-      NamedBarrier::sync(kPingPongThreads, pp_own);
-      wait(ss.pipeline_k, k0);
-      issue_qk(k0.index());
-      NamedBarrier::arrive(kPingPongThreads, pp_next);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tSrS);
-      release(ss.pipeline_k, k0);
-      sm.step(tSrS, c, tile_masked(0), map.col0, key_lim, sf, alpha_prev);
-      pack_p(sf);
-    }
-    for (int n = 1; n < n_end; ++n) {
-      const float c = tile_scale(n);
-      const PipelineState kn = state(n);      // K of tile n
-      const PipelineState vn = state(n - 1);  // V lags K by one tile
-      NamedBarrier::sync(kPingPongThreads, pp_own);
-      wait(ss.pipeline_k, kn);
-      issue_qk(kn.index());
-      wait(ss.pipeline_v, vn);
-      issue_pv(vn.index());
-      NamedBarrier::arrive(kPingPongThreads, pp_next);
-      warpgroup_wait<1>();  // QK(n) done, PV(n-1) may still run
-      warpgroup_fence_operand(tSrS);
-      release(ss.pipeline_k, kn);
-      float alpha[2];
-      sm.step(tSrS, c, tile_masked(n), n * kBlockKV + map.col0, key_lim, sf, alpha);
-      // Without this the compiler sinks the EX2s below the wait and nothing overlaps PV(n-1).
-      Loads::pin_before_wgmma_wait(&ss.pin[cw * 128 + tid], sm.l[0] + sm.l[1]);
-      warpgroup_wait<0>();  // PV(n-1) done: buf / O valid, P registers free
-      release(ss.pipeline_v, vn);
-      fold_o(alpha_prev, alpha);
-      pack_p(sf);
-      alpha_prev[0] = alpha[0];
-      alpha_prev[1] = alpha[1];
-    }
-    {
-      const PipelineState vl = state(n_end - 1);
-      wait(ss.pipeline_v, vl);
-      issue_pv(vl.index());
-      warpgroup_wait<0>();
-      release(ss.pipeline_v, vl);
-    }
+    float c = 0.f;        // tile n's score scale
+    Loads::template kv_loop<kStages, kNumConsumerWG, kPingPongThreads>(
+        ss.pipeline_k, ss.pipeline_v, read, n_end, cw, tid, [&](int n) { c = tile_scale(n); }, issue_qk, issue_pv,
+        [&] { warpgroup_fence_operand(tSrS); },
+        [&](int n) {
+          sm.step(tSrS, c, lim.masked(n), n * kBlockKV + map.col0, lim.row, sf, n == 0 ? alpha_prev : alpha);
+        },
+        [&] { Loads::pin_before_wgmma_wait(&ss.pin[cw * 128 + tid], sm.l[0] + sm.l[1]); },
+        [&](int) {
+          fold_o(alpha_prev, alpha);
+          pack_p(sf);
+          alpha_prev[0] = alpha[0];
+          alpha_prev[1] = alpha[1];
+        },
+        [&] { pack_p(sf); });
     if constexpr (kOneLevel) {
       warpgroup_fence_operand(tOrO);
     } else {
       fold_o(alpha_prev, alpha_prev);
     }
-    // Balance the barriers: warpgroup 0's got one arrival more (the pre-arrival) than it synced.
-    if (cw == 0) NamedBarrier::sync(kPingPongThreads, pp_own);
-    read = state(n_end);
   }
 
 #endif  // __CUDACC__

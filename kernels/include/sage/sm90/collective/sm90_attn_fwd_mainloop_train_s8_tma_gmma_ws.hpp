@@ -23,11 +23,11 @@
 #include <type_traits>
 
 #include "sage/common/arch.hpp"
-#include "sage/sm90/collective/sm90_attn_fwd_mainloop_tma_loads.hpp"
 #include "sage/sm90/collective/sm90_attn_fwd_softmax_online.hpp"
 #include "sage/sm90/kernel/sm90_attn_fwd_tile_scheduler.hpp"
 #include "sage/sm90/sm90_attn_fwd_train_s8_params.hpp"
 #include "sage/sm90/sm90_tma_desc.hpp"
+#include "sage/sm90/collective/sm90_attn_fwd_mainloop_tma_loads.hpp"
 
 #include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
@@ -88,8 +88,7 @@ struct CollectiveMainloopFwdSm90TrainS8
   using PipelineState = typename Pipeline::PipelineState;
   using Softmax = OnlineSoftmaxS32Sm90<kBlockKV, /*kE4m3Bias=*/false>;
 
-  static constexpr uint32_t kPingPongBarrier = 0;
-  static constexpr uint32_t kPingPongThreads = 2 * 128;
+  static constexpr uint32_t kPingPongThreads = 2 * 128;  // the GEMM turns' named barriers (Loads::kv_loop)
 
   struct SharedStorage {
     alignas(1024) int8_t q[kQTileBytes];
@@ -155,7 +154,6 @@ struct CollectiveMainloopFwdSm90TrainS8
                              int n_end, int cw, int tid, FragO& tOrO, Softmax& sm) {
     using namespace cute;
     using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
-    using NamedBarrier = cutlass::arch::NamedBarrier;
     constexpr int D = kHeadDim;
     TiledMmaQK mma_qk;
     TiledMmaPV mma_pv;
@@ -192,35 +190,11 @@ struct CollectiveMainloopFwdSm90TrainS8
     // (s_Q * s_K) * sm_scale * log2e, the emulation's order of the products
     auto tile_scale = [&](int n) { return (q_scale * k_scale_head[n]) * p.scale_log2; };
 
-    const int causal_offset = p.seq_kv - p.seq_q;
-    const int key_lim[2] = {p.causal ? min(p.seq_kv - 1, grow0 + causal_offset) : p.seq_kv - 1,
-                            p.causal ? min(p.seq_kv - 1, grow0 + 8 + causal_offset) : p.seq_kv - 1};
-    const int wg_key_lim = p.causal ? min(p.seq_kv - 1, wg_row_begin + causal_offset) : p.seq_kv - 1;
-    auto tile_masked = [&](int n) { return n * kBlockKV + kBlockKV - 1 > wg_key_lim; };
+    const typename Loads::KeyLimits lim(p, grow0, wg_row_begin);
 
-    auto issue_qk = [&](int stage) {
-      warpgroup_fence_operand(tSrS);
-      warpgroup_arrive();
-      mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-        cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb, stage), tSrS);
-        mma_qk.accumulate_ = GMMA::ScaleOut::One;
-      }
-      warpgroup_commit_batch();
-    };
+    auto issue_qk = [&](int stage) { Loads::issue_gemm(mma_qk, tSrQ, tSrK, stage, tSrS, GMMA::ScaleOut::Zero); };
     // buf = P^ V^ (fresh s32 accumulator), from the INT8 registers tOrP; committed, not waited for.
-    auto issue_pv = [&](int stage) {
-      warpgroup_fence_operand(tOrBuf);
-      warpgroup_arrive();
-      mma_pv.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
-        cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb, stage), tOrBuf);
-        mma_pv.accumulate_ = GMMA::ScaleOut::One;
-      }
-      warpgroup_commit_batch();
-    };
+    auto issue_pv = [&](int stage) { Loads::issue_gemm(mma_pv, tOrP, tOrV, stage, tOrBuf, GMMA::ScaleOut::Zero); };
     // P~ -> INT8 A fragment, one scale per row of the tile (s_P = max P~ / 127, IEEE division and
     // round-half-even as the emulation; P~ >= 0). Returns s_P of both rows in sp.
     auto pack_p = [&](const float (&sf)[Softmax::kScores], float (&sp)[2]) {
@@ -269,80 +243,36 @@ struct CollectiveMainloopFwdSm90TrainS8
         }
       }
     };
-    const bool release_lane = tid % 32 == 0;
-    auto release = [&](typename Pipeline::SharedStorage& pipe, const PipelineState& st) {
-      if (release_lane) pipe.empty_barrier_[st.index()].arrive();
-    };
-    auto wait = [](typename Pipeline::SharedStorage& pipe, const PipelineState& st) {
-      pipe.full_barrier_[st.index()].wait(st.phase());
-    };
-    const uint32_t pp_own = kPingPongBarrier + cw;
-    const uint32_t pp_next = kPingPongBarrier + (cw + 1) % kNumConsumerWG;
-
     TxBarrier::wait(&ss.bar_q, 0);
-    const uint32_t first = read.count();
-    auto state = [first](int n) {
-      const uint32_t i = first + uint32_t(n);
-      return PipelineState(int(i % kStages), (i / kStages) & 1, i);
-    };
     float sf[Softmax::kScores];
+    float alpha[2];          // exp2(m_old - m_new) of tile n
     float alpha_prev[2];     // the O rescale that goes with buf = PV(n-1)
     float pv_scale_prev[2];  // s_P(n-1) * s_V(n-1) per row
-    if (cw == kNumConsumerWG - 1) NamedBarrier::arrive(kPingPongThreads, kPingPongBarrier + 0);
-    {
-      const float c = tile_scale(0);
-      const PipelineState k0 = state(0);
-      NamedBarrier::sync(kPingPongThreads, pp_own);
-      wait(ss.pipeline_k, k0);
-      issue_qk(k0.index());
-      NamedBarrier::arrive(kPingPongThreads, pp_next);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tSrS);
-      release(ss.pipeline_k, k0);
-      sm.step(tSrS, c, tile_masked(0), map.col0, key_lim, sf, alpha_prev);
+    float c = 0.f;           // tile n's score scale
+    float sv = 0.f;          // tile n's V scale
+    auto pack_tile = [&](const float (&a)[2]) {
       float sp[2];
       pack_p(sf, sp);
-      const float sv = v_scale_head[0];
+      alpha_prev[0] = a[0];
+      alpha_prev[1] = a[1];
       pv_scale_prev[0] = sp[0] * sv;
       pv_scale_prev[1] = sp[1] * sv;
-    }
-    for (int n = 1; n < n_end; ++n) {
-      const float c = tile_scale(n);
-      const PipelineState kn = state(n);
-      const PipelineState vn = state(n - 1);  // V lags K by one tile
-      NamedBarrier::sync(kPingPongThreads, pp_own);
-      wait(ss.pipeline_k, kn);
-      issue_qk(kn.index());
-      wait(ss.pipeline_v, vn);
-      issue_pv(vn.index());
-      NamedBarrier::arrive(kPingPongThreads, pp_next);
-      warpgroup_wait<1>();  // QK(n) done, PV(n-1) may still run
-      warpgroup_fence_operand(tSrS);
-      release(ss.pipeline_k, kn);
-      float alpha[2];
-      sm.step(tSrS, c, tile_masked(n), n * kBlockKV + map.col0, key_lim, sf, alpha);
-      Loads::pin_before_wgmma_wait(&ss.pin[cw * 128 + tid], sm.l[0] + sm.l[1]);
-      warpgroup_wait<0>();  // PV(n-1) done: buf valid, P registers free
-      release(ss.pipeline_v, vn);
-      fold_o(alpha_prev, pv_scale_prev);
-      float sp[2];
-      pack_p(sf, sp);
-      const float sv = v_scale_head[n];
-      alpha_prev[0] = alpha[0];
-      alpha_prev[1] = alpha[1];
-      pv_scale_prev[0] = sp[0] * sv;
-      pv_scale_prev[1] = sp[1] * sv;
-    }
-    {
-      const PipelineState vl = state(n_end - 1);
-      wait(ss.pipeline_v, vl);
-      issue_pv(vl.index());
-      warpgroup_wait<0>();
-      release(ss.pipeline_v, vl);
-    }
+    };
+    Loads::template kv_loop<kStages, kNumConsumerWG, kPingPongThreads>(
+        ss.pipeline_k, ss.pipeline_v, read, n_end, cw, tid,
+        [&](int n) {
+          c = tile_scale(n);
+          sv = v_scale_head[n];
+        },
+        issue_qk, issue_pv, [&] { warpgroup_fence_operand(tSrS); },
+        [&](int n) { sm.step(tSrS, c, lim.masked(n), n * kBlockKV + map.col0, lim.row, sf, alpha); },
+        [&] { Loads::pin_before_wgmma_wait(&ss.pin[cw * 128 + tid], sm.l[0] + sm.l[1]); },
+        [&](int) {
+          fold_o(alpha_prev, pv_scale_prev);
+          pack_tile(alpha);
+        },
+        [&] { pack_tile(alpha); });
     fold_o(alpha_prev, pv_scale_prev);
-    if (cw == 0) NamedBarrier::sync(kPingPongThreads, pp_own);
-    read = state(n_end);
   }
 
 #endif  // __CUDACC__
