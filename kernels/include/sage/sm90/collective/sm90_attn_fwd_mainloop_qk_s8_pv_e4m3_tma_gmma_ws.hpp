@@ -149,18 +149,8 @@ struct CollectiveMainloopFwdSm90QkS8PvE4m3
     p.q_scale_groups = int(sm90_q_scale_groups(a.seq_q));
     p.k_scale_groups = int(sm90_k_scale_groups(a.seq_kv));
     p.causal = a.mask == MaskKind::kCausal;
-    constexpr int D = kHeadDim;
-    const uint64_t s_pad = uint64_t(sm90_v_pad(a.seq_kv));
-    const uint64_t bh_q = uint64_t(a.batch) * a.heads_q;
-    const uint64_t bh_kv = uint64_t(a.batch) * a.heads_kv;
-    // Rank 3 ({d, s, b*h}) so that a box never crosses into the next head: rows >= s are
-    // zero-filled by TMA.
-    cudaError_t err = encode_tma_3d_u8(&p.tma_q, a.q, D, a.seq_q, bh_q, D, uint64_t(a.seq_q) * D, D, kBlockQ,
-                                       kSwizzleQK);
-    if (err != cudaSuccess) return err;
-    err = encode_tma_3d_u8(&p.tma_k, a.k, D, a.seq_kv, bh_kv, D, uint64_t(a.seq_kv) * D, D, kBlockKV, kSwizzleQK);
-    if (err != cudaSuccess) return err;
-    return encode_tma_3d_u8(&p.tma_v, a.v_t, s_pad, D, bh_kv, s_pad, s_pad * D, kBlockKV, D, kSwizzleV);
+    return Loads::encode_tmas(p, a.q, a.k, a.v_t, a.batch, a.heads_q, a.heads_kv, a.seq_q, a.seq_kv, kHeadDim,
+                              uint64_t(sm90_v_pad(a.seq_kv)), kSwizzleQK, kSwizzleV);
   }
 
 #if defined(__CUDACC__)

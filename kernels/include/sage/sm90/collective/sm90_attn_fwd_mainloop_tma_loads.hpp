@@ -16,11 +16,29 @@
 #include <cutlass/arch/barrier.h>
 
 #include "sage/sm90/kernel/sm90_attn_fwd_tile_scheduler.hpp"
+#include "sage/sm90/sm90_tma_desc.hpp"
 
 namespace sage::sm90 {
 
 template <int kBlockQ, int kBlockKV, uint32_t kQTileBytes, uint32_t kKTileBytes, uint32_t kVTileBytes>
 struct AttnFwdSm90TmaLoads {
+  // Host: the three TMA descriptors of a call. Rank 3 ({d, s, b*h}) so that a box never crosses
+  // into the next head: rows >= s are zero-filled by TMA. q, k: (b*h, s, d) bytes, boxes {d, kBlockQ}
+  // and {d, kBlockKV}; v_t: (b*h_kv, d, s_pad) bytes, box {kBlockKV, d}.
+  template <class Params>
+  static cudaError_t encode_tmas(Params& p, const void* q, const void* k, const void* v_t, int batch, int heads_q,
+                                 int heads_kv, int seq_q, int seq_kv, uint64_t d, uint64_t s_pad,
+                                 CUtensorMapSwizzle swizzle_qk, CUtensorMapSwizzle swizzle_v) {
+    const uint64_t bh_q = uint64_t(batch) * heads_q;
+    const uint64_t bh_kv = uint64_t(batch) * heads_kv;
+    cudaError_t err = encode_tma_3d_u8(&p.tma_q, q, d, seq_q, bh_q, d, uint64_t(seq_q) * d, uint32_t(d), kBlockQ,
+                                       swizzle_qk);
+    if (err != cudaSuccess) return err;
+    err = encode_tma_3d_u8(&p.tma_k, k, d, seq_kv, bh_kv, d, uint64_t(seq_kv) * d, uint32_t(d), kBlockKV, swizzle_qk);
+    if (err != cudaSuccess) return err;
+    return encode_tma_3d_u8(&p.tma_v, v_t, s_pad, d, bh_kv, s_pad, s_pad * d, kBlockKV, uint32_t(d), swizzle_v);
+  }
+
 #if defined(__CUDACC__)
   // KV tiles that query block m_block may see: [0, n_end). Bottom-right causal: row i sees keys
   // <= i + (s_kv - s_q); a block whose rows see no key loads nothing (n_end == 0).
