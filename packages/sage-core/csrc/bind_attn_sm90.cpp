@@ -151,6 +151,33 @@ void check_attn_out(const Array& out, const std::optional<Array>& lse, const Arr
   }
 }
 
+// The INT8 q (b, h_q, s_q, d) and k (b, h_kv, seq_kv, d) of an attention kernel over
+// pre-quantized tensors: CUDA, contiguous, d 64 or 128, GQA heads; returns the sizes.
+struct QkS8Dims {
+  int64_t b, h_q, s_q, d, h_kv;
+};
+QkS8Dims check_qk_s8(const Array& q, const Array& k, int64_t seq_kv, const char* fn) {
+  check_cuda(q, "q");
+  check_dtype(q, "q", {kI8});
+  check_ndim(q, "q", 4);
+  check_contiguous(q, "q");
+  const int64_t b = dim(q, 0), h_q = dim(q, 1), s_q = dim(q, 2), d = dim(q, 3);
+  check_positive(b, "batch", fn);
+  check_positive(h_q, "q heads", fn);
+  check_positive(s_q, "q length", fn);
+  check_head_dim(d, fn);
+  check_positive(seq_kv, "seq_kv", fn);
+  check_cuda(k, "k");
+  check_same_device(q, "q", k, "k");
+  check_dtype(k, "k", {kI8});
+  check_ndim(k, "k", 4);
+  const int64_t h_kv = dim(k, 1);
+  check_heads(h_q, h_kv, fn);
+  check_shape(k, "k", {b, h_kv, seq_kv, d});
+  check_contiguous(k, "k");
+  return QkS8Dims{b, h_q, s_q, d, h_kv};
+}
+
 void check_sm_scale(float sm_scale, const char* fn) {
   if (!(sm_scale > 0.f) || !std::isfinite(sm_scale)) {
     fail_value(std::string(fn) + ": sm_scale must be a finite positive float, got " + std::to_string(sm_scale));
@@ -164,25 +191,8 @@ void attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v_t, Array q_scale, Arr
                                  const std::string& pv_accum) {
   constexpr const char* fn = "attn_fwd_sm90_qk_s8_pv_e4m3";
   const bool one_level = parse_one_level(pv_accum, fn);
-  check_cuda(q, "q");
-  check_dtype(q, "q", {kI8});
-  check_ndim(q, "q", 4);
-  check_contiguous(q, "q");
-  const int64_t b = dim(q, 0), h_q = dim(q, 1), s_q = dim(q, 2), d = dim(q, 3);
-  check_positive(b, "batch", fn);
-  check_positive(h_q, "q heads", fn);
-  check_positive(s_q, "q length", fn);
-  check_head_dim(d, fn);
-  check_positive(seq_kv, "seq_kv", fn);
-
-  check_cuda(k, "k");
-  check_same_device(q, "q", k, "k");
-  check_dtype(k, "k", {kI8});
-  check_ndim(k, "k", 4);
-  const int64_t h_kv = dim(k, 1);
-  check_heads(h_q, h_kv, fn);
-  check_shape(k, "k", {b, h_kv, seq_kv, d});
-  check_contiguous(k, "k");
+  const QkS8Dims dims = check_qk_s8(q, k, seq_kv, fn);
+  const int64_t b = dims.b, h_q = dims.h_q, s_q = dims.s_q, d = dims.d, h_kv = dims.h_kv;
 
   const int64_t s_pad = sage::sm90::sm90_v_pad(seq_kv);
   check_cuda(v_t, "v_t");
@@ -458,24 +468,8 @@ void attn_fwd_sm90_train_s8(Array q, Array k, Array v_t, Array q_scale, Array k_
                             uintptr_t stream) {
   constexpr const char* fn = "attn_fwd_sm90_train_s8";
   namespace k8 = sage::sm90;
-  check_cuda(q, "q");
-  check_dtype(q, "q", {kI8});
-  check_ndim(q, "q", 4);
-  check_contiguous(q, "q");
-  const int64_t b = dim(q, 0), h_q = dim(q, 1), s_q = dim(q, 2), d = dim(q, 3);
-  check_positive(b, "batch", fn);
-  check_positive(h_q, "q heads", fn);
-  check_positive(s_q, "q length", fn);
-  check_head_dim(d, fn);
-  check_positive(seq_kv, "seq_kv", fn);
-  check_cuda(k, "k");
-  check_same_device(q, "q", k, "k");
-  check_dtype(k, "k", {kI8});
-  check_ndim(k, "k", 4);
-  const int64_t h_kv = dim(k, 1);
-  check_heads(h_q, h_kv, fn);
-  check_shape(k, "k", {b, h_kv, seq_kv, d});
-  check_contiguous(k, "k");
+  const QkS8Dims dims = check_qk_s8(q, k, seq_kv, fn);
+  const int64_t b = dims.b, h_q = dims.h_q, s_q = dims.s_q, d = dims.d, h_kv = dims.h_kv;
   check_cuda(v_t, "v_t");
   check_same_device(q, "q", v_t, "v_t");
   check_dtype(v_t, "v_t", {kI8});
