@@ -61,6 +61,7 @@
 
 #include "sage/sm90/sm90_attn_fwd_qk_s8_pv_e4m3_params.hpp"
 #include "sage/common/cvt_e4m3.cuh"
+#include "sage/common/div_rn.cuh"
 
 namespace sage::sm90 {
 namespace quant_detail {
@@ -75,11 +76,11 @@ inline constexpr int kStatsUnroll = 4;     // tokens per thread in flight in the
 // Up to this many statistics chunks, pass B finalizes the statistics itself (no pass F launch).
 inline constexpr int kFusedFinalizeMaxChunks = 4;
 static_assert(kFusedFinalizeMaxChunks * kSm90StatsChunk == 2048, "the file comment says s_kv <= 2048");
-// Scales inside [kFastDivMin, kFastDivMax] use the reciprocal + 2 corrections division.
-inline constexpr float kFastDivMin = 0x1p-64f;
-inline constexpr float kFastDivMax = 0x1p64f;
-// x + 1.5 * 2^23 rounds x (|x| < 2^22) to an integer, half to even, in the low mantissa bits.
-inline constexpr float kRoundMagic = 12582912.f;
+// Scales inside [kDivRnFastMin, kDivRnFastMax] use the reciprocal + 2 corrections division
+// (sage/common/div_rn.cuh).
+using ::sage::div_rn_fast;
+using ::sage::kRoundMagic;
+using ::sage::pack_low_bytes;
 
 struct InF16 {
   using T = __half;
@@ -135,20 +136,7 @@ __device__ __forceinline__ int quant_s8(float x, float s) {
   return q > 127 ? 127 : (q < -127 ? -127 : q);
 }
 
-__device__ __forceinline__ bool fast_div_ok(float s) { return s >= kFastDivMin && s <= kFastDivMax; }
-
-// RN(x / s) given y = RN(1/s) and s in [kFastDivMin, kFastDivMax], |x / s| >= 2^-30 (see the file
-// comment). Explicit __fmul_rn / __fmaf_rn: no contraction may change the rounding steps.
-__device__ __forceinline__ float div_rn_fast(float x, float s, float y) {
-  float q = __fmul_rn(x, y);
-  q = __fmaf_rn(__fmaf_rn(-s, q, x), y, q);
-  return __fmaf_rn(__fmaf_rn(-s, q, x), y, q);
-}
-
-// Four int8 codes, each in the low byte of its word -> one word (c0 in the lowest byte).
-__device__ __forceinline__ uint32_t pack_low_bytes(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
-  return __byte_perm(__byte_perm(c0, c1, 0x0040), __byte_perm(c2, c3, 0x0040), 0x5410);
-}
+__device__ __forceinline__ bool fast_div_ok(float s) { return ::sage::div_rn_fast_ok(s); }
 
 // Eight int8 codes of x / s (s > 0 or non-finite) as 8 bytes.
 __device__ __forceinline__ uint2 quant8_s8(const float (&x)[8], float s, float y, bool fast) {

@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "sage/common/arch.hpp"
+#include "sage/common/div_rn.cuh"
 #include "sage/sm90/collective/sm90_attn_fwd_softmax_online.hpp"
 #include "sage/sm90/kernel/sm90_attn_fwd_tile_scheduler.hpp"
 #include "sage/sm90/sm90_attn_fwd_train_s8_params.hpp"
@@ -186,8 +187,10 @@ struct CollectiveMainloopFwdSm90TrainS8
     auto issue_qk = [&](int stage) { Loads::issue_gemm(mma_qk, tSrQ, tSrK, stage, tSrS, GMMA::ScaleOut::Zero); };
     // buf = P^ V^ (fresh s32 accumulator), from the INT8 registers tOrP; committed, not waited for.
     auto issue_pv = [&](int stage) { Loads::issue_gemm(mma_pv, tOrP, tOrV, stage, tOrBuf, GMMA::ScaleOut::Zero); };
-    // P~ -> INT8 A fragment, one scale per row of the tile (s_P = max P~ / 127, IEEE division and
-    // round-half-even as the emulation; P~ >= 0). Returns s_P of both rows in sp.
+    // P~ -> INT8 A fragment, one scale per row of the tile: s_P = max P~ / 127 (1 if 0), codes
+    // rne(P~ / s_P) bit for bit as the emulation's IEEE division (sage/common/div_rn.cuh: one
+    // reciprocal per row; __fdiv_rn only where s_P leaves [2^-64, 2^64], i.e. a row whose tile
+    // maximum underflowed). P~ >= 0 and P~ <= max, so no clamp. Returns s_P of both rows in sp.
     auto pack_p = [&](const float (&sf)[Softmax::kScores], float (&sp)[2]) {
       float mx[2] = {0.f, 0.f};
       CUTE_UNROLL
@@ -198,29 +201,34 @@ struct CollectiveMainloopFwdSm90TrainS8
           mx[half] = fmaxf(mx[half], fmaxf(sf[i], sf[i + 1]));
         }
       }
-      int8_t qv[Softmax::kScores];
+      float rcp[2];
+      bool fast[2];
       CUTE_UNROLL
       for (int half = 0; half < 2; ++half) {
         float a = fmaxf(mx[half], __shfl_xor_sync(0xffffffffu, mx[half], 1));
         a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
         sp[half] = a == 0.f ? 1.f : __fdiv_rn(a, 127.f);
+        rcp[half] = __frcp_rn(sp[half]);
+        fast[half] = div_rn_fast_ok(sp[half]);
       }
-      CUTE_UNROLL
-      for (int i = 0; i < Softmax::kScores; ++i) {
-        const int half = (i / 2) % 2;  // WgmmaAccumMap::index(j, half, e) = 4j + 2 half + e
-        qv[i] = static_cast<int8_t>(min(127, __float2int_rn(__fdiv_rn(sf[i], sp[half]))));
+      uint32_t code[Softmax::kScores];
+      if (fast[0] && fast[1]) {  // the common case: one branch per tile, not per element
+        CUTE_UNROLL
+        for (int i = 0; i < Softmax::kScores; ++i) {
+          const int half = (i / 2) % 2;  // WgmmaAccumMap::index(j, half, e) = 4j + 2 half + e
+          code[i] = __float_as_uint(__fadd_rn(div_rn_fast(sf[i], sp[half], rcp[half]), kRoundMagic));
+        }
+      } else {
+        CUTE_UNROLL
+        for (int i = 0; i < Softmax::kScores; ++i) code[i] = uint32_t(__float2int_rn(__fdiv_rn(sf[i], sp[(i / 2) % 2])));
       }
-      auto word = [&](int i0, int i1, int i2, int i3) {
-        return uint32_t(uint8_t(qv[i0])) | uint32_t(uint8_t(qv[i1])) << 8 | uint32_t(uint8_t(qv[i2])) << 16 |
-               uint32_t(uint8_t(qv[i3])) << 24;
-      };
       CUTE_UNROLL
       for (int cch = 0; cch < kBlockKV / 32; ++cch) {
         const int j0 = 4 * cch;  // accumulator column groups 4c .. 4c+3 = keys 32c .. 32c+31
-        tOrP32(4 * cch + 0) = word(4 * j0 + 0, 4 * j0 + 1, 4 * j0 + 4, 4 * j0 + 5);
-        tOrP32(4 * cch + 1) = word(4 * j0 + 2, 4 * j0 + 3, 4 * j0 + 6, 4 * j0 + 7);
-        tOrP32(4 * cch + 2) = word(4 * j0 + 8, 4 * j0 + 9, 4 * j0 + 12, 4 * j0 + 13);
-        tOrP32(4 * cch + 3) = word(4 * j0 + 10, 4 * j0 + 11, 4 * j0 + 14, 4 * j0 + 15);
+        tOrP32(4 * cch + 0) = pack_low_bytes(code[4 * j0 + 0], code[4 * j0 + 1], code[4 * j0 + 4], code[4 * j0 + 5]);
+        tOrP32(4 * cch + 1) = pack_low_bytes(code[4 * j0 + 2], code[4 * j0 + 3], code[4 * j0 + 6], code[4 * j0 + 7]);
+        tOrP32(4 * cch + 2) = pack_low_bytes(code[4 * j0 + 8], code[4 * j0 + 9], code[4 * j0 + 12], code[4 * j0 + 13]);
+        tOrP32(4 * cch + 3) = pack_low_bytes(code[4 * j0 + 10], code[4 * j0 + 11], code[4 * j0 + 14], code[4 * j0 + 15]);
       }
     };
     // After PV(n-1) has finished: O = O * alpha(n-1) + buf * s_P(n-1) * s_V(n-1).
