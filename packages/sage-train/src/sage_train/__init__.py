@@ -9,7 +9,8 @@
 * :class:`TrainKernel`, :func:`register_kernel` — where GPU kernels plug in
   (``sage_train.backends.sm90``); ``sage_train._dispatch`` decides per call.
 
-No GPU kernel of the recipe exists yet: every call runs the exact emulation from
+Training runs no GPU kernel of the recipe yet (the Hopper forward exists in
+``sage_train.backends.sm90``, the backward does not): every call runs the exact emulation from
 ``sage_quant.emulation.train_s8`` (a warning says so once).
 """
 
