@@ -21,12 +21,12 @@ if [ "${SAGE_SKIP_BENCH:-0}" != "1" ]; then
   grep -v '^{' "$OUT/bench.log" | tail -60
 fi
 if [ "${SAGE_SANITIZE:-0}" = "1" ]; then  # memcheck + racecheck of the sm90 kernels on a small case
-  for acc in two_level one_level; do
+  for kernel in "--pv-accum two_level" "--pv-accum one_level" "--train"; do
     for d in 128 64; do
       for tool in memcheck racecheck; do
         timeout 120 compute-sanitizer --tool $tool --print-limit 5 python3 tools/profile_sm90.py \
-          --b 1 --h 2 --n 300 --d $d --causal --iters 1 --pv-accum $acc > "$OUT/sanitize.log" 2>&1
-        echo "[gpu_round] $tool d=$d $acc rc=$? $(grep -E "(ERROR|RACECHECK) SUMMARY" "$OUT/sanitize.log" | tail -1)"
+          --b 1 --h 2 --n 300 --d $d --causal --iters 1 $kernel > "$OUT/sanitize.log" 2>&1
+        echo "[gpu_round] $tool d=$d $kernel rc=$? $(grep -E "(ERROR|RACECHECK) SUMMARY" "$OUT/sanitize.log" | tail -1)"
       done
     done
   done

@@ -4,6 +4,7 @@
         python tools/profile_sm90.py --n 8192
     compute-sanitizer --tool memcheck python tools/profile_sm90.py --n 300 --b 1 --h 2 --causal
     compute-sanitizer --tool racecheck python tools/profile_sm90.py --n 300 --b 1 --h 2 --pv-accum one_level
+    compute-sanitizer --tool memcheck python tools/profile_sm90.py --n 300 --b 1 --h 2 --causal --train
 
 --quant-only: time the fused Q/K/V quantizer alone (CUDA events, median of --reps calls after
 warm-up) and print its time and effective bandwidth. Two timings: the whole Python call
@@ -193,6 +194,8 @@ def main() -> None:
     p.add_argument("--host", action="store_true", help="host-side cost of a whole call (+ cProfile)")
     p.add_argument("--pv-accum", default="two_level", choices=["two_level", "one_level"],
                    help="the recipe option of the profiled call (one_level: its own kernels)")
+    p.add_argument("--train", action="store_true",
+                   help="the train_s8 forward kernel (sage_train.backends.sm90.forward) instead of inference")
     a = p.parse_args()
     dtype = torch.float16 if a.fp16 else torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -210,7 +213,13 @@ def main() -> None:
     if a.torch_profile:
         torch_profile(a, q, k, v)
         return
+    if a.train:
+        from sage_train.backends import sm90 as train_sm90
+
     for _ in range(a.iters):
+        if a.train:
+            o, _ = train_sm90.forward(q, k, v, layout="bhsd", is_causal=a.causal, scale=a.d ** -0.5, smooth_k=True)
+            continue
         o, _ = sm90.attention_sm90_qk_s8_pv_e4m3(q, k, v, layout="bhsd", is_causal=a.causal,
                                                  scale=a.d ** -0.5, return_lse=False, pv_accum=a.pv_accum)
     torch.cuda.synchronize()
