@@ -74,3 +74,28 @@ def test_time_cuda_interleaved_rotates_and_takes_medians(monkeypatch):
     warm = ["a", "a", "b", "b", "c", "c"]
     timed = ["a", "a", "b", "b", "c", "c", "b", "b", "c", "c", "a", "a", "c", "c", "a", "a", "b", "b"]
     assert log == warm + timed
+
+
+def test_emulated_mmas_say_what_the_gpu_runs_natively():
+    """The sm80 family's mma.sync instructions per recipe and arch (docs/perf/sm80_family_blackwell.md):
+    FP8 is native on sm_89/120/121 only, INT4 on sm_80-89 only; INT8 and FP16 everywhere."""
+    from sage_torch.backends import sm80
+
+    assert sm80.emulated_mmas("qk_s8_pv_f16", "sm90") == ()
+    assert sm80.emulated_mmas("qk_s8_pv_s8", "sm100") == ()
+    assert sm80.emulated_mmas("qk_s8_pv_e4m3", "sm89") == ()
+    assert sm80.emulated_mmas("qk_s8_pv_e4m3", "sm90") == ("QMMA.E4M3",)
+    assert sm80.emulated_mmas("qk_s8_pv_e4m3", "sm120") == ()
+    assert sm80.emulated_mmas("qk_s4_pv_e4m3", "sm90") == ("IMMA.S4", "QMMA.E4M3")
+    assert sm80.emulated_mmas("qk_s4_pv_e4m3", "sm86") == ("QMMA.E4M3",)
+    with pytest.raises(ValueError, match="unknown sm80-family recipe"):
+        sm80.emulated_mmas("qk_nvfp4_pv_nvfp4", "sm120")
+
+
+def test_bench_table_names_the_backend_and_emulated_instructions(capsys):
+    rows = [{"impl": "sage_qk_s8_pv_e4m3", "d": 128, "causal": False, "n": 4096, "tops": 300.0, "rel_l1": 0.04,
+             "backend": "sm80_qk_s8_pv_e4m3", "native": False, "emulated": ["QMMA.E4M3"]},
+            {"impl": "sdpa_flash", "d": 128, "causal": False, "n": 4096, "tops": 340.0, "rel_l1": 0.002}]
+    text = bench.print_table(rows)
+    assert "| sage_qk_s8_pv_e4m3 (sm80_qk_s8_pv_e4m3; emulated here: QMMA.E4M3) | 300 |" in text
+    assert "| sdpa_flash | 340 |" in text

@@ -10,7 +10,11 @@ batch and two heads, all keys). A head dim that sage runs zero-padded to a kerne
 (``sage_torch._head_dim``: 32 -> 64, 80/96 -> 128) counts the call's d in its TOPS (the useful
 work), so the padded kernel's extra work shows as lower TOPS next to SDPA's; its sage rows also
 carry ``padded_to``, the kernel-only time at the padded d and ``pad_ms``, the padding alone
-(zero-padded copies of q, k, v and the slice of o back into q's order). Writes ``bench.json``
+(zero-padded copies of q, k, v and the slice of o back into q's order). A recipe forced with
+``--recipes`` says which backend ran it and whether its tensor-core instructions are native on this
+GPU (``backend``, ``native``, ``emulated``: the sm80 mma.sync family on Hopper emulates FP8 and INT4
+mma.sync), also in the table. The timed callables of a shape run interleaved in rotated rounds
+(:func:`time_cuda_interleaved`). Writes ``bench.json``
 (device, versions, commit, one row per impl/d/causal/n) and ``bench.png``. Without a GPU it says
 so and runs the CPU emulation on a small problem instead, so the command still shows what each
 recipe's accuracy is (at ``--d``; for a padded head dim also how far the emulation of the padded
@@ -178,8 +182,31 @@ def sage_impls() -> dict[str, dict]:
             return sage_torch.attention(q, k, v, is_causal=is_causal, recipe=recipe, strict=True, **options)
 
         name = f"sage_{recipe}" + "".join(f"[{k}={v}]" for k, v in options.items())
-        impls[name] = {"e2e": forced}
+        impls[name] = {"e2e": forced, "recipe": recipe}
     return impls
+
+
+def instruction_note(recipe: str, q: torch.Tensor) -> dict:
+    """Which backend runs a forced recipe here and whether its tensor-core instructions are native on
+    this GPU: ``{"backend": ..., "native": bool, "emulated": [...]}`` (the sm80 mma.sync family on
+    Hopper emulates FP8 and INT4 mma.sync; the wgmma kernels are native), so a table never passes an
+    emulation's speed off as the kernel's."""
+    from . import _dispatch
+
+    arch = _dispatch.device_arch(q.device)
+    try:
+        decision = _dispatch.resolve(arch, q.dtype, q.shape[-1], recipe, strict=False)
+    except Exception as exc:  # noqa: BLE001 - the row's own run reports the failure
+        return {"backend": f"unresolved ({type(exc).__name__})"}
+    spec = decision.backend if decision.kind == _dispatch.KIND_KERNEL else None
+    if spec is None:
+        return {"backend": decision.kind}
+    emulated: tuple[str, ...] = ()
+    if spec.name.startswith("sm80_"):
+        from .backends import sm80
+
+        emulated = sm80.emulated_mmas(recipe, arch)
+    return {"backend": spec.name, "native": not emulated, "emulated": list(emulated)}
 
 
 def padding_for_bench(q, k, v, d_kernel: int):
@@ -225,6 +252,8 @@ def bench_gpu(args) -> list[dict]:
                     row = {"impl": name, "d": d, "causal": causal, "n": n, "b": b, "h": HEADS}
                     if padded and name.startswith("sage"):
                         row["padded_to"] = d_kernel
+                    if impl.get("recipe"):
+                        row.update(instruction_note(impl["recipe"], q))
                     shape_rows[name] = row
                     try:
                         out = torch.full_like(q, float("nan"))
@@ -301,7 +330,12 @@ def print_table(rows: list[dict]) -> str:
                 if padded_to:
                     pad = (f" {100 * last['pad_ms'] / last['ms']:.1f} |" if last and "pad_ms" in last and "ms" in last
                            else " - |")
-                lines.append(f"| {impl} | " + " | ".join(cells) + f" | {acc} |" + pad)
+                label = impl
+                first = next((x for x in sub if x["impl"] == impl and "backend" in x), None)
+                if first is not None:  # a forced recipe: which kernel ran, and whether natively
+                    label += f" ({first['backend']}" + (f"; emulated here: {', '.join(first['emulated'])}"
+                                                        if first.get("emulated") else "") + ")"
+                lines.append(f"| {label} | " + " | ".join(cells) + f" | {acc} |" + pad)
     text = "\n".join(lines)
     print(text)
     return text

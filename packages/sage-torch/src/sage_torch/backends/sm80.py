@@ -64,6 +64,7 @@ __all__ = [
     "grid_limit_reason",
     "quant_v_t_p32",
     "kernel_names",
+    "emulated_mmas",
     "attn_qk_s8_pv_f16",
     "attn_qk_s8_pv_s8",
     "attn_qk_s8_pv_e4m3",
@@ -93,6 +94,31 @@ _ARCHS = {
     "qk_s4_pv_e4m3": ("sm89", "sm90") + _BLACKWELL,
 }
 _PORTED_ARCHS = ("sm90",) + _BLACKWELL
+
+# The mma.sync instructions of each recipe (QK, then P·V), and the archs whose tensor cores run them
+# natively; elsewhere the compiler emulates them (FP8 on sm_90a / sm_100a / sm_103a through FP16
+# HMMA, INT4 on sm_90a and Blackwell through INT8 IMMA): SASS in docs/perf/sm80_family_blackwell.md.
+_MMA_OF_RECIPE = {
+    "qk_s8_pv_f16": ("IMMA.S8", "HMMA.F16"),
+    "qk_s8_pv_s8": ("IMMA.S8", "IMMA.S8"),
+    "qk_s8_pv_e4m3": ("IMMA.S8", "QMMA.E4M3"),
+    "qk_s4_pv_e4m3": ("IMMA.S4", "QMMA.E4M3"),
+}
+_MMA_NATIVE_ARCHS = {
+    "IMMA.S8": ("sm80", "sm86", "sm89", "sm90") + _BLACKWELL,
+    "HMMA.F16": ("sm80", "sm86", "sm89", "sm90") + _BLACKWELL,
+    "QMMA.E4M3": ("sm89", "sm120", "sm121"),
+    "IMMA.S4": ("sm80", "sm86", "sm89"),
+}
+
+
+def emulated_mmas(recipe: str, arch: str) -> tuple[str, ...]:
+    """The mma.sync instructions of ``recipe``'s kernel that ``arch`` does not run natively (the
+    compiler emulates them with others): () where every one is native. Benchmarks print it next to
+    a number, since an emulated instruction measures the emulation, not the kernel's design."""
+    if recipe not in _MMA_OF_RECIPE:
+        raise ValueError(f"unknown sm80-family recipe {recipe!r}; known: {RECIPES}")
+    return tuple(dict.fromkeys(m for m in _MMA_OF_RECIPE[recipe] if arch not in _MMA_NATIVE_ARCHS[m]))
 
 
 def _perm32() -> tuple[int, ...]:
