@@ -97,7 +97,8 @@ WARMUP_ROUNDS = 3
 TIMING_METHOD = ("CUDA events around each forward (synchronised, inference_mode); the variants of a "
                  "size interleaved in rounds (order rotated by one each round) after --warmup rounds; rounds: enough for --min-time s of "
                  "timed forwards per variant, >= --iters, <= --max-iters; ms = median, ms_q1/ms_q3 = "
-                 "quartiles; speedup = ratio of medians, speedup_*_q1_q3 = quartiles of the per-round ratio")
+                 "quartiles; speedup = ratio of medians, speedup_*_q1_q3 = quartiles of the per-round ratio; "
+                 "host_ms = median host time issuing a forward (above ms: host-bound)")
 
 NO_ATTENTION_HF_NAME = "sage_bench_no_attention"
 COMPARE_CHUNK_ELEMENTS = 1 << 24  # float64 elements per chunk of the output comparison
@@ -175,11 +176,19 @@ def compare(a: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     return {"rel_l1": rel, "cos": cos}
 
 
+#: Host milliseconds of the last cuda_event_ms call: from before start.record() until fn() returned
+#: (what the CPU spent issuing the forward; where it exceeds the GPU time, the forward is host-bound).
+_last_host_ms: list[float] = [math.nan]
+
+
 def cuda_event_ms(fn: Callable[[], object]) -> float:
-    """Milliseconds of one fn() between two CUDA events, synchronised on the end event."""
+    """Milliseconds of one fn() between two CUDA events, synchronised on the end event (and the
+    host time of issuing it in ``_last_host_ms``)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
     start.record()
     fn()
+    _last_host_ms[0] = (time.perf_counter() - t0) * 1e3
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
@@ -210,14 +219,19 @@ def time_interleaved(calls: dict[str, tuple[Callable[[], object], Callable[[], A
 
     Returns ``(ms per timed round per variant, failures, rounds)``; every surviving variant has
     one time per round."""
+    own_clock = clock is None
     clock = clock or cuda_event_ms
     failed: dict[str, BaseException] = {}
+    host_ms: dict[str, list[float]] = {name: [] for name in calls}
 
     def one(name: str) -> float | None:
         fwd, context = calls[name]
         try:
             with context():
-                return clock(fwd)
+                t = clock(fwd)
+            if own_clock:
+                host_ms[name].append(_last_host_ms[0])
+            return t
         except Exception as exc:  # noqa: BLE001 - a failing variant is a row, not a crash
             failed[name] = exc
             free_memory()
@@ -233,13 +247,21 @@ def time_interleaved(calls: dict[str, tuple[Callable[[], object], Callable[[], A
     if warmup:
         rounds = rounds_needed({k: warm_ms[k] for k in live if k in warm_ms}, min_time_s, iters, max_iters)
     times: dict[str, list[float]] = {name: [] for name in live}
+    for h in host_ms.values():
+        h.clear()  # the timed rounds' host times only
     for r in range(rounds):
         # Round r starts at variant r (mod n): no variant always follows the same one (a heavy
         # eager/math forward can leave the next one lower clocks), every position is taken alike.
         for name in live[r % len(live):] + live[:r % len(live)]:
             if name not in failed and (t := one(name)) is not None:
                 times[name].append(t)
+    last_host_ms.clear()
+    last_host_ms.update({k: v for k, v in host_ms.items() if v and k not in failed})
     return {k: v for k, v in times.items() if k not in failed}, failed, rounds
+
+
+#: Host ms per timed round per variant of the last time_interleaved call with the CUDA-event clock.
+last_host_ms: dict[str, list[float]] = {}
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -453,6 +475,8 @@ class Runner:
             rows[name].update(_failure(exc, " while timing"))
         for name, ts in times.items():
             rows[name].update(timing_stats(ts, a.warmup))
+            if last_host_ms.get(name):
+                rows[name]["host_ms"] = quartiles(last_host_ms[name])[1]  # median host time per forward
         # Speedups: ratio of the medians, and the quartiles of the per-round ratio (same rounds).
         for name, ts in times.items():
             for base in ("sdpa", "sdpa_cudnn"):
@@ -706,7 +730,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                      f"sdpa run)\n")
         head = ["tokens", "sdpa ms", "cuDNN ms", "sage ms", "sage vs sdpa", "sage vs cuDNN",
                 "rel-L1 sage"] + [f"rel-L1 {ref}" for ref in refs] + [
-                "attn share (sdpa)", "IQR/median sdpa / cuDNN / sage", "rounds", "sage ran"]
+                "attn share (sdpa)", "IQR/median sdpa / cuDNN / sage", "host ms sdpa / sage", "rounds", "sage ran"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|---" * len(head) + "|")
         for n in sorted({r["tokens"] for r in sub}):
@@ -717,6 +741,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                      _cell_ms(sage), _cell_speedup(sage, "sdpa"), _cell_speedup(sage, "sdpa_cudnn"),
                      sage_rel, *ref_rel, _fmt(sdpa.get("attention_fraction_est"), ".0%"),
                      " / ".join(_cell_spread(r) for r in (sdpa, cudnn, sage)),
+                     " / ".join(_fmt(r.get("host_ms"), ".2f") for r in (sdpa, sage)),
                      str(next((r["iters"] for r in (sdpa, cudnn, sage) if "iters" in r), "-")),
                      sage.get("sage_ran", sage.get("skipped", sage.get("error", "-")))[:120]]
             lines.append("| " + " | ".join(cells) + " |")
