@@ -9,8 +9,9 @@ every impl vs float64 attention on the same inputs (a strided sample of query ro
 batch and two heads, all keys). A head dim that sage runs zero-padded to a kernel's
 (``sage_torch._head_dim``: 32 -> 64, 80/96 -> 128) counts the call's d in its TOPS (the useful
 work), so the padded kernel's extra work shows as lower TOPS next to SDPA's; its sage rows also
-carry ``padded_to``, the kernel-only time at the padded d and ``pad_ms``, the padding alone
-(zero-padded copies of q, k, v and the slice of o back into q's order). A recipe forced with
+carry ``padded_to``, the kernel-only time at the padded d and, where the backend pads copies,
+``pad_ms``, the padding alone (zero-padded copies of q, k, v and the slice of o back into q's
+order; the sm90 backend zero-fills inside its quantizer instead: no ``pad_ms``). A recipe forced with
 ``--recipes`` says which backend ran it and whether its tensor-core instructions are native on this
 GPU (``backend``, ``native``, ``emulated``: the sm80 mma.sync family on Hopper emulates FP8 and INT4
 mma.sync), also in the table. The timed callables of a shape run interleaved in rotated rounds
@@ -173,7 +174,10 @@ def sage_impls() -> dict[str, dict]:
     def e2e(q, k, v, is_causal):
         return sage_torch.attention(q, k, v, is_causal=is_causal, recipe="auto")
 
-    impls["sage"] = {"e2e": e2e, "split": getattr(mod, "split_for_bench", None)}
+    # zero_fill: the backend runs padded head dims without copies (the quantizer zero-fills), so the
+    # kernel-only column runs on the call's own tensors and there is no padding time to report
+    impls["sage"] = {"e2e": e2e, "split": getattr(mod, "split_for_bench", None),
+                     "zero_fill": bool(getattr(mod, "ZERO_FILL", False))}
     # Recipes forced onto their own kernels (strict: never the emulation, never a fallback).
     for spec in FORCED_RECIPES:
         recipe, options = parse_forced(spec)
@@ -264,7 +268,7 @@ def bench_gpu(args) -> list[dict]:
                         del out
                         timed[(name, "ms")] = lambda impl=impl: impl["e2e"](q, k, v, causal)
                         if impl.get("split") and d_kernel is not None:
-                            if padded:  # the kernel at d_kernel on the padded inputs, scale of d
+                            if padded and not impl.get("zero_fill"):  # the kernel at d_kernel on padded copies
                                 qp, kp, vp, pad_fn = padding_for_bench(q, k, v, d_kernel)
                                 timed[(name, "pad_ms")] = pad_fn
                                 prepared, kernel = impl["split"](qp, kp, vp, is_causal=causal, scale=d ** -0.5)
