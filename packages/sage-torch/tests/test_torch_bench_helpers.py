@@ -99,3 +99,24 @@ def test_bench_table_names_the_backend_and_emulated_instructions(capsys):
     text = bench.print_table(rows)
     assert "| sage_qk_s8_pv_e4m3 (sm80_qk_s8_pv_e4m3; emulated here: QMMA.E4M3) | 300 |" in text
     assert "| sdpa_flash | 340 |" in text
+
+
+def test_family_prefix_runs_that_backend_directly_or_says_why_not(monkeypatch, fake_backend):
+    """--recipes sm80/qk_s8_pv_e4m3 times that family's backend itself (dispatch would take the wgmma
+    kernel on a Hopper): called with the call's scale, its supports() checked first (a declined call
+    is an error row, never a fallback); an unknown backend is a ValueError."""
+    fake = fake_backend("qk_s8_pv_e4m3", archs=("sm80", "sm90"), name="sm80_qk_s8_pv_e4m3")
+    declining = fake_backend("qk_s8_pv_s8", archs=("sm90",), name="sm80_qk_s8_pv_s8",
+                             supports=lambda *a, **k: "no kernel in this build")
+    monkeypatch.setattr(bench, "FORCED_RECIPES", ["sm80/qk_s8_pv_e4m3", "sm80/qk_s8_pv_s8", "qk_s8_pv_f16"])
+    impls = bench.sage_impls()
+    assert impls["sage_sm80/qk_s8_pv_e4m3"]["family"] == "sm80" and impls["sage_qk_s8_pv_f16"]["family"] is None
+    q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
+    out = impls["sage_sm80/qk_s8_pv_e4m3"]["e2e"](q, q, q, True)
+    assert out.shape == q.shape and fake.calls[-1]["is_causal"] and fake.calls[-1]["scale"] == 64 ** -0.5
+    with pytest.raises(RuntimeError, match="backend sm80_qk_s8_pv_s8 cannot run this call: no kernel"):
+        impls["sage_sm80/qk_s8_pv_s8"]["e2e"](q, q, q, False)
+    assert not declining.calls
+    with pytest.raises(ValueError, match="no backend 'sm99_qk_s8_pv_f16'"):
+        bench._family_impl("sm99", "qk_s8_pv_f16", {})
+    assert bench.instruction_note("qk_s8_pv_e4m3", q, "sm80")["backend"] == "sm80_qk_s8_pv_e4m3"

@@ -12,8 +12,9 @@ work), so the padded kernel's extra work shows as lower TOPS next to SDPA's; its
 carry ``padded_to``, the kernel-only time at the padded d and, where the backend pads copies,
 ``pad_ms``, the padding alone (zero-padded copies of q, k, v and the slice of o back into q's
 order; the sm90 backend zero-fills inside its quantizer instead: no ``pad_ms``). A recipe forced with
-``--recipes`` says which backend ran it and whether its tensor-core instructions are native on this
-GPU (``backend``, ``native``, ``emulated``: the sm80 mma.sync family on Hopper emulates FP8 and INT4
+``--recipes`` (``family/recipe``, e.g. ``sm80/qk_s8_pv_e4m3``, runs that family's backend directly:
+the SageAttention-shaped mma.sync kernels on a Hopper) says which backend ran it and whether its
+tensor-core instructions are native on this GPU (``backend``, ``native``, ``emulated``: the sm80 mma.sync family on Hopper emulates FP8 and INT4
 mma.sync), also in the table. The timed callables of a shape run interleaved in rotated rounds
 (:func:`time_cuda_interleaved`). Writes ``bench.json``
 (device, versions, commit, one row per impl/d/causal/n) and ``bench.png``. Without a GPU it says
@@ -178,19 +179,45 @@ def sage_impls() -> dict[str, dict]:
     # kernel-only column runs on the call's own tensors and there is no padding time to report
     impls["sage"] = {"e2e": e2e, "split": getattr(mod, "split_for_bench", None),
                      "zero_fill": bool(getattr(mod, "ZERO_FILL", False))}
-    # Recipes forced onto their own kernels (strict: never the emulation, never a fallback).
+    # Recipes forced onto their own kernels (strict: never the emulation, never a fallback); a
+    # "family/recipe" spec (sm80/qk_s8_pv_e4m3) runs that family's backend directly, e.g. the mma.sync
+    # kernels on a Hopper, where dispatch would pick the wgmma kernel for the recipe.
     for spec in FORCED_RECIPES:
         recipe, options = parse_forced(spec)
+        family, _, recipe = recipe.rpartition("/")
+        if family:
+            forced = _family_impl(family, recipe, options)
+        else:
+            def forced(q, k, v, is_causal, recipe=recipe, options=options):
+                return sage_torch.attention(q, k, v, is_causal=is_causal, recipe=recipe, strict=True, **options)
 
-        def forced(q, k, v, is_causal, recipe=recipe, options=options):
-            return sage_torch.attention(q, k, v, is_causal=is_causal, recipe=recipe, strict=True, **options)
-
-        name = f"sage_{recipe}" + "".join(f"[{k}={v}]" for k, v in options.items())
-        impls[name] = {"e2e": forced, "recipe": recipe}
+        name = f"sage_{family + '/' if family else ''}{recipe}" + "".join(f"[{k}={v}]" for k, v in options.items())
+        impls[name] = {"e2e": forced, "recipe": recipe, "family": family or None}
     return impls
 
 
-def instruction_note(recipe: str, q: torch.Tensor) -> dict:
+def _family_impl(family: str, recipe: str, options: dict):
+    """The backend ``{family}_{recipe}`` called directly (its ``supports`` checked first: a call it
+    declines is an error row, never a fallback)."""
+    from .backends import load_backend_modules, registered_backends
+
+    load_backend_modules()  # registered lazily, on the first dispatch
+    name = f"{family}_{recipe}"
+    spec = next((b for b in registered_backends() if b.name == name), None)
+    if spec is None:
+        raise ValueError(f"--recipes {family}/{recipe}: no backend {name!r} is registered")
+
+    def run(q, k, v, is_causal):
+        kwargs = {"layout": "bhsd", "is_causal": is_causal, "scale": q.shape[-1] ** -0.5, "return_lse": False}
+        why = spec.supports(q, k, v, **kwargs, **options) if spec.supports is not None else None
+        if why is not None or not spec.available():
+            raise RuntimeError(f"backend {name} cannot run this call: {why or 'not available'}")
+        return spec.fn(q, k, v, **kwargs, **options)[0]
+
+    return run
+
+
+def instruction_note(recipe: str, q: torch.Tensor, family: str | None = None) -> dict:
     """Which backend runs a forced recipe here and whether its tensor-core instructions are native on
     this GPU: ``{"backend": ..., "native": bool, "emulated": [...]}`` (the sm80 mma.sync family on
     Hopper emulates FP8 and INT4 mma.sync; the wgmma kernels are native), so a table never passes an
@@ -198,19 +225,22 @@ def instruction_note(recipe: str, q: torch.Tensor) -> dict:
     from . import _dispatch
 
     arch = _dispatch.device_arch(q.device)
-    try:
-        decision = _dispatch.resolve(arch, q.dtype, q.shape[-1], recipe, strict=False)
-    except Exception as exc:  # noqa: BLE001 - the row's own run reports the failure
-        return {"backend": f"unresolved ({type(exc).__name__})"}
-    spec = decision.backend if decision.kind == _dispatch.KIND_KERNEL else None
-    if spec is None:
-        return {"backend": decision.kind}
+    if family is not None:
+        backend = f"{family}_{recipe}"
+    else:
+        try:
+            decision = _dispatch.resolve(arch, q.dtype, q.shape[-1], recipe, strict=False)
+        except Exception as exc:  # noqa: BLE001 - the row's own run reports the failure
+            return {"backend": f"unresolved ({type(exc).__name__})"}
+        if decision.kind != _dispatch.KIND_KERNEL or decision.backend is None:
+            return {"backend": decision.kind}
+        backend = decision.backend.name
     emulated: tuple[str, ...] = ()
-    if spec.name.startswith("sm80_"):
+    if backend.startswith("sm80_"):
         from .backends import sm80
 
         emulated = sm80.emulated_mmas(recipe, arch)
-    return {"backend": spec.name, "native": not emulated, "emulated": list(emulated)}
+    return {"backend": backend, "native": not emulated, "emulated": list(emulated)}
 
 
 def padding_for_bench(q, k, v, d_kernel: int):
@@ -257,7 +287,7 @@ def bench_gpu(args) -> list[dict]:
                     if padded and name.startswith("sage"):
                         row["padded_to"] = d_kernel
                     if impl.get("recipe"):
-                        row.update(instruction_note(impl["recipe"], q))
+                        row.update(instruction_note(impl["recipe"], q, impl.get("family")))
                     shape_rows[name] = row
                     try:
                         out = torch.full_like(q, float("nan"))
@@ -437,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--recipes", nargs="*", default=[],
                    help="also time these recipes forced onto their kernels (e.g. qk_s8_pv_f16 qk_s8_pv_s8); "
-                        "options after a colon: qk_s8_pv_f16:pv_accum=f16_buffer")
+                        "options after a colon: qk_s8_pv_f16:pv_accum=f16_buffer; a family prefix runs that "
+                        "family's backend directly: sm80/qk_s8_pv_e4m3 (the mma.sync kernel on a Hopper)")
     p.add_argument("--out", default=os.environ.get("SAGE_BENCH_OUT", "bench-out"))
     args = p.parse_args(argv)
     for spec in args.recipes:
