@@ -69,10 +69,11 @@ void check_positive(int64_t v, const char* what, const char* fn) {
 }
 
 
-// The output/LSE/shape fields of the attention args (out and lse validated by the caller).
-void fill_attn_args(AttnFwdQkS8PvE4m3Args& a, const Array& out, const std::optional<Array>& lse, int64_t b,
-                    int64_t h_q, int64_t h_kv, int64_t s_q, int64_t s_kv, int64_t d, int64_t d_out,
-                    float sm_scale, bool is_causal) {
+// The output/LSE/shape fields shared by the attention args of every sm90 recipe (out and lse
+// validated by the caller).
+template <class Args>
+void fill_out_args(Args& a, const Array& out, const std::optional<Array>& lse, int64_t b, int64_t h_q,
+                   int64_t h_kv, int64_t s_q, int64_t s_kv, int64_t d, float sm_scale, bool is_causal) {
   a.o = out.data();
   a.o_stride_b = stride(out, 0);
   a.o_stride_h = stride(out, 1);
@@ -88,9 +89,15 @@ void fill_attn_args(AttnFwdQkS8PvE4m3Args& a, const Array& out, const std::optio
   a.seq_q = int(s_q);
   a.seq_kv = int(s_kv);
   a.head_dim = int(d);
-  a.head_dim_out = int(d_out);
   a.sm_scale = sm_scale;
   a.mask = is_causal ? sage::sm90::MaskKind::kCausal : sage::sm90::MaskKind::kNone;
+}
+
+void fill_attn_args(AttnFwdQkS8PvE4m3Args& a, const Array& out, const std::optional<Array>& lse, int64_t b,
+                    int64_t h_q, int64_t h_kv, int64_t s_q, int64_t s_kv, int64_t d, int64_t d_out,
+                    float sm_scale, bool is_causal) {
+  fill_out_args(a, out, lse, b, h_q, h_kv, s_q, s_kv, d, sm_scale, is_causal);
+  a.head_dim_out = int(d_out);
 }
 
 // pv_accum option -> instantiation family (checked before any launch).
@@ -504,23 +511,7 @@ void attn_fwd_sm90_train_s8(Array q, Array k, Array v_t, Array q_scale, Array k_
   a.q_scale = static_cast<const float*>(q_scale.data());
   a.k_scale = static_cast<const float*>(k_scale.data());
   a.v_scale = static_cast<const float*>(v_scale.data());
-  a.o = out.data();
-  a.o_stride_b = stride(out, 0);
-  a.o_stride_h = stride(out, 1);
-  a.o_stride_s = stride(out, 2);
-  if (lse) {
-    a.lse = static_cast<float*>(lse->data());
-    a.lse_stride_b = stride(*lse, 0);
-    a.lse_stride_h = stride(*lse, 1);
-  }
-  a.batch = int(b);
-  a.heads_q = int(h_q);
-  a.heads_kv = int(h_kv);
-  a.seq_q = int(s_q);
-  a.seq_kv = int(seq_kv);
-  a.head_dim = int(d);
-  a.sm_scale = sm_scale;
-  a.mask = is_causal ? k8::MaskKind::kCausal : k8::MaskKind::kNone;
+  fill_out_args(a, out, lse, b, h_q, h_kv, s_q, seq_kv, d, sm_scale, is_causal);
   const bool bf16 = same_dtype(out.dtype(), kBF16);
   DeviceGuard guard(q.device_id());
   cudaError_t err;

@@ -33,21 +33,11 @@ using AttnFwdSm90QkS8PvE4m3Kernel = AttnFwdSm90KernelTmaWs<
 template <int kHeadDim, class OutTag, bool kOneLevel>
 cudaError_t launch_attn_fwd_sm90_qk_s8_pv_e4m3(const AttnFwdQkS8PvE4m3Args& a, cudaStream_t stream) {
   using Kernel = AttnFwdSm90QkS8PvE4m3Kernel<kHeadDim, OutTag, kOneLevel>;
-  if (a.head_dim != kHeadDim || a.batch <= 0 || a.heads_q <= 0 || a.heads_kv <= 0 || a.seq_q <= 0 ||
-      a.seq_kv <= 0 || a.heads_q % a.heads_kv != 0 || a.heads_q > 65535 || a.batch > 65535 ||
-      !(a.sm_scale > 0.f) || a.q == nullptr || a.k == nullptr || a.v_t == nullptr ||
-      a.q_scale == nullptr || a.k_scale == nullptr || a.v_scale == nullptr || a.o == nullptr ||
-      // stored columns: all, or a multiple of 8 below (the epilogue stores whole 8-column groups)
-      !(a.head_dim_out == 0 || a.head_dim_out == kHeadDim ||
-        (a.head_dim_out >= 8 && a.head_dim_out < kHeadDim && a.head_dim_out % 8 == 0))) {
-    return cudaErrorInvalidValue;
-  }
-  typename Kernel::Params p;
-  cudaError_t err = Kernel::Mainloop::to_params(a, p.mainloop);
-  if (err != cudaSuccess) return err;
-  p.epilogue = Kernel::Epilogue::to_params(a);
-  p.scheduler = AttnFwdSingleTileScheduler::to_params(a.seq_q, a.heads_q, a.batch, Kernel::Mainloop::kBlockQ);
-  return launch_attn_fwd_sm90<Kernel>(p, stream);
+  // stored columns: all, or a multiple of 8 below (the epilogue stores whole 8-column groups)
+  const bool d_out_ok = a.head_dim_out == 0 || a.head_dim_out == kHeadDim ||
+                        (a.head_dim_out >= 8 && a.head_dim_out < kHeadDim && a.head_dim_out % 8 == 0);
+  if (!attn_fwd_sm90_args_ok(a, kHeadDim) || !d_out_ok) return cudaErrorInvalidValue;
+  return launch_attn_fwd_sm90_from_args<Kernel>(a, stream);
 }
 
 }  // namespace sage::sm90

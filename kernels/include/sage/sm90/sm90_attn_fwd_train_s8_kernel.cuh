@@ -25,18 +25,8 @@ using AttnFwdSm90TrainS8Kernel = AttnFwdSm90KernelTmaWs<
 template <int kHeadDim, class OutTag>
 cudaError_t launch_attn_fwd_sm90_train_s8(const AttnFwdTrainS8Args& a, cudaStream_t stream) {
   using Kernel = AttnFwdSm90TrainS8Kernel<kHeadDim, OutTag>;
-  if (a.head_dim != kHeadDim || a.batch <= 0 || a.heads_q <= 0 || a.heads_kv <= 0 || a.seq_q <= 0 ||
-      a.seq_kv <= 0 || a.heads_q % a.heads_kv != 0 || a.heads_q > 65535 || a.batch > 65535 ||
-      !(a.sm_scale > 0.f) || a.q == nullptr || a.k == nullptr || a.v_t == nullptr || a.q_scale == nullptr ||
-      a.k_scale == nullptr || a.v_scale == nullptr || a.o == nullptr) {
-    return cudaErrorInvalidValue;
-  }
-  typename Kernel::Params p;
-  cudaError_t err = Kernel::Mainloop::to_params(a, p.mainloop);
-  if (err != cudaSuccess) return err;
-  p.epilogue = Kernel::Epilogue::to_params(a);
-  p.scheduler = AttnFwdSingleTileScheduler::to_params(a.seq_q, a.heads_q, a.batch, Kernel::Mainloop::kBlockQ);
-  return launch_attn_fwd_sm90<Kernel>(p, stream);
+  if (!attn_fwd_sm90_args_ok(a, kHeadDim)) return cudaErrorInvalidValue;
+  return launch_attn_fwd_sm90_from_args<Kernel>(a, stream);
 }
 
 }  // namespace sage::sm90

@@ -103,6 +103,21 @@ __global__ void __launch_bounds__(Kernel::kThreads, 1)
 #endif
 }
 
+// The checks every recipe's launcher makes on the fields its args share (shapes, grid limits,
+// scale, the pointers every recipe has); a recipe adds its own.
+template <class Args>
+inline bool attn_fwd_sm90_args_ok(const Args& a, int head_dim) {
+  return a.head_dim == head_dim && a.batch > 0 && a.heads_q > 0 && a.heads_kv > 0 && a.seq_q > 0 &&
+         a.seq_kv > 0 && a.heads_q % a.heads_kv == 0 && a.heads_q <= 65535 && a.batch <= 65535 &&
+         a.sm_scale > 0.f && a.q != nullptr && a.k != nullptr && a.v_t != nullptr && a.q_scale != nullptr &&
+         a.k_scale != nullptr && a.v_scale != nullptr && a.o != nullptr;
+}
+
+// Run the composed kernel over a recipe's args: the mainloop's and epilogue's Params from them,
+// one CTA per tile.
+template <class Kernel, class Args>
+cudaError_t launch_attn_fwd_sm90_from_args(const Args& a, cudaStream_t stream);
+
 // Launch on `stream`. The dynamic shared memory opt-in is a per-device function attribute: set
 // once per device (a bit per ordinal), not on every call.
 template <class Kernel>
@@ -120,6 +135,18 @@ cudaError_t launch_attn_fwd_sm90(const typename Kernel::Params& p, cudaStream_t 
   }
   kernel<<<Kernel::Scheduler::grid(p.scheduler), Kernel::kThreads, Kernel::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
+}
+#endif
+
+#if defined(__CUDACC__)
+template <class Kernel, class Args>
+cudaError_t launch_attn_fwd_sm90_from_args(const Args& a, cudaStream_t stream) {
+  typename Kernel::Params p;
+  cudaError_t err = Kernel::Mainloop::to_params(a, p.mainloop);
+  if (err != cudaSuccess) return err;
+  p.epilogue = Kernel::Epilogue::to_params(a);
+  p.scheduler = Kernel::Scheduler::to_params(a.seq_q, a.heads_q, a.batch, Kernel::Mainloop::kBlockQ);
+  return launch_attn_fwd_sm90<Kernel>(p, stream);
 }
 #endif
 
