@@ -194,6 +194,8 @@ def main() -> None:
     p.add_argument("--host", action="store_true", help="host-side cost of a whole call (+ cProfile)")
     p.add_argument("--pv-accum", default="two_level", choices=["two_level", "one_level"],
                    help="the recipe option of the profiled call (one_level: its own kernels)")
+    p.add_argument("--time", action="store_true",
+                   help="also print the call's median time (CUDA events, --reps) and TOPS (halved if causal)")
     p.add_argument("--train", action="store_true",
                    help="the train_s8 forward kernel (sage_train.backends.sm90.forward) instead of inference")
     a = p.parse_args()
@@ -216,14 +218,30 @@ def main() -> None:
     if a.train:
         from sage_train.backends import sm90 as train_sm90
 
-    for _ in range(a.iters):
+    def call():
         if a.train:
-            o, _ = train_sm90.forward(q, k, v, layout="bhsd", is_causal=a.causal, scale=a.d ** -0.5, smooth_k=True)
-            continue
-        o, _ = sm90.attention_sm90_qk_s8_pv_e4m3(q, k, v, layout="bhsd", is_causal=a.causal,
-                                                 scale=a.d ** -0.5, return_lse=False, pv_accum=a.pv_accum)
+            return train_sm90.forward(q, k, v, layout="bhsd", is_causal=a.causal, scale=a.d ** -0.5,
+                                      smooth_k=True)[0]
+        return sm90.attention_sm90_qk_s8_pv_e4m3(q, k, v, layout="bhsd", is_causal=a.causal,
+                                                 scale=a.d ** -0.5, return_lse=False, pv_accum=a.pv_accum)[0]
+
+    for _ in range(a.iters):
+        o = call()
     torch.cuda.synchronize()
     print("ok", float(o.float().abs().mean()))
+    if a.time:  # whole call: quantization and host time included
+        t = _time_ms(call, a.reps)
+        ops = 4.0 * a.b * a.h * a.n * a.n * a.d / (2 if a.causal else 1)
+        print(f"{'train_s8' if a.train else 'qk_s8_pv_e4m3'} b={a.b} h={a.h} n={a.n} d={a.d} "
+              f"causal={a.causal}: {t * 1e3:.1f} us, {ops / t / 1e9:.0f} TOPS end to end")
+        if a.train:  # the forward kernel alone, on operands quantized once
+            qz = train_sm90.quantize_forward(q, k, v, layout="bhsd", smooth_k=True)
+            lse = torch.empty((a.b, a.h, a.n), dtype=torch.float32, device="cuda")
+            stream = torch.cuda.current_stream().cuda_stream
+            t = _time_ms(lambda: sage_core._C.attn_fwd_sm90_train_s8(
+                qz["q"], qz["k"], qz["v_t"], qz["q_scale"], qz["k_scale"], qz["v_scale"], o, lse, a.n,
+                a.d ** -0.5, a.causal, stream), a.reps)
+            print(f"train_s8 forward kernel only: {t * 1e3:.1f} us, {ops / t / 1e9:.0f} TOPS")
 
 
 if __name__ == "__main__":
