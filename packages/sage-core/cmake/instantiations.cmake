@@ -14,6 +14,7 @@
 # Adding a kernel: one sage_instantiation() line below (see packages/sage-core/HOOKS.md).
 
 sage_kernel_family(quant ARCHS ALL             DEFINE SAGE_WITH_QUANT BINDING csrc/bind_quant.cpp)
+sage_kernel_family(decode ARCHS ALL            DEFINE SAGE_WITH_DECODE BINDING csrc/bind_decode.cpp)
 # sm80: also every Blackwell target (they keep mma.sync) until a tcgen05 (sm100) / NVFP4 (sm120)
 # kernel exists. An 'a' cubin runs only on its own compute capability, hence 103a and 121a too.
 sage_kernel_family(sm80  ARCHS 80 86 89 90a 100a 103a 120a 121a
@@ -28,6 +29,10 @@ sage_instantiation(quant quant_int8  quant/quant_int8.cu)   # quant_int bits=8, 
 sage_instantiation(quant quant_int4  quant/quant_int4.cu)   # quant_int bits=4, every granularity
 sage_instantiation(quant quant_v     quant/quant_v.cu)      # quant_v_e4m3_t, quant_v_s8
 sage_instantiation(quant quant_fp4   quant/quant_fp4.cu)    # quant_fp4 nvfp4 / mxfp4
+
+# --- decode over an INT8 KV cache (plain CUDA: dp4a + fp32, every arch; split-KV + combine) ----
+sage_instantiation(decode decode_s8_hdim64  decode/decode_s8_hdim64.cu)
+sage_instantiation(decode decode_s8_hdim128 decode/decode_s8_hdim128.cu)
 
 # --- sm80 family: mma.sync INT8/INT4 + FP16/FP8 PV (Ampere/Ada; also sm_90a and Blackwell) --
 # One line per SAGE_SM80_ATTN_FWD_CONFIGS entry (kernels/include/sage/sm80/sm80_attn_fwd_launch.hpp);

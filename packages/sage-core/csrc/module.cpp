@@ -83,6 +83,9 @@ NB_MODULE(_C, m) {
 #if defined(SAGE_WITH_QUANT)
   sage_core::bind_quant(m);
 #endif
+#if defined(SAGE_WITH_DECODE)
+  sage_core::bind_decode(m);
+#endif
 #if defined(SAGE_WITH_SM80)
   sage_core::bind_attn_sm80(m);
 #endif

@@ -8,6 +8,7 @@
 namespace sage_core {
 
 void bind_quant(nanobind::module_& m);      // csrc/bind_quant.cpp      (SAGE_WITH_QUANT)
+void bind_decode(nanobind::module_& m);     // csrc/bind_decode.cpp     (SAGE_WITH_DECODE)
 void bind_attn_sm80(nanobind::module_& m);  // csrc/bind_attn_sm80.cpp  (SAGE_WITH_SM80)
 void bind_attn_sm90(nanobind::module_& m);  // csrc/bind_attn_sm90.cpp  (SAGE_WITH_SM90)
 void bind_attn_sm100(nanobind::module_& m); // csrc/bind_attn_sm100.cpp (SAGE_WITH_SM100)

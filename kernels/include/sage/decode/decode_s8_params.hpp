@@ -1,0 +1,67 @@
+// Kernel ABI of the decode attention over an INT8 KV cache (family `decode`, every arch; host
+// side, no device code). Recipe and arithmetic: sage_quant.emulation.kvcache (the oracle) and
+// docs/decode.md. Launchers: kernels/src/decode/*.cu; the binding (csrc/bind_decode.cpp)
+// validates every argument first, the launcher re-checks what could make it access out of bounds
+// and returns cudaErrorInvalidValue.
+//
+// Cache: K and V codes int8 (b, h_kv, capacity, D) with per-token float32 scales (b, h_kv,
+// capacity): per-token INT8 of (K - k_mean) / k_chan and (V - v_mean) / v_chan, the means and the
+// channel equalizers (b, h_kv, D) fixed when the cache was first filled. Query rows are
+// q * k_chan (fp32), quantized per row inside the kernel (INT8, sage_quant's per_token
+// arithmetic); scores are exact int32 dot products:
+//   t[r, j] = (float(q8[r] . k8[j]) * k_scale[j]) * (q_scale[r] * scale_log2)
+//   o[r]    = (sum_j 2^(t[r,j] - m) * v_scale[j] * v8[j] / sum_j 2^(t[r,j] - m)) * v_chan + v_mean
+// over the keys row r sees (causal: bottom-right, j <= len - s_q + i). A row that sees no key is 0.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace sage::decode {
+
+enum class InDType : int32_t { kF16 = 0, kBF16 = 1 };
+
+inline constexpr int kTileTokens = 64;  // keys per tile; capacity and split_tokens are multiples
+inline constexpr int kMaxRowsPerCta = 16;
+
+struct DecodeS8Params {
+  // q, o: logical (b, h_q, s_q, head_dim), element strides, last dim contiguous, 16-byte aligned rows
+  const void* q = nullptr;
+  int64_t q_sb = 0, q_sh = 0, q_ss = 0;
+  void* o = nullptr;
+  int64_t o_sb = 0, o_sh = 0, o_ss = 0;
+  InDType dtype = InDType::kF16;
+  // cache: codes (b, h_kv, capacity, head_dim) and scales (b, h_kv, capacity), contiguous
+  const int8_t* k = nullptr;
+  const int8_t* v = nullptr;
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
+  const float* v_mean = nullptr;  // (b, h_kv, head_dim) contiguous, or nullptr (no V smoothing)
+  const float* k_chan = nullptr;  // (b, h_kv, head_dim) contiguous, or nullptr (1)
+  const float* v_chan = nullptr;  // (b, h_kv, head_dim) contiguous, or nullptr (1)
+  int32_t capacity = 0;
+  int32_t len = 0;  // valid cache tokens (1 <= len <= capacity)
+  int32_t b = 0, h_q = 0, h_kv = 0, s_q = 0, head_dim = 0;
+  int32_t causal = 1;
+  float scale_log2 = 0.f;  // softmax scale * log2(e), rounded to float once
+  // split-KV: splits CTAs per (b, kv head, row block), split_tokens keys each; with splits > 1
+  // the partials go to ws_o (splits, b, h_q, s_q, head_dim) f32 and ws_ml (splits, b, h_q, s_q, 2)
+  // f32, and a second launch combines them into o.
+  int32_t splits = 1;
+  int32_t split_tokens = 0;
+  float* ws_o = nullptr;
+  float* ws_ml = nullptr;
+};
+
+// Workspace floats for a call (0 when splits == 1).
+inline int64_t decode_s8_workspace_floats(const DecodeS8Params& p) {
+  if (p.splits <= 1) return 0;
+  const int64_t rows = int64_t(p.b) * p.h_q * p.s_q;
+  return int64_t(p.splits) * rows * (p.head_dim + 2);
+}
+
+cudaError_t launch_decode_s8_hdim64(const DecodeS8Params& p, cudaStream_t stream);
+cudaError_t launch_decode_s8_hdim128(const DecodeS8Params& p, cudaStream_t stream);
+
+}  // namespace sage::decode

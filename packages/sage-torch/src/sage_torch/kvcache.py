@@ -1,0 +1,240 @@
+"""``QuantizedKVCache``: an INT8 KV cache and decode attention that reads it (issue 11).
+
+A decode step re-quantizing a 16-bit cache through the prefill path costs more than it saves
+(``recipe="auto"`` gives such calls to PyTorch's SDPA). This cache quantizes each token once, as
+it is appended (INT8 per token of ``(K - k_mean) / k_chan`` and ``(V - v_mean) / v_chan``, the
+means and channel equalizers fixed by the first append), and :meth:`QuantizedKVCache.attention` reads the 8-bit codes directly: half the bytes
+of a bf16 cache. Recipe, arithmetic and oracle: :mod:`sage_quant.emulation.kvcache`.
+
+On CUDA with ``sage_core``'s ``decode`` family the attention runs the split-KV kernel
+(``sage_core.decode_s8``); anywhere else it runs the emulation and warns once (``strict=True``
+or ``SAGE_STRICT=1``: an error instead).
+
+    cache = sage_torch.QuantizedKVCache(batch=1, heads_kv=8, head_dim=128, capacity=8192,
+                                        device="cuda", dtype=torch.bfloat16)
+    cache.append(k_prompt, v_prompt)          # (b, h_kv, n, d); fixes the smoothing means
+    o = cache.attention(q_prompt)             # prefill rows are fine too (causal, bottom-right)
+    for step in ...:
+        cache.append(k_t, v_t)                # (b, h_kv, 1, d)
+        o_t = cache.attention(q_t)            # (b, h_q, 1, d), h_q a multiple of h_kv
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _dispatch
+
+__all__ = ["QuantizedKVCache", "decode_kernel_available"]
+
+_TILE = 64  # the kernel's key tile: capacity and split sizes are multiples of it
+_HEAD_DIMS = (64, 128)
+_DTYPES = (torch.float16, torch.bfloat16)
+#: split-KV: aim for this many CTAs per SM (the kernel holds ~4 per SM at d=128)
+_CTAS_PER_SM = 4
+
+
+def decode_kernel_available(head_dim: int, device: torch.device | str | None = None) -> bool:
+    """Whether ``sage_core.decode_s8`` holds the kernel for ``head_dim`` (and ``device`` is CUDA)."""
+    if head_dim not in _HEAD_DIMS or not torch.cuda.is_available():
+        return False
+    if device is not None and torch.device(device).type != "cuda":
+        return False
+    try:
+        import sage_core
+    except ImportError:
+        return False
+    return bool(sage_core.has_kernel(f"decode_s8_hdim{head_dim}")) and hasattr(sage_core._C, "decode_s8")
+
+
+def _bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x if layout == "bhsd" else x.transpose(1, 2)
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in ("bhsd", "bshd"):
+        raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
+
+
+def split_tokens_for(length: int, ctas_without_split: int, sms: int) -> int:
+    """Keys per split-KV CTA: enough splits for ~_CTAS_PER_SM CTAs per SM, whole 64-key tiles."""
+    want = max(1, math.ceil(_CTAS_PER_SM * sms / max(1, ctas_without_split)))
+    tiles = math.ceil(length / _TILE)
+    splits = min(want, tiles)
+    return math.ceil(tiles / splits) * _TILE
+
+
+class QuantizedKVCache:
+    """INT8 K/V cache of fixed capacity for ``batch`` sequences of equal length.
+
+    Args:
+        batch, heads_kv, head_dim: cache shape (head dim 64 or 128 for the kernel; others run the
+            emulation).
+        capacity: tokens it can hold (rounded up to a multiple of 64).
+        device, dtype: of the keys, values and queries it will see (float16 or bfloat16).
+        strict: raise instead of warning when the attention cannot run the kernel
+            (default: ``SAGE_STRICT``).
+
+    Attributes: ``length`` (tokens held), ``k``/``v`` (int8 ``(batch, heads_kv, capacity, head_dim)``),
+    ``k_scale``/``v_scale`` (float32 ``(batch, heads_kv, capacity)``), ``k_mean``/``v_mean`` (float32
+    ``(batch, heads_kv, head_dim)``, None until the first append), ``k_chan``/``v_chan`` (the channel
+    equalizers, likewise).
+    """
+
+    def __init__(self, batch: int, heads_kv: int, head_dim: int, capacity: int, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16,
+                 strict: Optional[bool] = None) -> None:
+        for name, val in (("batch", batch), ("heads_kv", heads_kv), ("head_dim", head_dim), ("capacity", capacity)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if dtype not in _DTYPES:
+            raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+        if strict is not None and not isinstance(strict, bool):
+            raise TypeError(f"strict must be a bool or None, got {type(strict).__name__}")
+        self.batch, self.heads_kv, self.head_dim, self.dtype = batch, heads_kv, head_dim, dtype
+        self.capacity = math.ceil(capacity / _TILE) * _TILE
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.strict = strict
+        shape = (batch, heads_kv, self.capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=torch.int8, device=self.device)
+        self.v = torch.zeros(shape, dtype=torch.int8, device=self.device)
+        # unused slots keep scale 1: finite whatever the kernel's last tile reads past length
+        self.k_scale = torch.ones(shape[:3], dtype=torch.float32, device=self.device)
+        self.v_scale = torch.ones(shape[:3], dtype=torch.float32, device=self.device)
+        self.k_mean: Optional[torch.Tensor] = None
+        self.v_mean: Optional[torch.Tensor] = None
+        self.k_chan: Optional[torch.Tensor] = None
+        self.v_chan: Optional[torch.Tensor] = None
+        self.length = 0
+
+    def __repr__(self) -> str:
+        return (f"QuantizedKVCache(batch={self.batch}, heads_kv={self.heads_kv}, head_dim={self.head_dim}, "
+                f"length={self.length}/{self.capacity}, dtype={self.dtype}, device={self.device})")
+
+    def reset(self) -> None:
+        """Empty the cache (the next append fixes new means)."""
+        self.length = 0
+        self.k_mean = self.v_mean = self.k_chan = self.v_chan = None
+
+    def _check_kv(self, x: torch.Tensor, what: str, layout: str) -> int:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{what} must be 4-D ({layout}), got shape {tuple(x.shape)}")
+        xb = _bhsd(x, layout)
+        b, h, n, d = xb.shape
+        if (b, h, d) != (self.batch, self.heads_kv, self.head_dim):
+            raise ValueError(f"{what} has (batch, heads, head_dim) = {(b, h, d)} in layout {layout!r}; "
+                             f"the cache holds {(self.batch, self.heads_kv, self.head_dim)}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"{what} dtype {x.dtype} differs from the cache's {self.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"{what} is on {x.device}, the cache on {self.device}")
+        if n < 1:
+            raise ValueError(f"{what} holds no tokens")
+        return n
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, *, layout: str = "bhsd") -> None:
+        """Quantize ``n`` new tokens into the cache (``k``, ``v``: ``(b, h_kv, n, d)`` or ``bshd``).
+
+        The first append fixes the smoothing means and channel equalizers (from its tokens:
+        ``sage_quant.emulation.kvcache.kv_stats``). Runs PyTorch ops on the cache's device."""
+        _check_layout(layout)
+        n = self._check_kv(k, "k", layout)
+        if self._check_kv(v, "v", layout) != n:
+            raise ValueError(f"k and v hold different token counts ({n} vs {_bhsd(v, layout).shape[2]})")
+        if self.length + n > self.capacity:
+            raise ValueError(f"appending {n} tokens to {self.length} exceeds the capacity {self.capacity}")
+        from sage_quant.emulation import kvcache as emu
+
+        kb, vb = _bhsd(k, layout), _bhsd(v, layout)
+        if self.k_mean is None:
+            self.k_mean, self.k_chan = emu.kv_stats(kb)
+            self.v_mean, self.v_chan = emu.kv_stats(vb)
+        k8, ks = emu.quantize_kv_tokens(kb, self.k_mean, self.k_chan)
+        v8, vs = emu.quantize_kv_tokens(vb, self.v_mean, self.v_chan)
+        end = self.length + n
+        self.k[:, :, self.length:end] = k8
+        self.v[:, :, self.length:end] = v8
+        self.k_scale[:, :, self.length:end] = ks
+        self.v_scale[:, :, self.length:end] = vs
+        self.length = end
+
+    def attention(self, q: torch.Tensor, *, is_causal: bool = True, scale: Optional[float] = None,
+                  layout: str = "bhsd") -> torch.Tensor:
+        """Attention of ``q`` (``(b, h_q, s_q, d)`` or ``bshd``, ``h_q`` a multiple of ``heads_kv``)
+        over the cache's ``length`` tokens; ``is_causal``: query ``i`` of ``s_q`` sees keys
+        ``j <= length - s_q + i`` (the queries are the last ``s_q`` tokens appended). Returns
+        q's shape, dtype and layout."""
+        _check_layout(layout)
+        if not isinstance(q, torch.Tensor) or q.dim() != 4:
+            raise ValueError(f"q must be a 4-D tensor ({layout}), got {getattr(q, 'shape', type(q).__name__)}")
+        if not isinstance(is_causal, bool):
+            raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        qb = _bhsd(q, layout)
+        b, h_q, s_q, d = qb.shape
+        if b != self.batch or d != self.head_dim or h_q < 1 or h_q % self.heads_kv:
+            raise ValueError(f"q has (batch, heads, head_dim) = {(b, h_q, d)}; the cache needs batch {self.batch}, "
+                             f"head_dim {self.head_dim} and heads a multiple of {self.heads_kv}")
+        if s_q < 1:
+            raise ValueError("q holds no query rows")
+        if q.dtype != self.dtype or q.device != self.device:
+            raise ValueError(f"q ({q.dtype}, {q.device}) must match the cache ({self.dtype}, {self.device})")
+        if self.length < 1:
+            raise ValueError("the cache is empty: append keys and values first")
+        if scale is None:
+            scale = d ** -0.5
+        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < float(scale) < math.inf:
+            raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+        if qb.stride(-1) != 1:
+            qb = qb.contiguous()
+        if decode_kernel_available(d, q.device):
+            return self._kernel(q, qb, is_causal, float(scale), layout)
+        strict = _dispatch._resolve_flags(None, self.strict)[1]
+        why = (f"no sage_core decode kernel for head dim {d} on {q.device.type}"
+               if d in _HEAD_DIMS else f"head dim {d} has no decode kernel (64, 128)")
+        if strict:
+            raise _dispatch.SageDispatchError(f"sage_torch strict mode: QuantizedKVCache.attention: {why}")
+        _dispatch.warn_once(f"kvcache:{why}", f"sage_torch.QuantizedKVCache.attention: {why}; running the "
+                            f"recipe's emulation (sage_quant.emulation.kvcache), which is slow.", stacklevel=3)
+        from sage_quant.emulation import kvcache as emu
+
+        o = emu.decode_attention(qb, self.k, self.k_scale, self.v, self.v_scale, self.v_mean, length=self.length,
+                                 is_causal=is_causal, scale=float(scale), k_chan=self.k_chan,
+                                 v_chan=self.v_chan).to(q.dtype)
+        return o if layout == "bhsd" else o.transpose(1, 2).contiguous()
+
+    def _kernel(self, q: torch.Tensor, qb: torch.Tensor, is_causal: bool, scale: float, layout: str) -> torch.Tensor:
+        import sage_core
+
+        from .backends.sm90 import _dl, _stream  # DLPack capsules: ~1 us each instead of ~10
+
+        b, h_q, s_q, d = qb.shape
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous in the caller's layout
+        ob = _bhsd(o, layout)
+        rows = (h_q // self.heads_kv) * s_q
+        row_blocks = 1 if rows <= 4 else math.ceil(rows / 16)
+        split = split_tokens_for(self.length, b * self.heads_kv * row_blocks, _sm_count(q.device))
+        n_ws = sage_core._C.decode_s8_workspace_floats(b, h_q, s_q, d, self.length, split)
+        ws = torch.empty((n_ws,), dtype=torch.float32, device=q.device) if n_ws else None
+        sage_core._C.decode_s8(_dl(qb), _dl(self.k), _dl(self.v), _dl(self.k_scale), _dl(self.v_scale),
+                               _dl(self.v_mean), _dl(self.k_chan), _dl(self.v_chan), _dl(ob), _dl(ws),
+                               length=self.length, causal=is_causal,
+                               scale_log2=scale * 1.4426950408889634, split_tokens=split,
+                               stream=_stream(q.device))
+        return o
+
+
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SMS.get(idx)
+    if n is None:
+        n = _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
