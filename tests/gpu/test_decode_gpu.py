@@ -3,7 +3,8 @@
 
 The kernel's scores are the emulation's bit for bit (same integer dot products, same fp32
 products); exp2 and the fp32 accumulation in split-KV order differ by rounding only, so O is held
-to rel-L1 <= 1e-4 against the emulation, every row to 1e-3. Outputs are poisoned (NaN) first.
+to rel-L1 <= 5e-4 against the emulation rounded to O's dtype, every row to 5e-3. Outputs are
+poisoned (NaN) first.
 Across head dims, dtypes, GQA groups, query rows (1 .. 64: several row blocks), lengths that are
 not tile multiples, forced single and many splits, causal and not, both layouts, outlier inputs.
 """
@@ -51,8 +52,10 @@ def _emulated(cache, q, is_causal, scale):
                                 k_chan=cache.k_chan, v_chan=cache.v_chan)
 
 
-def _check(o, ref, agg=1e-4, row=1e-3):
-    o, ref = o.double(), ref.double()
+def _check(o, ref, agg=5e-4, row=5e-3):
+    """o against the emulation rounded to o's dtype: what is left is fp32 rounding that flips an
+    output's last bit now and then (bf16: 2^-8 relative), not a wrong key, tile or mask (O(1e-2+))."""
+    o, ref = o.double(), ref.to(o.dtype).double()
     assert torch.isfinite(o).all()
     err = float((o - ref).abs().sum() / ref.abs().sum().clamp_min(1e-30))
     assert err <= agg, err

@@ -96,7 +96,10 @@ class QuantizedKVCache:
             raise TypeError(f"strict must be a bool or None, got {type(strict).__name__}")
         self.batch, self.heads_kv, self.head_dim, self.dtype = batch, heads_kv, head_dim, dtype
         self.capacity = math.ceil(capacity / _TILE) * _TILE
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type == "cuda" and dev.index is None:  # "cuda" means the current device, as tensors say it
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
         self.strict = strict
         shape = (batch, heads_kv, self.capacity, head_dim)
         self.k = torch.zeros(shape, dtype=torch.int8, device=self.device)
