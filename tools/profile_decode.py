@@ -14,7 +14,7 @@ def main() -> None:
     for d in (64, 128):
         for h_q, h_kv, s_q in ((2, 2, 1), (8, 2, 1), (16, 2, 5)):
             for length, split in ((70, 1 << 20), (333, 64)):
-                kvc.split_tokens_for = lambda n, base, sms, split=split: min(split, -(-n // 64) * 64)
+                kvc.split_tokens_for = lambda n, base, slots, split=split: min(split, -(-n // 64) * 64)
                 cache = kvc.QuantizedKVCache(1, h_kv, d, length, device="cuda", dtype=torch.bfloat16, strict=True)
                 cache.append(torch.randn(1, h_kv, length, d, device="cuda").bfloat16(),
                              torch.randn(1, h_kv, length, d, device="cuda").bfloat16())

@@ -85,7 +85,7 @@ def test_split_sizes_agree(monkeypatch, split_tokens):
     _need_kernel(d)
     cache, _, _ = _filled(1, 4, d, 2100, torch.bfloat16, seed=3)
     q = torch.randn(1, 16, 2, d, device="cuda").to(torch.bfloat16)
-    monkeypatch.setattr(kvc, "split_tokens_for", lambda length, base, sms: min(split_tokens, -(-length // 64) * 64))
+    monkeypatch.setattr(kvc, "split_tokens_for", lambda length, base, slots: min(split_tokens, -(-length // 64) * 64))
     o = cache.attention(q)
     _check(o, _emulated(cache, q, True, d ** -0.5))
 

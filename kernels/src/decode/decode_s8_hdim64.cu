@@ -7,4 +7,8 @@ cudaError_t launch_decode_s8_hdim64(const DecodeS8Params& p, cudaStream_t stream
   return launch_decode_s8_impl<64>(p, stream);
 }
 
+int decode_s8_ctas_per_sm_hdim64(InDType dtype, int rows_per_kv_head) {
+  return decode_s8_ctas_per_sm_impl<64>(dtype, rows_per_kv_head);
+}
+
 }  // namespace sage::decode

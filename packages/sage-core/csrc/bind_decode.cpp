@@ -140,9 +140,24 @@ void decode_s8(const Array& q, const Array& k, const Array& v, const Array& k_sc
   check_launch(err, fn);
 }
 
+int decode_s8_ctas_per_sm(int64_t head_dim, const std::string& dtype, int64_t rows_per_kv_head, int device) {
+  const char* fn = "decode_s8_ctas_per_sm";
+  if (head_dim != 64 && head_dim != 128) fail_value(std::string(fn) + ": head dim must be 64 or 128");
+  if (dtype != "float16" && dtype != "bfloat16") fail_value(std::string(fn) + ": dtype must be 'float16' or 'bfloat16'");
+  if (rows_per_kv_head < 1 || rows_per_kv_head > INT32_MAX) fail_value(std::string(fn) + ": rows_per_kv_head must be >= 1");
+  DeviceGuard guard(device);
+  const dc::InDType t = dtype == "float16" ? dc::InDType::kF16 : dc::InDType::kBF16;
+  const int n = head_dim == 64 ? dc::decode_s8_ctas_per_sm_hdim64(t, int(rows_per_kv_head))
+                               : dc::decode_s8_ctas_per_sm_hdim128(t, int(rows_per_kv_head));
+  if (n < 1) check_launch(cudaGetLastError(), fn);
+  return n;
+}
+
 }  // namespace
 
 void bind_decode(nb::module_& m) {
+  m.def("decode_s8_ctas_per_sm", &decode_s8_ctas_per_sm, "head_dim"_a, "dtype"_a, "rows_per_kv_head"_a, "device"_a,
+        "CTAs of the decode kernel one SM of `device` holds (occupancy), for sizing split-KV grids.");
   m.def("decode_s8_workspace_floats", &decode_s8_workspace_floats, "b"_a, "h_q"_a, "s_q"_a, "head_dim"_a,
         "length"_a, "split_tokens"_a,
         "float32 elements of workspace decode_s8 needs for this call (0: none).");

@@ -196,9 +196,12 @@ def test_strict_refuses_the_emulation_and_default_warns_once():
 def test_split_tokens_policy():
     from sage_torch.kvcache import split_tokens_for
 
-    assert split_tokens_for(4096, 64, 132) == 512   # 8 splits of 512 for 64 CTAs
-    assert split_tokens_for(100, 1, 132) == 64      # never below one tile
-    assert split_tokens_for(8192, 10_000, 132) == 8192  # enough CTAs already: one split
-    for n, base in ((1, 1), (65, 3), (32768, 8), (5000, 64)):
-        st = split_tokens_for(n, base, 132)
-        assert st % 64 == 0 and st >= 64 and -(-n // st) <= 65535
+    slots = 4 * 132  # one wave of resident CTAs
+    assert split_tokens_for(16384, 64, slots) == 2048   # 8 splits x 64 = 512 CTAs: one wave, not 1.1
+    assert split_tokens_for(100, 1, slots) == 64        # never below one tile
+    assert split_tokens_for(8192, 10_000, slots) == 8192  # enough CTAs already: one split
+    for n, base in ((1, 1), (65, 3), (32768, 8), (5000, 64), (4096, 100)):
+        st = split_tokens_for(n, base, slots)
+        splits = -(-n // st)
+        assert st % 64 == 0 and st >= 64 and splits <= 65535
+        assert splits * base <= max(slots, base)  # never more than one wave

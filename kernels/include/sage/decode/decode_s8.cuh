@@ -333,12 +333,27 @@ __global__ void __launch_bounds__(D) decode_s8_combine_kernel(const DecodeS8Para
 template <class T, int D, int kRows>
 cudaError_t launch_rows(const DecodeS8Params& p, cudaStream_t stream) {
   const int rows_total = (p.h_q / p.h_kv) * p.s_q;
-  const dim3 grid(unsigned(int64_t(p.b) * p.h_kv), unsigned(p.splits), unsigned((rows_total + kRows - 1) / kRows));
+  const dim3 grid(unsigned(int64_t(p.b) * p.h_kv), unsigned(p.splits), unsigned(decode_s8_row_blocks(rows_total)));
   decode_s8_kernel<T, D, kRows><<<grid, kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || p.splits <= 1) return err;
   decode_s8_combine_kernel<T, D><<<unsigned(int64_t(p.b) * p.h_q * p.s_q), D, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <class T, int D, int kRows>
+int ctas_per_sm_rows() {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_s8_kernel<T, D, kRows>, kThreads, 0) != cudaSuccess)
+    return 0;
+  return n;
+}
+
+template <class T, int D>
+int ctas_per_sm_t(int rows_total) {
+  if (rows_total <= 1) return ctas_per_sm_rows<T, D, 1>();
+  if (rows_total <= 4) return ctas_per_sm_rows<T, D, 4>();
+  return ctas_per_sm_rows<T, D, kMaxRowsPerCta>();
 }
 
 template <class T, int D>
@@ -363,6 +378,12 @@ inline bool decode_s8_params_ok(const DecodeS8Params& p, int d) {
          p.q != nullptr && p.o != nullptr && p.k != nullptr && p.v != nullptr && p.k_scale != nullptr &&
          p.v_scale != nullptr && a16(p.k) && a16(p.v) && a16(p.k_scale) && a16(p.v_scale) &&
          (p.splits == 1 || (p.ws_o != nullptr && p.ws_ml != nullptr));
+}
+
+template <int D>
+int decode_s8_ctas_per_sm_impl(InDType dtype, int rows_per_kv_head) {
+  return dtype == InDType::kF16 ? detail::ctas_per_sm_t<__half, D>(rows_per_kv_head)
+                                : detail::ctas_per_sm_t<__nv_bfloat16, D>(rows_per_kv_head);
 }
 
 template <int D>

@@ -63,5 +63,13 @@ inline int64_t decode_s8_workspace_floats(const DecodeS8Params& p) {
 
 cudaError_t launch_decode_s8_hdim64(const DecodeS8Params& p, cudaStream_t stream);
 cudaError_t launch_decode_s8_hdim128(const DecodeS8Params& p, cudaStream_t stream);
+// CTAs of the main kernel one SM holds for (dtype, query rows per kv head): the split-KV policy
+// sizes the grid to whole waves of them. 0 on error.
+int decode_s8_ctas_per_sm_hdim64(InDType dtype, int rows_per_kv_head);
+int decode_s8_ctas_per_sm_hdim128(InDType dtype, int rows_per_kv_head);
+// CTAs of the main kernel per (b, kv head) and split: the row blocks.
+inline int decode_s8_row_blocks(int rows_per_kv_head) {
+  return rows_per_kv_head <= 4 ? 1 : (rows_per_kv_head + kMaxRowsPerCta - 1) / kMaxRowsPerCta;
+}
 
 }  // namespace sage::decode

@@ -33,21 +33,29 @@ __all__ = ["QuantizedKVCache", "decode_kernel_available"]
 _TILE = 64  # the kernel's key tile: capacity and split sizes are multiples of it
 _HEAD_DIMS = (64, 128)
 _DTYPES = (torch.float16, torch.bfloat16)
-#: split-KV: aim for this many CTAs per SM (the kernel holds ~4 per SM at d=128)
-_CTAS_PER_SM = 4
+#: CTAs per SM assumed when sage_core cannot say (its occupancy query is the rule)
+_CTAS_PER_SM_DEFAULT = 4
+_available: dict[tuple, bool] = {}
+_occupancy: dict[tuple, int] = {}
 
 
 def decode_kernel_available(head_dim: int, device: torch.device | str | None = None) -> bool:
-    """Whether ``sage_core.decode_s8`` holds the kernel for ``head_dim`` (and ``device`` is CUDA)."""
-    if head_dim not in _HEAD_DIMS or not torch.cuda.is_available():
-        return False
-    if device is not None and torch.device(device).type != "cuda":
-        return False
-    try:
-        import sage_core
-    except ImportError:
-        return False
-    return bool(sage_core.has_kernel(f"decode_s8_hdim{head_dim}")) and hasattr(sage_core._C, "decode_s8")
+    """Whether ``sage_core.decode_s8`` holds the kernel for ``head_dim`` (and ``device`` is CUDA).
+    Asked once per (head dim, device type): the answer cannot change within a process."""
+    dev_type = torch.device(device).type if device is not None else "cuda"
+    key = (head_dim, dev_type)
+    ok = _available.get(key)
+    if ok is None:
+        ok = False
+        if head_dim in _HEAD_DIMS and dev_type == "cuda" and torch.cuda.is_available():
+            try:
+                import sage_core
+
+                ok = bool(sage_core.has_kernel(f"decode_s8_hdim{head_dim}")) and hasattr(sage_core._C, "decode_s8")
+            except ImportError:
+                ok = False
+        _available[key] = ok
+    return ok
 
 
 def _bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -59,11 +67,12 @@ def _check_layout(layout: str) -> None:
         raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
 
 
-def split_tokens_for(length: int, ctas_without_split: int, sms: int) -> int:
-    """Keys per split-KV CTA: enough splits for ~_CTAS_PER_SM CTAs per SM, whole 64-key tiles."""
-    want = max(1, math.ceil(_CTAS_PER_SM * sms / max(1, ctas_without_split)))
+def split_tokens_for(length: int, ctas_without_split: int, slots: int) -> int:
+    """Keys per split-KV CTA (whole 64-key tiles): as many splits as fill the GPU's resident CTA
+    ``slots`` (SMs x CTAs per SM) in one wave and no more. A grid a little over one wave runs a
+    second, nearly empty one: the first GPU run, sized for ~1.1 waves, read 2.1 TB/s at b=8, 16k."""
     tiles = math.ceil(length / _TILE)
-    splits = min(want, tiles)
+    splits = max(1, min(tiles, slots // max(1, ctas_without_split)))
     return math.ceil(tiles / splits) * _TILE
 
 
@@ -219,8 +228,8 @@ class QuantizedKVCache:
         o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous in the caller's layout
         ob = _bhsd(o, layout)
         rows = (h_q // self.heads_kv) * s_q
-        row_blocks = 1 if rows <= 4 else math.ceil(rows / 16)
-        split = split_tokens_for(self.length, b * self.heads_kv * row_blocks, _sm_count(q.device))
+        row_blocks = 1 if rows <= 4 else math.ceil(rows / 16)  # decode_s8_row_blocks
+        split = split_tokens_for(self.length, b * self.heads_kv * row_blocks, _slots(q.device, d, q.dtype, rows))
         n_ws = sage_core._C.decode_s8_workspace_floats(b, h_q, s_q, d, self.length, split)
         ws = torch.empty((n_ws,), dtype=torch.float32, device=q.device) if n_ws else None
         sage_core._C.decode_s8(_dl(qb), _dl(self.k), _dl(self.v), _dl(self.k_scale), _dl(self.v_scale),
@@ -231,13 +240,20 @@ class QuantizedKVCache:
         return o
 
 
-_SMS: dict[int, int] = {}
+def _slots(device: torch.device, d: int, dtype: torch.dtype, rows: int) -> int:
+    """Resident CTAs of the decode kernel on the whole GPU (SMs x occupancy), cached."""
+    import sage_core
 
-
-def _sm_count(device: torch.device) -> int:
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    n = _SMS.get(idx)
+    bucket = 1 if rows <= 1 else (4 if rows <= 4 else 16)  # the kernel's row-block configurations
+    key = (idx, d, dtype, bucket)
+    n = _occupancy.get(key)
     if n is None:
-        n = _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        per_sm = 0
+        fn = getattr(sage_core._C, "decode_s8_ctas_per_sm", None)
+        if fn is not None:
+            per_sm = fn(d, "float16" if dtype == torch.float16 else "bfloat16", bucket, idx)
+        n = _occupancy[key] = torch.cuda.get_device_properties(idx).multi_processor_count * (
+            per_sm if per_sm > 0 else _CTAS_PER_SM_DEFAULT)
     return n
 
