@@ -151,3 +151,23 @@ def test_binding_rejects_bad_calls():
         sage_core._C.decode_s8(*args, **{**kw, "split_tokens": 64})
     with pytest.raises((TypeError, ValueError)):
         sage_core._C.decode_s8(q, cache.k.float(), *args[2:], **kw)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_append_kernel_is_the_emulation_bit_for_bit(d, dtype):
+    if not kvc._append_kernel_available(d, torch.device("cuda")):
+        pytest.skip("sage_core has no kv_append_s8 kernel")
+    g = torch.Generator(device="cuda").manual_seed(d)
+    k = (torch.randn(3, 4, 150, d, device="cuda", generator=g) * 3 + 1).to(dtype)
+    v = torch.randn(3, 4, 150, d, device="cuda", generator=g).to(dtype)
+    k[0, 1, 7] = float('inf')  # a non-finite token: scale NaN, codes 0, as the emulation says
+    cache = kvc.QuantizedKVCache(3, 4, d, 200, device="cuda", dtype=dtype)
+    cache.append(k[:, :, :100], v[:, :, :100])
+    cache.append(k[:, :, 100:101], v[:, :, 100:101])  # a decode step
+    cache.append(k[:, :, 101:].transpose(1, 2), v[:, :, 101:].transpose(1, 2), layout="bshd")  # strided input
+    k8, ks = emu.quantize_kv_tokens(k, cache.k_mean, cache.k_chan)
+    v8, vs = emu.quantize_kv_tokens(v, cache.v_mean, cache.v_chan)
+    assert torch.equal(cache.k[:, :, :150], k8) and torch.equal(cache.k_scale[:, :, :150], ks)
+    assert torch.equal(cache.v[:, :, :150], v8) and torch.equal(cache.v_scale[:, :, :150], vs)
+    assert cache.length == 150

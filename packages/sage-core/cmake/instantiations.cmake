@@ -33,6 +33,7 @@ sage_instantiation(quant quant_fp4   quant/quant_fp4.cu)    # quant_fp4 nvfp4 / 
 # --- decode over an INT8 KV cache (plain CUDA: dp4a + fp32, every arch; split-KV + combine) ----
 sage_instantiation(decode decode_s8_hdim64  decode/decode_s8_hdim64.cu)
 sage_instantiation(decode decode_s8_hdim128 decode/decode_s8_hdim128.cu)
+sage_instantiation(decode kv_append_s8      decode/kv_append_s8.cu)      # QuantizedKVCache.append
 
 # --- sm80 family: mma.sync INT8/INT4 + FP16/FP8 PV (Ampere/Ada; also sm_90a and Blackwell) --
 # One line per SAGE_SM80_ATTN_FWD_CONFIGS entry (kernels/include/sage/sm80/sm80_attn_fwd_launch.hpp);

@@ -153,9 +153,74 @@ int decode_s8_ctas_per_sm(int64_t head_dim, const std::string& dtype, int64_t ro
   return n;
 }
 
+void kv_append_s8(const Array& k, const Array& v, const Array& k_mean, const Array& k_chan, const Array& v_mean,
+                  const Array& v_chan, const Array& k_cache, const Array& v_cache, const Array& k_scale,
+                  const Array& v_scale, int64_t start, uintptr_t stream) {
+  const char* fn = "kv_append_s8";
+  auto name = [&](const char* what) { return std::string(fn) + ": " + what; };
+  check_dtype(k_cache, name("k_cache").c_str(), {kI8});
+  check_ndim(k_cache, name("k_cache (b, h_kv, capacity, d)").c_str(), 4);
+  const int64_t b = dim(k_cache, 0), h = dim(k_cache, 1), cap = dim(k_cache, 2), d = dim(k_cache, 3);
+  if (d != 64 && d != 128) fail_value(name("head dim must be 64 or 128, got ") + std::to_string(d));
+  if (b * h > INT32_MAX || cap > INT32_MAX) fail_value(name("cache too large"));
+  for (auto [a, what] : {std::pair{&k_cache, "k_cache"}, std::pair{&v_cache, "v_cache"}}) {
+    check_dtype(*a, name(what).c_str(), {kI8});
+    check_shape(*a, name(what).c_str(), {b, h, cap, d});
+    check_contiguous(*a, name(what).c_str());
+  }
+  for (auto [a, what] : {std::pair{&k_scale, "k_scale"}, std::pair{&v_scale, "v_scale"}}) {
+    check_dtype(*a, name(what).c_str(), {kF32});
+    check_shape(*a, name(what).c_str(), {b, h, cap});
+    check_contiguous(*a, name(what).c_str());
+  }
+  for (auto [a, what] : {std::pair{&k_mean, "k_mean"}, std::pair{&k_chan, "k_chan"}, std::pair{&v_mean, "v_mean"},
+                         std::pair{&v_chan, "v_chan"}}) {
+    check_dtype(*a, name(what).c_str(), {kF32});
+    check_shape(*a, name(what).c_str(), {b, h, d});
+    check_contiguous(*a, name(what).c_str());
+  }
+  check_dtype(k, name("k").c_str(), {kF16, kBF16});
+  check_ndim(k, name("k (logical b, h_kv, n, d)").c_str(), 4);
+  const int64_t n = dim(k, 2);
+  for (auto [a, what] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    check_dtype(*a, name(what).c_str(), {same_dtype(k.dtype(), kF16) ? kF16 : kBF16});
+    check_shape(*a, name(what).c_str(), {b, h, n, d});
+    check_last_dim_contiguous(*a, name(what).c_str());
+  }
+  if (n < 1 || start < 0 || start + n > cap)
+    fail_value(name("tokens [start, start + n) = [") + std::to_string(start) + ", " + std::to_string(start + n) +
+               ") must lie in the capacity " + std::to_string(cap));
+  if ((2 * b * h * n + 7) / 8 > INT32_MAX) fail_value(name("too many tokens in one append"));
+  check_cuda_same_device(fn, {{"k", &k}, {"v", &v}, {"k_mean", &k_mean}, {"k_chan", &k_chan}, {"v_mean", &v_mean},
+                              {"v_chan", &v_chan}, {"k_cache", &k_cache}, {"v_cache", &v_cache},
+                              {"k_scale", &k_scale}, {"v_scale", &v_scale}});
+  dc::KvAppendS8Params p;
+  p.k = k.data(); p.v = v.data();
+  p.k_sb = stride(k, 0); p.k_sh = stride(k, 1); p.k_ss = stride(k, 2);
+  p.v_sb = stride(v, 0); p.v_sh = stride(v, 1); p.v_ss = stride(v, 2);
+  p.dtype = same_dtype(k.dtype(), kF16) ? dc::InDType::kF16 : dc::InDType::kBF16;
+  p.k_mean = static_cast<const float*>(k_mean.data()); p.k_chan = static_cast<const float*>(k_chan.data());
+  p.v_mean = static_cast<const float*>(v_mean.data()); p.v_chan = static_cast<const float*>(v_chan.data());
+  p.k_out = static_cast<int8_t*>(k_cache.data()); p.v_out = static_cast<int8_t*>(v_cache.data());
+  p.k_scale = static_cast<float*>(k_scale.data()); p.v_scale = static_cast<float*>(v_scale.data());
+  p.b = int32_t(b); p.h_kv = int32_t(h); p.n = int32_t(n); p.head_dim = int32_t(d);
+  p.capacity = int32_t(cap); p.start = int32_t(start);
+  DeviceGuard guard(k.device_id());
+  cudaError_t err;
+  {
+    nb::gil_scoped_release release;
+    err = dc::launch_kv_append_s8(p, as_stream(stream));
+  }
+  check_launch(err, fn);
+}
+
 }  // namespace
 
 void bind_decode(nb::module_& m) {
+  m.def("kv_append_s8", &kv_append_s8, "k"_a, "v"_a, "k_mean"_a, "k_chan"_a, "v_mean"_a, "v_chan"_a, "k_cache"_a,
+        "v_cache"_a, "k_scale"_a, "v_scale"_a, nb::kw_only(), "start"_a, "stream"_a,
+        "Quantize n tokens of k, v (logical (b, h_kv, n, d) fp16/bf16) into the INT8 cache slots "
+        "[start, start + n): sage_quant.emulation.kvcache.quantize_kv_tokens bit for bit.");
   m.def("decode_s8_ctas_per_sm", &decode_s8_ctas_per_sm, "head_dim"_a, "dtype"_a, "rows_per_kv_head"_a, "device"_a,
         "CTAs of the decode kernel one SM of `device` holds (occupancy), for sizing split-KV grids.");
   m.def("decode_s8_workspace_floats", &decode_s8_workspace_floats, "b"_a, "h_q"_a, "s_q"_a, "head_dim"_a,

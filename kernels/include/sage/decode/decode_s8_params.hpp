@@ -54,6 +54,25 @@ struct DecodeS8Params {
   float* ws_ml = nullptr;
 };
 
+// Appending n tokens to the cache: per-token INT8 of (x - mean) / chan for K and V into slots
+// [start, start + n) (sage_quant.emulation.kvcache.quantize_kv_tokens, bit for bit).
+struct KvAppendS8Params {
+  const void* k = nullptr;  // logical (b, h_kv, n, head_dim), element strides, last dim contiguous
+  const void* v = nullptr;
+  int64_t k_sb = 0, k_sh = 0, k_ss = 0, v_sb = 0, v_sh = 0, v_ss = 0;
+  InDType dtype = InDType::kF16;
+  const float* k_mean = nullptr;  // (b, h_kv, head_dim) contiguous, each
+  const float* k_chan = nullptr;
+  const float* v_mean = nullptr;
+  const float* v_chan = nullptr;
+  int8_t* k_out = nullptr;  // the cache: (b, h_kv, capacity, head_dim) / (b, h_kv, capacity)
+  int8_t* v_out = nullptr;
+  float* k_scale = nullptr;
+  float* v_scale = nullptr;
+  int32_t b = 0, h_kv = 0, n = 0, head_dim = 0, capacity = 0, start = 0;
+};
+cudaError_t launch_kv_append_s8(const KvAppendS8Params& p, cudaStream_t stream);
+
 // Workspace floats for a call (0 when splits == 1).
 inline int64_t decode_s8_workspace_floats(const DecodeS8Params& p) {
   if (p.splits <= 1) return 0;

@@ -58,6 +58,23 @@ def decode_kernel_available(head_dim: int, device: torch.device | str | None = N
     return ok
 
 
+def _append_kernel_available(head_dim: int, device: torch.device) -> bool:
+    """``sage_core.kv_append_s8`` (one launch per append; else ~20 PyTorch ops, ~0.3 ms of host)."""
+    key = ("append", head_dim, device.type)
+    ok = _available.get(key)
+    if ok is None:
+        ok = False
+        if head_dim in _HEAD_DIMS and device.type == "cuda" and torch.cuda.is_available():
+            try:
+                import sage_core
+
+                ok = bool(sage_core.has_kernel("kv_append_s8")) and hasattr(sage_core._C, "kv_append_s8")
+            except ImportError:
+                ok = False
+        _available[key] = ok
+    return ok
+
+
 def _bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x if layout == "bhsd" else x.transpose(1, 2)
 
@@ -166,6 +183,16 @@ class QuantizedKVCache:
         if self.k_mean is None:
             self.k_mean, self.k_chan = emu.kv_stats(kb)
             self.v_mean, self.v_chan = emu.kv_stats(vb)
+        if _append_kernel_available(self.head_dim, self.device) and kb.stride(-1) == 1 and vb.stride(-1) == 1:
+            import sage_core
+
+            from .backends.sm90 import _dl, _stream
+
+            sage_core._C.kv_append_s8(_dl(kb), _dl(vb), _dl(self.k_mean), _dl(self.k_chan), _dl(self.v_mean),
+                                      _dl(self.v_chan), _dl(self.k), _dl(self.v), _dl(self.k_scale),
+                                      _dl(self.v_scale), start=self.length, stream=_stream(self.device))
+            self.length += n
+            return
         k8, ks = emu.quantize_kv_tokens(kb, self.k_mean, self.k_chan)
         v8, vs = emu.quantize_kv_tokens(vb, self.v_mean, self.v_chan)
         end = self.length + n
