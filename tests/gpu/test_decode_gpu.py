@@ -161,7 +161,7 @@ def test_append_kernel_is_the_emulation_bit_for_bit(d, dtype):
     g = torch.Generator(device="cuda").manual_seed(d)
     k = (torch.randn(3, 4, 150, d, device="cuda", generator=g) * 3 + 1).to(dtype)
     v = torch.randn(3, 4, 150, d, device="cuda", generator=g).to(dtype)
-    k[0, 1, 120] = float('inf')  # a non-finite appended token: scale NaN, codes 0, as the emulation says
+    k[0, 1, 120] = float('inf')  # a non-finite appended token: scale inf, codes 0, as the emulation says
     cache = kvc.QuantizedKVCache(3, 4, d, 200, device="cuda", dtype=dtype)
     cache.append(k[:, :, :100], v[:, :, :100])
     cache.append(k[:, :, 100:101], v[:, :, 100:101])  # a decode step
@@ -171,5 +171,5 @@ def test_append_kernel_is_the_emulation_bit_for_bit(d, dtype):
     assert torch.equal(cache.k[:, :, :150], k8) and torch.equal(cache.v[:, :, :150], v8)
     torch.testing.assert_close(cache.k_scale[:, :, :150], ks, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(cache.v_scale[:, :, :150], vs, rtol=0, atol=0, equal_nan=True)
-    assert torch.isnan(cache.k_scale[0, 1, 120]) and torch.all(cache.k[0, 1, 120] == 0)
+    assert torch.isinf(cache.k_scale[0, 1, 120]) and torch.all(cache.k[0, 1, 120] == 0)
     assert cache.length == 150
