@@ -98,7 +98,7 @@ MAX_ROUNDS = 200
 WARMUP_ROUNDS = 3
 
 TIMING_METHOD = ("CUDA events around each forward (synchronised, inference_mode); the variants of a "
-                 "size interleaved in rounds (order rotated by one each round) after --warmup rounds; rounds: enough for --min-time s of "
+                 "size interleaved in rounds (order rotated by one each round, reversed in odd rounds; eager/math/float32 untimed) after --warmup rounds; rounds: enough for --min-time s of "
                  "timed forwards per variant, >= --iters, <= --max-iters; ms = median, ms_q1/ms_q3 = "
                  "quartiles; speedup = ratio of medians, speedup_*_q1_q3 = quartiles of the per-round ratio; "
                  "host_ms = median host time issuing a forward (above ms: host-bound)")
