@@ -202,6 +202,19 @@ class QuantizedKVCache:
         self.v_scale[:, :, self.length:end] = vs
         self.length = end
 
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache's ``length`` tokens back in the cache dtype: ``(k, v)`` ``(b, h_kv, length, d)``
+        (``codes * scale * chan + mean``), for a caller that needs plain K/V (a masked call)."""
+        if self.length < 1:
+            raise ValueError("the cache is empty")
+        n = self.length
+
+        def one(codes, scale, chan, mean):
+            return ((codes[:, :, :n].to(torch.float32) * scale[:, :, :n, None]) * chan[:, :, None, :]
+                    + mean[:, :, None, :]).to(self.dtype)
+        return (one(self.k, self.k_scale, self.k_chan, self.k_mean),
+                one(self.v, self.v_scale, self.v_chan, self.v_mean))
+
     def attention(self, q: torch.Tensor, *, is_causal: bool = True, scale: Optional[float] = None,
                   layout: str = "bhsd") -> torch.Tensor:
         """Attention of ``q`` (``(b, h_q, s_q, d)`` or ``bshd``, ``h_q`` a multiple of ``heads_kv``)

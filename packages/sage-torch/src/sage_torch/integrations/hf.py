@@ -33,6 +33,9 @@ any other non-None kwarg    unknown meaning: the model's eager attention, warned
 model without SDPA support  a model class with ``_supports_sdpa = False``: the model's eager
                             attention, warned once
 output_attentions=True      ValueError (sage never materialises the weights)
+key from a SageKVCache      (``integrations/hf_kvcache.py``: an INT8 KV cache for generate) the
+                            decode kernel over the cache (``QuantizedKVCache.attention``); with
+                            a mask, dropout or other kwargs: the cache dequantized, warned once
 ==========================  ==================================================================
 
 Strict mode (``SAGE_STRICT=1``) turns every one of these fallbacks into a
@@ -198,6 +201,9 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     if kwargs.get("output_attentions", False):
         raise ValueError("attn_implementation='sage' cannot return attention weights "
                          "(output_attentions=True); use attn_implementation='eager'")
+    kv_cache = getattr(key, "_sage_kv_cache", None)  # a SageKVCache layer's INT8 cache (hf_kvcache.py)
+    if kv_cache is not None:
+        return _attend_kv_cache(module, query, kv_cache, attention_mask, dropout, scaling, is_causal, kwargs)
     supported, model_name = _model_sdpa_support(module)
     if not supported:
         return _run_eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs,
@@ -247,6 +253,28 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
                                            is_causal=is_causal, scale=scaling,
                                            enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def _attend_kv_cache(module, query, kv_cache, attention_mask, dropout, scaling, is_causal, kwargs):
+    """Attention over a SageKVCache layer's INT8 cache: the decode kernel when the call is plain
+    (no mask, no dropout, nothing the kernel cannot apply), else the cache dequantized through the
+    usual path (warned once; strict: an error)."""
+    extra = sorted(n for n, v in kwargs.items() if v is not None and n not in HF_IGNORED_KWARGS)
+    why = None
+    if attention_mask is not None:
+        why = "an attention mask (padding) is given"
+    elif dropout:
+        why = f"dropout={dropout}"
+    elif extra:
+        why = f"arguments the decode kernel cannot apply ({', '.join(extra)})"
+    if why is None:
+        causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
+        o = kv_cache.attention(query, is_causal=causal, scale=scaling)
+        return o.transpose(1, 2).contiguous(), None
+    _fallback_notice(f"kvcache:{why}", f"SageKVCache: {why}; dequantizing the INT8 cache for this call "
+                     f"(slower than a bf16 cache)")
+    k, v = kv_cache.dequantize()
+    return hf_attention_forward(module, query, k, v, attention_mask, dropout, scaling, is_causal, **kwargs)
 
 
 def register_hf(name: str = HF_ATTENTION_NAME) -> str:
