@@ -74,13 +74,17 @@ def batch_for(n: int) -> int:
 
 
 def commit() -> str:
+    """``SAGE_COMMIT``, else ``git rev-parse --short HEAD`` of the current directory, else of this
+    file's checkout (every benchmark of the package records its commit with this)."""
     if os.environ.get("SAGE_COMMIT"):
         return os.environ["SAGE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - not a checkout
-        return "unknown"
+    for cwd in (None, pathlib.Path(__file__).resolve().parent):
+        try:
+            return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                  check=True, cwd=cwd).stdout.strip()
+        except Exception:  # noqa: BLE001 - not a checkout
+            continue
+    return "unknown"
 
 
 def time_cuda(fn: Callable[..., object], *args, warmup: int = 5, iters: int = 20) -> float:

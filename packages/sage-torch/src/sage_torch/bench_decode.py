@@ -21,23 +21,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from .bench import commit
 from .kvcache import QuantizedKVCache
 
 
-def _commit() -> str:
-    if os.environ.get("SAGE_COMMIT"):
-        return os.environ["SAGE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def _loop_us(fn, calls: int) -> float:
@@ -139,7 +131,7 @@ def main(argv=None) -> int:
                   f"{r['speedup']:5.2f}x  ({r['sage_gbps']:5.0f} GB/s int8 vs {r['sdpa_gbps']:5.0f} bf16)  "
                   f"step {r['step_speedup']:5.2f}x  rel-L1 sdpa {r['rel_l1_sdpa']:.1e} sage {r['rel_l1_sage']:.1e}",
                   flush=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": _commit(),
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit(),
             "command": "python -m sage_torch.bench_decode " + " ".join(argv if argv is not None else sys.argv[1:])}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "decode.json"), "w") as f:

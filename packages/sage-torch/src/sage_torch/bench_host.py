@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import api
+from .bench import commit
 from ._dispatch import AUTO_TORCH_RULES, device_arch
 
 KERNEL_RECIPE = {"sm90": "qk_s8_pv_e4m3"}
@@ -34,15 +34,6 @@ KERNEL_RECIPE = {"sm90": "qk_s8_pv_e4m3"}
 REPS = 5
 
 
-def _commit() -> str:
-    env = os.environ.get("SAGE_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def per_call_us(fn, calls: int) -> float:
@@ -215,7 +206,7 @@ def main(argv=None) -> int:
                   f"({r['auto_over_sdpa']:.2f}x)  kernel {r['kernel_us']:8.1f} ({r['kernel_over_sdpa']:.2f}x)"
                   f"  host-only: sdpa {r['host_sdpa_us']:.1f} kernel {r['host_kernel_us']:.1f}")
     result = {"device": torch.cuda.get_device_name(), "arch": arch, "torch": torch.__version__,
-              "commit": _commit(), "command": " ".join([sys.executable, "-m", "sage_torch.bench_host"] +
+              "commit": commit(), "command": " ".join([sys.executable, "-m", "sage_torch.bench_host"] +
                                                        (argv if argv is not None else sys.argv[1:])),
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "auto_rules": AUTO_TORCH_RULES, "rows": rows}
     os.makedirs(a.out, exist_ok=True)

@@ -54,7 +54,6 @@ import math
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -63,6 +62,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .bench import commit
 
 # ----------------------------------------------------------------------------- configurations
 
@@ -791,17 +792,6 @@ def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> bool:
     return True
 
 
-def commit() -> str:
-    """``SAGE_COMMIT``, else ``git rev-parse --short HEAD`` of the current directory, else of this file's checkout."""
-    if os.environ.get("SAGE_COMMIT"):
-        return os.environ["SAGE_COMMIT"]
-    for cwd in (None, pathlib.Path(__file__).resolve().parent):
-        try:
-            return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                  check=True, cwd=cwd).stdout.strip()
-        except Exception:  # noqa: BLE001 - not a checkout
-            continue
-    return "unknown"
 
 
 def _meta(args, device: torch.device, timed: bool, command: str, configs: dict[str, Any]) -> dict[str, Any]:
