@@ -300,7 +300,7 @@ def bench_gpu(args) -> list[dict]:
                             out = out[0]
                         row.update(accuracy(out, ref, rows))
                         del out
-                        timed[(name, "ms")] = lambda impl=impl: impl["e2e"](q, k, v, causal)
+                        timed[(name, "ms")] = lambda impl=impl, q=q, k=k, v=v, causal=causal: impl["e2e"](q, k, v, causal)
                         if impl.get("split") and d_kernel is not None:
                             if padded and not impl.get("zero_fill"):  # the kernel at d_kernel on padded copies
                                 qp, kp, vp, pad_fn = padding_for_bench(q, k, v, d_kernel)
