@@ -170,14 +170,16 @@ for _arch in ARCH_TARGETS:
 def bench(session: nox.Session) -> None:
     """GPU: TOPS and accuracy vs SDPA flash/cuDNN (JSON + plot). CPU: emulation accuracy only.
 
-    Two sections: inference (sage_torch.bench, takes the posargs) and training (sage_train.bench:
-    forward+backward TOPS and gradient accuracy; bench_train.* in the same output folder)."""
+    Three sections: inference (sage_torch.bench, takes the posargs), training (sage_train.bench:
+    forward+backward TOPS and gradient accuracy; bench_train.* in the same output folder) and
+    decode over the INT8 KV cache (sage_torch.bench_decode, bench-out/decode; GPU only)."""
     _install_deps(session)
     gpu = _gpu_arch(session)
     _build_core(session, ARCH_TARGETS.get(gpu or "", "none") if gpu else "none")
     _install_pure(session)
     session.run("python", "-m", "sage_torch.bench", *session.posargs, external=True)
     session.run("python", "-m", "sage_train.bench", external=True)
+    session.run("python", "-m", "sage_torch.bench_decode", external=True)
 
 
 @nox.session(python=VENV)
