@@ -186,8 +186,7 @@ class QuantizedKVCache:
         if _append_kernel_available(self.head_dim, self.device) and kb.stride(-1) == 1 and vb.stride(-1) == 1:
             import sage_core
 
-            from .backends.sm90 import _dl, _stream
-
+            _, _, _dl, _stream = _kernel_fns()
             sage_core._C.kv_append_s8(_dl(kb), _dl(vb), _dl(self.k_mean), _dl(self.k_chan), _dl(self.v_mean),
                                       _dl(self.v_chan), _dl(self.k), _dl(self.v), _dl(self.k_scale),
                                       _dl(self.v_scale), start=self.length, stream=_stream(self.device))
@@ -260,24 +259,36 @@ class QuantizedKVCache:
         return o if layout == "bhsd" else o.transpose(1, 2).contiguous()
 
     def _kernel(self, q: torch.Tensor, qb: torch.Tensor, is_causal: bool, scale: float, layout: str) -> torch.Tensor:
-        import sage_core
-
-        from .backends.sm90 import _dl, _stream  # DLPack capsules: ~1 us each instead of ~10
-
+        decode_s8, workspace_floats, _dl, _stream = _kernel_fns()
         b, h_q, s_q, d = qb.shape
         o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous in the caller's layout
         ob = _bhsd(o, layout)
         rows = (h_q // self.heads_kv) * s_q
         row_blocks = 1 if rows <= 4 else math.ceil(rows / 16)  # decode_s8_row_blocks
         split = split_tokens_for(self.length, b * self.heads_kv * row_blocks, _slots(q.device, d, q.dtype, rows))
-        n_ws = sage_core._C.decode_s8_workspace_floats(b, h_q, s_q, d, self.length, split)
+        n_ws = workspace_floats(b, h_q, s_q, d, self.length, split)
         ws = torch.empty((n_ws,), dtype=torch.float32, device=q.device) if n_ws else None
-        sage_core._C.decode_s8(_dl(qb), _dl(self.k), _dl(self.v), _dl(self.k_scale), _dl(self.v_scale),
+        decode_s8(_dl(qb), _dl(self.k), _dl(self.v), _dl(self.k_scale), _dl(self.v_scale),
                                _dl(self.v_mean), _dl(self.k_chan), _dl(self.v_chan), _dl(ob), _dl(ws),
                                length=self.length, causal=is_causal,
                                scale_log2=scale * 1.4426950408889634, split_tokens=split,
                                stream=_stream(q.device))
         return o
+
+
+_KERNEL_FNS: list = []
+
+
+def _kernel_fns() -> tuple:
+    """(decode_s8, decode_s8_workspace_floats, to-capsule, raw stream) looked up once: imports
+    inside the per-call path cost ~2 us of a decode step's ~12 us of Python."""
+    if not _KERNEL_FNS:
+        import sage_core
+
+        from .backends.sm90 import _dl, _stream  # DLPack capsules: ~1 us each instead of ~10
+
+        _KERNEL_FNS[:] = [sage_core._C.decode_s8, sage_core._C.decode_s8_workspace_floats, _dl, _stream]
+    return tuple(_KERNEL_FNS)
 
 
 def _slots(device: torch.device, d: int, dtype: torch.dtype, rows: int) -> int:
