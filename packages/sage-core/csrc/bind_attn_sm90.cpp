@@ -191,6 +191,23 @@ void check_sm_scale(float sm_scale, const char* fn) {
   }
 }
 
+// What both recipes' attention launchers need of their quantized operands and sizes: TMA's 16-byte
+// aligned global bases, the softmax scale, the grid limits (batch, q heads in grid y/z) and lengths.
+void check_tma_operands(const Array& q, const Array& k, const Array& v_t, float sm_scale, int64_t b, int64_t h_q,
+                        int64_t s_q, int64_t seq_kv, const char* fn) {
+  check_aligned(q, "q", 16);
+  check_aligned(k, "k", 16);
+  check_aligned(v_t, "v_t", 16);
+  check_sm_scale(sm_scale, fn);
+  if (b > 65535 || h_q > 65535) {
+    fail_value(std::string(fn) + ": batch and q heads must be <= 65535 (grid limits), got batch=" +
+               std::to_string(b) + ", heads=" + std::to_string(h_q));
+  }
+  if (s_q > (int64_t(1) << 30) || seq_kv > (int64_t(1) << 30)) {
+    fail_value(std::string(fn) + ": sequence lengths must be < 2^30");
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 void attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v_t, Array q_scale, Array k_scale, Array v_scale,
                                  Array out, std::optional<Array> lse, int64_t seq_kv, float sm_scale,
@@ -242,17 +259,7 @@ void attn_fwd_sm90_qk_s8_pv_e4m3(Array q, Array k, Array v_t, Array q_scale, Arr
                std::to_string(d) + "; accepted: d, or a multiple of 8 below it (the first columns of o)");
   }
   check_attn_out(out, lse, q, b, h_q, s_q, d_out, fn);
-  check_aligned(q, "q", 16);  // TMA: 16-byte aligned global base
-  check_aligned(k, "k", 16);
-  check_aligned(v_t, "v_t", 16);
-  check_sm_scale(sm_scale, fn);
-  if (b > 65535 || h_q > 65535) {
-    fail_value(std::string(fn) + ": batch and q heads must be <= 65535 (grid limits), got batch=" +
-               std::to_string(b) + ", heads=" + std::to_string(h_q));
-  }
-  if (s_q > (int64_t(1) << 30) || seq_kv > (int64_t(1) << 30)) {
-    fail_value(std::string(fn) + ": sequence lengths must be < 2^30");
-  }
+  check_tma_operands(q, k, v_t, sm_scale, b, h_q, s_q, seq_kv, fn);
 
   AttnFwdQkS8PvE4m3Args a;
   a.q = static_cast<const int8_t*>(q.data());
@@ -493,17 +500,7 @@ void attn_fwd_sm90_train_s8(Array q, Array k, Array v_t, Array q_scale, Array k_
     check_contiguous(*t, name);
   }
   check_attn_out(out, lse, q, b, h_q, s_q, d, fn);
-  check_aligned(q, "q", 16);  // TMA: 16-byte aligned global base
-  check_aligned(k, "k", 16);
-  check_aligned(v_t, "v_t", 16);
-  check_sm_scale(sm_scale, fn);
-  if (b > 65535 || h_q > 65535) {
-    fail_value(std::string(fn) + ": batch and q heads must be <= 65535 (grid limits), got batch=" +
-               std::to_string(b) + ", heads=" + std::to_string(h_q));
-  }
-  if (s_q > (int64_t(1) << 30) || seq_kv > (int64_t(1) << 30)) {
-    fail_value(std::string(fn) + ": sequence lengths must be < 2^30");
-  }
+  check_tma_operands(q, k, v_t, sm_scale, b, h_q, s_q, seq_kv, fn);
   k8::AttnFwdTrainS8Args a;
   a.q = static_cast<const int8_t*>(q.data());
   a.k = static_cast<const int8_t*>(k.data());
