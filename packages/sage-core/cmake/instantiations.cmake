@@ -77,6 +77,10 @@ sage_instantiation(sm90 attn_sm90_train_s8_hdim64_f16    sm90/attn_sm90_train_s8
 sage_instantiation(sm90 attn_sm90_train_s8_hdim64_bf16   sm90/attn_sm90_train_s8_hdim64_bf16.cu)
 sage_instantiation(sm90 attn_sm90_train_s8_hdim128_f16   sm90/attn_sm90_train_s8_hdim128_f16.cu)
 sage_instantiation(sm90 attn_sm90_train_s8_hdim128_bf16  sm90/attn_sm90_train_s8_hdim128_bf16.cu)
+sage_instantiation(sm90 attn_sm90_train_s8_bwd_hdim64_f16   sm90/attn_sm90_train_s8_bwd_hdim64_f16.cu)  # SageBwd backward
+sage_instantiation(sm90 attn_sm90_train_s8_bwd_hdim64_bf16  sm90/attn_sm90_train_s8_bwd_hdim64_bf16.cu)
+sage_instantiation(sm90 attn_sm90_train_s8_bwd_hdim128_f16  sm90/attn_sm90_train_s8_bwd_hdim128_f16.cu)
+sage_instantiation(sm90 attn_sm90_train_s8_bwd_hdim128_bf16 sm90/attn_sm90_train_s8_bwd_hdim128_bf16.cu)
 sage_instantiation(sm90 quant_sm90_qkv_fused                 sm90/quant_sm90_qkv_fused.cu)  # Q/K/V -> the formats above
 
 # --- sm100 / sm120 families: block-scaled FP4 (Blackwell) ---------------------------------------

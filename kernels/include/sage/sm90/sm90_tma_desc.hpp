@@ -11,8 +11,8 @@
 
 namespace sage::sm90 {
 
-// A rank-3 byte tensor map: dims {d0 (contiguous), d1, d2}, byte strides of d1 and d2, box
-// {box0, box1, 1}. Rank 3 (not a flattened 2-D view) so that a box never reads across the
+// A rank-3 tensor map of `dtype` elements: dims {d0 (contiguous), d1, d2} in elements, byte
+// strides of d1 and d2, box {box0, box1, 1} in elements (encode_tma_3d_u8: bytes). Rank 3 (not a flattened 2-D view) so that a box never reads across the
 // d2 boundary (the next head): rows past d1 are zero-filled by TMA instead.
 // Returns cudaErrorNotSupported if the driver entry point is missing, cudaErrorInvalidValue if
 // the driver rejects the description.
@@ -28,15 +28,16 @@ struct TmaDesc3dKey {
   uint64_t d0, d1, d2, stride1, stride2;
   uint32_t box0, box1;
   int swizzle;
+  int dtype;
   bool operator==(const TmaDesc3dKey& o) const {
-    return base == o.base && d0 == o.d0 && d1 == o.d1 && d2 == o.d2 && stride1 == o.stride1 &&
+    return base == o.base && dtype == o.dtype && d0 == o.d0 && d1 == o.d1 && d2 == o.d2 && stride1 == o.stride1 &&
            stride2 == o.stride2 && box0 == o.box0 && box1 == o.box1 && swizzle == o.swizzle;
   }
 };
 
-inline cudaError_t encode_tma_3d_u8(CUtensorMap* map, const void* base, uint64_t d0, uint64_t d1,
-                                    uint64_t d2, uint64_t stride1_bytes, uint64_t stride2_bytes,
-                                    uint32_t box0, uint32_t box1, CUtensorMapSwizzle swizzle) {
+inline cudaError_t encode_tma_3d(CUtensorMap* map, CUtensorMapDataType dtype, const void* base, uint64_t d0,
+                                 uint64_t d1, uint64_t d2, uint64_t stride1_bytes, uint64_t stride2_bytes,
+                                 uint32_t box0, uint32_t box1, CUtensorMapSwizzle swizzle) {
   struct Entry {
     TmaDesc3dKey key;
     CUtensorMap map;
@@ -44,7 +45,7 @@ inline cudaError_t encode_tma_3d_u8(CUtensorMap* map, const void* base, uint64_t
   };
   thread_local Entry cache[kTmaCacheEntries] = {};
   thread_local unsigned next = 0;
-  const TmaDesc3dKey key{base, d0, d1, d2, stride1_bytes, stride2_bytes, box0, box1, int(swizzle)};
+  const TmaDesc3dKey key{base, d0, d1, d2, stride1_bytes, stride2_bytes, box0, box1, int(swizzle), int(dtype)};
   for (const Entry& e : cache) {
     if (e.valid && e.key == key) {
       *map = e.map;
@@ -57,7 +58,7 @@ inline cudaError_t encode_tma_3d_u8(CUtensorMap* map, const void* base, uint64_t
   const cuuint64_t strides[2] = {stride1_bytes, stride2_bytes};
   const cuuint32_t box[3] = {box0, box1, 1};
   const cuuint32_t elem_strides[3] = {1, 1, 1};
-  CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), dims, strides,
+  CUresult r = encode(map, dtype, 3, const_cast<void*>(base), dims, strides,
                       box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
                       CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                       // FLOAT_OOB_FILL_NONE = out-of-bounds elements are written as zeros.
@@ -68,6 +69,13 @@ inline cudaError_t encode_tma_3d_u8(CUtensorMap* map, const void* base, uint64_t
   slot.map = *map;
   slot.valid = true;
   return cudaSuccess;
+}
+
+inline cudaError_t encode_tma_3d_u8(CUtensorMap* map, const void* base, uint64_t d0, uint64_t d1,
+                                    uint64_t d2, uint64_t stride1_bytes, uint64_t stride2_bytes,
+                                    uint32_t box0, uint32_t box1, CUtensorMapSwizzle swizzle) {
+  return encode_tma_3d(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, base, d0, d1, d2, stride1_bytes, stride2_bytes, box0,
+                       box1, swizzle);
 }
 
 }  // namespace sage::sm90

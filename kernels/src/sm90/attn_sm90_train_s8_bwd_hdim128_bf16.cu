@@ -1,0 +1,10 @@
+// One configuration of the Hopper train_s8 backward (dK/dV and dQ kernels): head dim 128, bf16.
+#include "sage/sm90/sm90_attn_bwd_train_s8_kernel.cuh"
+
+namespace sage::sm90 {
+
+cudaError_t attn_bwd_sm90_train_s8_hdim128_bf16(const AttnBwdTrainS8Args& a, cudaStream_t s) {
+  return launch_attn_bwd_sm90_train_s8<128, OutBF16>(a, s);
+}
+
+}  // namespace sage::sm90
