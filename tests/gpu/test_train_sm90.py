@@ -139,3 +139,110 @@ def test_train_forward_rejects_bad_input():
     with pytest.raises(ValueError, match="head dim"):
         q80 = torch.zeros(1, 2, 64, 80, dtype=torch.int8, device="cuda")
         sage_core._C.attn_fwd_sm90_train_s8(q80, q80, v_t, s, s, s, o, None, 64, 0.125, False, stream)
+
+
+# ----------------------------------------------------------------------------- the backward kernels
+def _bwd_skip_reason():
+    if _SKIP is not None:
+        return _SKIP
+    if not all(train_sm90.backward_kernel_available(d, t) for d in (64, 128) for t in (torch.float16, torch.bfloat16)):
+        return "sage_core was built without the sm90 train_s8 backward kernels"
+    return None
+
+
+_BWD_SKIP = _bwd_skip_reason()
+needs_bwd = pytest.mark.skipif(_BWD_SKIP is not None, reason=str(_BWD_SKIP))
+
+
+def _f64_grads(q, k, v, do, causal, layout):
+    t = (lambda x: x) if layout == "bhsd" else (lambda x: x.transpose(1, 2))
+    q64, k64, v64 = (t(x).detach().double().requires_grad_() for x in (q, k, v))
+    o = _f64_attention(q64, k64, v64, causal, "bhsd")
+    return [t(g) for g in torch.autograd.grad(o, (q64, k64, v64), t(do).double())]
+
+
+@needs_bwd
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("dist", ["randn", "outlier"])
+def test_train_backward_vs_emulation(shape, is_causal, d, dtype, layout, dist, seed):
+    """dQ, dK, dV of the two backward kernels against train_s8_backward (same forward context), per
+    row and in aggregate, and against float64 autograd."""
+    b, h_q, h_kv, s_q, s_kv = shape
+    q, k, v = make_qkv(dist, b=b, h_q=h_q, h_kv=h_kv, s_q=s_q, s_kv=s_kv, d=d, dtype=dtype, layout=layout,
+                       seed=seed, device="cuda")
+    msg = f"seed={seed} shape={shape} causal={is_causal} d={d} {dtype} {layout} {dist}"
+    scale = d ** -0.5
+    o, _, ctx = emu.train_s8_forward(q, k, v, is_causal=is_causal, scale=scale, layout=layout)
+    do = torch.randn(o.shape, device="cuda", dtype=dtype, generator=torch.Generator("cuda").manual_seed(seed + 7))
+    refs = emu.train_s8_backward(do, ctx)
+    torch.cuda.synchronize()
+    got = train_sm90.backward(do, q, k, v, o, ctx.lse_smoothed, layout=layout, is_causal=is_causal, scale=scale,
+                              smooth_k=True)
+    torch.cuda.synchronize()
+    to_rows = (lambda x: x.reshape(-1, d)) if layout == "bhsd" else (lambda x: x.transpose(1, 2).reshape(-1, d))
+    for name, g, r, x in zip(("dq", "dk", "dv"), got, refs, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == dtype and g.is_contiguous(), f"{name}: {msg}"
+        assert torch.isfinite(g).all(), f"{name} not finite: {msg}"
+        assert_rows_close(to_rows(g).float(), to_rows(r).float(), rel_l1=2e-3, row_rel_l1_max=kRowRelL1VsEmulation,
+                          msg=f"{name}: {msg}")
+    if s_q > 1 and s_kv > 1:
+        for name, g, r in zip(("dq", "dk", "dv"), got, _f64_grads(q, k, v, do, is_causal, layout)):
+            if r.abs().sum() == 0:
+                continue
+            rel = ((g.double() - r).abs().sum() / r.abs().sum()).item()
+            assert rel < 0.1, f"{name} rel-L1 vs float64 {rel}: {msg}"
+
+
+@needs_bwd
+def test_train_backward_deterministic_and_fully_written(seed):
+    """Outputs NaN-poisoned before the launch come back finite; two runs are bit-identical (no atomics)."""
+    import sage_core
+
+    b, h, hkv, s, d = 2, 4, 2, 333, 128
+    q, k, v = make_qkv("outlier", b=b, h_q=h, h_kv=hkv, s_q=s, s_kv=s, d=d, dtype=torch.bfloat16, layout="bhsd",
+                       seed=seed, device="cuda")
+    o, _, ctx = emu.train_s8_forward(q, k, v, is_causal=True, layout="bhsd")
+    do = torch.randn(o.shape, device="cuda", dtype=torch.bfloat16)
+    z = train_sm90.quantize_backward(do, q, k, v, o, ctx.lse_smoothed, layout="bhsd", smooth_k=True)
+    outs = []
+    for _ in range(2):
+        dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
+        sage_core._C.attn_bwd_sm90_train_s8(z["q"], z["q_t"], z["k"], z["k_t"], z["v"], z["dout"], z["do_t"],
+                                            z["q_scale"], z["k_scale"], z["do_scale"], z["lse2"], z["delta"], dq, dk,
+                                            dv, d ** -0.5, True, torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+        outs.append((dq, dk, dv))
+    for a, a2 in zip(*outs):
+        assert torch.equal(a, a2)
+
+
+@needs_bwd
+def test_train_backward_rejects_bad_input():
+    import sage_core
+
+    b, h, s, d = 1, 2, 64, 64
+    i8 = lambda *shape: torch.zeros(*shape, dtype=torch.int8, device="cuda")  # noqa: E731
+    f32 = lambda *shape: torch.zeros(*shape, device="cuda")  # noqa: E731
+    bf = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16, device="cuda")  # noqa: E731
+    args = [i8(b, h, s, d), i8(b, h, d, 128), i8(b, h, s, d), i8(b, h, d, 64), bf(b, h, s, d), bf(b, h, s, d),
+            i8(b, h, d, 128), f32(b, h, 1), f32(b, h, 1), f32(b, h, 1), f32(b, h, 128), f32(b, h, 128),
+            bf(b, h, s, d), bf(b, h, s, d), bf(b, h, s, d)]
+    stream = torch.cuda.current_stream().cuda_stream
+    bad = list(args)
+    bad[1] = i8(b, h, d, 64)  # q_t not padded to 128 queries
+    with pytest.raises(ValueError, match="q_t"):
+        sage_core._C.attn_bwd_sm90_train_s8(*bad, 0.125, False, stream)
+    bad = list(args)
+    bad[13] = torch.zeros(b, h, s, d, dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match="dk"):
+        sage_core._C.attn_bwd_sm90_train_s8(*bad, 0.125, False, stream)
+    with pytest.raises(ValueError, match="do_bad_last"):
+        sage_core._C.attn_bwd_sm90_train_s8(*args, 0.125, False, stream,
+                                            do_bad_last=torch.zeros(b, h, d, dtype=torch.int64, device="cuda"))
+    sage_core._C.attn_bwd_sm90_train_s8(*args, 0.125, False, stream)  # the valid call runs
+    torch.cuda.synchronize()

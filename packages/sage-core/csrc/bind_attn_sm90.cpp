@@ -2,6 +2,7 @@
 //   attn_fwd_sm90_qk_s8_pv_e4m3(...)  attention forward over pre-quantized tensors
 //   quant_qkv_sm90_fused(...)         the fused Q/K/V quantization that produces them
 //   attn_fwd_sm90_train_s8(...)       the train_s8 (SageBwd) forward over per-block INT8 tensors
+//   attn_bwd_sm90_train_s8(...)       its backward (dK/dV and dQ kernels)
 // Every argument is validated before anything is launched; errors name the argument, what was
 // given and what is accepted. Outputs, LSE and workspace are preallocated by the caller.
 // Head dims: the kernels are instantiated for D = 64, 128. The functions that read fp16/bf16 q, k, v
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include <sage/sm90/sm90_attn_fwd_qk_s8_pv_e4m3_params.hpp>
+#include <sage/sm90/sm90_attn_bwd_train_s8_params.hpp>
 #include <sage/sm90/sm90_attn_fwd_train_s8_params.hpp>
 
 #include "sage_core/bindings.hpp"
@@ -524,6 +526,117 @@ void attn_fwd_sm90_train_s8(Array q, Array k, Array v_t, Array q_scale, Array k_
   check_attn_launch(err, fn);
 }
 
+// ------------------------------------------------------------------------------------------------
+// train_s8 backward (sm90_attn_bwd_train_s8_params.hpp): dq, dk, dv from the per-block INT8 and
+// 16-bit operands the caller prepared.
+void attn_bwd_sm90_train_s8(Array q, Array q_t, Array k, Array k_t, Array v, Array dout, Array do_t, Array q_scale,
+                            Array k_scale, Array do_scale, Array lse2, Array delta, Array dq, Array dk, Array dv,
+                            float sm_scale, bool is_causal, uintptr_t stream, std::optional<Array> do_bad_last) {
+  constexpr const char* fn = "attn_bwd_sm90_train_s8";
+  namespace k8 = sage::sm90;
+  const int64_t seq_kv = k.ndim() == 4 ? dim(k, 2) : 0;
+  const QkS8Dims dims = check_qk_s8(q, k, seq_kv, fn);
+  const int64_t b = dims.b, h_q = dims.h_q, s_q = dims.s_q, d = dims.d, h_kv = dims.h_kv;
+  const int64_t q_pad = k8::sm90_train_q_pad(s_q), kv_pad = k8::sm90_train_v_pad(seq_kv);
+  const int64_t q_blocks = k8::sm90_train_q_blocks(s_q), kv_blocks = k8::sm90_train_kv_blocks(seq_kv);
+  using Spec = std::tuple<const Array*, const char*, std::vector<int64_t>, DType>;
+  for (auto [t, name, shape, dtype] : {Spec{&q_t, "q_t", {b, h_q, d, q_pad}, kI8}, Spec{&k_t, "k_t", {b, h_kv, d, kv_pad}, kI8},
+                                       Spec{&do_t, "do_t", {b, h_q, d, q_pad}, kI8},
+                                       Spec{&q_scale, "q_scale", {b, h_q, q_blocks}, kF32},
+                                       Spec{&k_scale, "k_scale", {b, h_kv, kv_blocks}, kF32},
+                                       Spec{&do_scale, "do_scale", {b, h_q, q_blocks}, kF32},
+                                       Spec{&lse2, "lse2", {b, h_q, q_pad}, kF32},
+                                       Spec{&delta, "delta", {b, h_q, q_pad}, kF32}}) {
+    check_cuda(*t, name);
+    check_same_device(q, "q", *t, name);
+    check_dtype(*t, name, {dtype});
+    check_shape(*t, name, shape);
+    check_contiguous(*t, name);
+    check_aligned(*t, name, 16);
+  }
+  for (auto [t, name, shape] : {std::tuple<const Array*, const char*, std::vector<int64_t>>{&v, "v", {b, h_kv, seq_kv, d}},
+                                {&dout, "dout", {b, h_q, s_q, d}}}) {
+    check_cuda(*t, name);
+    check_same_device(q, "q", *t, name);
+    check_dtype(*t, name, {kF16, kBF16});
+    check_shape(*t, name, shape);
+    check_contiguous(*t, name);
+    check_aligned(*t, name, 16);
+  }
+  if (!same_dtype(v.dtype(), dout.dtype())) fail_value(std::string(fn) + ": v and dout must have the same dtype");
+  if (do_bad_last) {
+    check_cuda(*do_bad_last, "do_bad_last");
+    check_same_device(q, "q", *do_bad_last, "do_bad_last");
+    check_dtype(*do_bad_last, "do_bad_last", {kI32});
+    check_shape(*do_bad_last, "do_bad_last", {b, h_q, d});
+    check_contiguous(*do_bad_last, "do_bad_last");
+  }
+  for (auto [t, name, shape] : {std::tuple<const Array*, const char*, std::vector<int64_t>>{&dq, "dq", {b, h_q, s_q, d}},
+                                {&dk, "dk", {b, h_kv, seq_kv, d}}, {&dv, "dv", {b, h_kv, seq_kv, d}}}) {
+    check_cuda(*t, name);
+    check_same_device(q, "q", *t, name);
+    check_dtype(*t, name, {kF16, kBF16});
+    if (!same_dtype(t->dtype(), v.dtype())) fail_value(std::string(fn) + ": " + name + " must have v's dtype");
+    check_shape(*t, name, shape);
+    check_last_dim_contiguous(*t, name);
+    check_aligned(*t, name, 4);
+    for (size_t i = 0; i < 3; ++i) {
+      if (stride(*t, i) % 2 != 0) {
+        fail_value(std::string(fn) + ": " + name + " strides must be even (4-byte aligned rows), got strides " +
+                   strides_str(*t));
+      }
+    }
+  }
+  check_tma_operands(q, k, k_t, sm_scale, b, h_q, s_q, seq_kv, fn);
+  k8::AttnBwdTrainS8Args a;
+  a.q = static_cast<const int8_t*>(q.data());
+  a.q_t = static_cast<const int8_t*>(q_t.data());
+  a.k = static_cast<const int8_t*>(k.data());
+  a.k_t = static_cast<const int8_t*>(k_t.data());
+  a.v = v.data();
+  a.dout = dout.data();
+  a.do_t = static_cast<const int8_t*>(do_t.data());
+  a.q_scale = static_cast<const float*>(q_scale.data());
+  a.k_scale = static_cast<const float*>(k_scale.data());
+  a.do_scale = static_cast<const float*>(do_scale.data());
+  a.do_bad_last = do_bad_last ? static_cast<const int*>(do_bad_last->data()) : nullptr;
+  a.lse2 = static_cast<const float*>(lse2.data());
+  a.delta = static_cast<const float*>(delta.data());
+  a.dq = dq.data();
+  a.dq_stride_b = stride(dq, 0);
+  a.dq_stride_h = stride(dq, 1);
+  a.dq_stride_s = stride(dq, 2);
+  a.dk = dk.data();
+  a.dk_stride_b = stride(dk, 0);
+  a.dk_stride_h = stride(dk, 1);
+  a.dk_stride_s = stride(dk, 2);
+  a.dv = dv.data();
+  a.dv_stride_b = stride(dv, 0);
+  a.dv_stride_h = stride(dv, 1);
+  a.dv_stride_s = stride(dv, 2);
+  a.batch = int(b);
+  a.heads_q = int(h_q);
+  a.heads_kv = int(h_kv);
+  a.seq_q = int(s_q);
+  a.seq_kv = int(seq_kv);
+  a.head_dim = int(d);
+  a.sm_scale = sm_scale;
+  a.mask = is_causal ? k8::MaskKind::kCausal : k8::MaskKind::kNone;
+  const bool bf16 = same_dtype(v.dtype(), kBF16);
+  DeviceGuard guard(q.device_id());
+  cudaError_t err;
+  {
+    nb::gil_scoped_release release;
+    const cudaStream_t st = as_stream(stream);
+    if (d == 64) {
+      err = bf16 ? k8::attn_bwd_sm90_train_s8_hdim64_bf16(a, st) : k8::attn_bwd_sm90_train_s8_hdim64_f16(a, st);
+    } else {
+      err = bf16 ? k8::attn_bwd_sm90_train_s8_hdim128_bf16(a, st) : k8::attn_bwd_sm90_train_s8_hdim128_f16(a, st);
+    }
+  }
+  check_attn_launch(err, fn);
+}
+
 void bind_attn_sm90(nb::module_& m) {
   m.def("attn_fwd_sm90_qk_s8_pv_e4m3", &attn_fwd_sm90_qk_s8_pv_e4m3, nb::arg("q"), nb::arg("k"), nb::arg("v_t"),
         nb::arg("q_scale"), nb::arg("k_scale"), nb::arg("v_scale"), nb::arg("out"), nb::arg("lse").none(),
@@ -609,6 +722,24 @@ void bind_attn_sm90(nb::module_& m) {
         "v_scale f32 (b, h_kv, ceil(s_kv/64)); d 64 or 128. out fp16/bf16 logical (b, h_q, s_q, d) (last\n"
         "dim contiguous, even strides); lse None or f32 (b, h_q, s_q): natural log of the smoothed scores\n"
         "(-inf for a row that sees no key). is_causal: bottom-right aligned.");
+  m.def("attn_bwd_sm90_train_s8", &attn_bwd_sm90_train_s8, nb::arg("q"), nb::arg("q_t"), nb::arg("k"),
+        nb::arg("k_t"), nb::arg("v"), nb::arg("dout"), nb::arg("do_t"), nb::arg("q_scale"), nb::arg("k_scale"),
+        nb::arg("do_scale"), nb::arg("lse2"), nb::arg("delta"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"),
+        nb::arg("sm_scale"), nb::arg("is_causal"), nb::arg("stream"), nb::kw_only(),
+        nb::arg("do_bad_last").none() = nb::none(),
+        "Hopper train_s8 backward (SageBwd): dq, dk, dv (two deterministic kernels, no atomics).\n\n"
+        "q int8 (b, h_q, s_q, d), q_scale f32 (b, h_q, ceil(s_q/128)) as the forward's; q_t int8\n"
+        "(b, h_q, d, ceil(s_q/128)*128): q transposed, tokens permuted per 32 as v_e4m3_t_perm32, padding 0;\n"
+        "k int8 (b, h_kv, s_kv, d) of K - k_mean, k_scale f32 (b, h_kv, ceil(s_kv/64)); k_t int8\n"
+        "(b, h_kv, d, ceil(s_kv/64)*64) transposed + permuted likewise; v, dout fp16/bf16 (b, h_kv, s_kv, d) /\n"
+        "(b, h_q, s_q, d) contiguous (same dtype); do_t int8 (b, h_q, d, ceil(s_q/128)*128) of dO quantized\n"
+        "per 128 tokens, transposed + permuted, do_scale f32 (b, h_q, ceil(s_q/128)); lse2 f32\n"
+        "(b, h_q, ceil(s_q/128)*128): the forward's smoothed LSE times log2(e), -inf and padding 0; delta f32\n"
+        "(same shape): rowsum(dO * O). dq, dk, dv: v's dtype, logical (b, h, s, d), last dim contiguous, even\n"
+        "strides; dk, dv summed over each GQA group. is_causal: bottom-right aligned.\n"
+        "Non-finite dO: pass dout / do_t with those values zeroed, delta from the original dO, and\n"
+        "do_bad_last (keyword) int32 (b, h_q, d): the last row with a non-finite dO in each channel, -1 if\n"
+        "none; dq / dk rows and dv (key, channel) entries it reaches are NaN (the emulation's rule).");
   // Capability: the functions above that read fp16/bf16 q, k, v take head dims that are multiples of
   // 8 below 128 (zero-filled inside the quantizer, no copies), o of the inputs' head dim.
   m.attr("SM90_HEAD_DIM_ZERO_FILL") = true;

@@ -20,7 +20,10 @@
 //   do_t     int8  (b, h_q,  d, s_q_pad)       dO per-block INT8 (128 tokens), transposed + permuted
 //   q_scale, do_scale  f32 (b, h_q, ceil(s_q/128));  k_scale f32 (b, h_kv, ceil(s_kv/64))
 //   lse2     f32   (b, h_q, s_q_pad)           the forward's smoothed LSE times log2(e); -inf -> 0
-//   delta    f32   (b, h_q, s_q_pad)           D = rowsum(dO o O)
+//   delta    f32   (b, h_q, s_q_pad)           D = rowsum(dO o O) (non-finite where dO's row is)
+//   do_bad_last  int32 (b, h_q, d) or null     the last row r with a non-finite dO[r, c], -1 if none;
+//            dout / do_t hold dO with its non-finite values zeroed (the emulation's rule: NaN reaches
+//            dQ rows, dK rows, dV (key, channel) exactly where exact attention's gradient has it)
 //   dq, dk, dv  fp16/bf16 (v's dtype), logical (b, h, s, d), element strides given, last dim contiguous
 #pragma once
 
@@ -45,6 +48,7 @@ struct AttnBwdTrainS8Args {
   const float* q_scale = nullptr;
   const float* k_scale = nullptr;
   const float* do_scale = nullptr;
+  const int* do_bad_last = nullptr;  // optional, see below
   const float* lse2 = nullptr;
   const float* delta = nullptr;
   void* dq = nullptr;

@@ -15,6 +15,10 @@
 //          dK  += (dS^T Q^) s_dS s_Q  wgmma s8 (RS), dK times sm_scale at the end
 // Both warpgroups' dP^T / S^T of the next tile run while the other's tail is on the CUDA cores.
 // GQA: dK, dV of a kv head are summed over its q heads here, in registers (deterministic).
+// Non-finite dO (sage_quant.emulation.train_s8's rule): the caller zeroes it in the dO operands
+// and passes D (non-finite in those rows) and the last bad row per channel; a non-finite dS is
+// quantized as 0, left out of the tile maximum, and its key row of dK stored as NaN; dV gets NaN
+// in the channels and keys the bad rows reach.
 #pragma once
 
 #include <cuda.h>
@@ -110,6 +114,7 @@ struct CollectiveMainloopBwdSm90TrainS8DkDv {
     const float* q_scale;
     const float* k_scale;
     const float* do_scale;
+    const int* do_bad_last;  // (b, h_q, d): last query row whose dO is non-finite in channel c, -1 if none
     void* dk;
     int64_t dk_stride_b, dk_stride_h, dk_stride_s;
     void* dv;
@@ -143,6 +148,7 @@ struct CollectiveMainloopBwdSm90TrainS8DkDv {
     p.q_scale = a.q_scale;
     p.k_scale = a.k_scale;
     p.do_scale = a.do_scale;
+    p.do_bad_last = a.do_bad_last;
     p.dk = a.dk;
     p.dk_stride_b = a.dk_stride_b;
     p.dk_stride_h = a.dk_stride_h;
@@ -231,6 +237,30 @@ struct CollectiveMainloopBwdSm90TrainS8DkDv {
            (p.causal && last_key > m * kBlockQ + (p.seq_kv - p.seq_q));
   }
 
+  // A non-finite dO[r, c] reaches dV[j, c] for every key j that query r sees (the emulation's
+  // rule; the kernel read dO with those values zeroed): keys <= r + s_kv - s_q under the causal
+  // mask, so the last such r per channel decides, over the q heads of the group.
+  template <class Frag>
+  static __device__ __forceinline__ void mark_dv_non_finite(const Params& p, Frag& acc, int b, int hkv, int n,
+                                                            const WgmmaAccumMap& map) {
+    const int group = p.heads_q / p.heads_kv;
+    for (int g = 0; g < group; ++g) {
+      const int* last = p.do_bad_last + (int64_t(b) * p.heads_q + hkv * group + g) * D;
+      CUTE_UNROLL
+      for (int j = 0; j < D / 8; ++j) {
+        CUTE_UNROLL
+        for (int e = 0; e < 2; ++e) {
+          const int r = last[8 * j + map.col0 + e];
+          CUTE_UNROLL
+          for (int half = 0; half < 2; ++half) {
+            const int key = n * kBlockKV + map.row0 + 8 * half;
+            if (r >= 0 && (!p.causal || key <= r + (p.seq_kv - p.seq_q))) acc(WgmmaAccumMap::index(j, half, e)) = NAN;
+          }
+        }
+      }
+    }
+  }
+
   static __device__ void consume(const Params& p, SharedStorage& ss, int cw, int tid) {
     using namespace cute;
     using NamedBarrier = cutlass::arch::NamedBarrier;
@@ -295,7 +325,7 @@ struct CollectiveMainloopBwdSm90TrainS8DkDv {
               if (masked) {
                 const int qg = m * kBlockQ + ql;
                 const bool ok = key[half] < p.seq_kv && qg < p.seq_q && (!p.causal || key[half] <= qg + causal_offset);
-                v = ok ? v : 0.f;
+                v = ok ? v : -0.f;  // -0: "masked" for WG 1 (an underflowed P is +0)
               }
               x[i] = v;
             }
@@ -319,7 +349,8 @@ struct CollectiveMainloopBwdSm90TrainS8DkDv {
       NamedBarrier::sync(256, kBarPEmpty);  // WG 1's last arrival (it pre-arrived once)
       char* dv = static_cast<char*>(p.dv) +
                  (int64_t(b) * p.dv_stride_b + int64_t(hkv) * p.dv_stride_h) * int64_t(sizeof(typename OutTag::T));
-      store_accum_rows<OutTag, D>(accf, dv, p.dv_stride_s, n * kBlockKV, p.seq_kv, tid, 1.f);
+      if (p.do_bad_last != nullptr) mark_dv_non_finite(p, accf, b, hkv, n, map);
+      store_accum_rows<OutTag, D>(accf, dv, p.dv_stride_s, n * kBlockKV, p.seq_kv, tid, 1.f, {false, false});
     } else {
       TiledMmaDP mma_dp;
       auto thr_dp = mma_dp.get_thread_slice(tid);
@@ -332,6 +363,7 @@ struct CollectiveMainloopBwdSm90TrainS8DkDv {
       Tensor tPrP = partition_fragment_C(mma_dp, Shape<_64, Int<kBlockQ>>{});  // dP^T, f32
       static_assert(size(tPrP) == kScores, "dP^T fragment");
       NamedBarrier::arrive(256, kBarPEmpty);  // the P buffer starts empty
+      bool bad[2] = {false, false};  // a non-finite dS in key row row0 / row0 + 8 (module comment)
       for (int step = 0; step < steps; ++step) {
         const int g = step / m_count, m = m0 + step % m_count;
         const int bh_q = b * p.heads_q + hkv * group + g;
@@ -350,7 +382,11 @@ struct CollectiveMainloopBwdSm90TrainS8DkDv {
             CUTE_UNROLL
             for (int half = 0; half < 2; ++half) {
               const int i = WgmmaAccumMap::index(j, half, e);
-              x[i] = __fmul_rn(ss.p[i * 128 + tid], __fsub_rn(tPrP(i), dl));
+              const float pv = ss.p[i * 128 + tid];
+              const float ds = signbit(pv) ? 0.f : __fmul_rn(pv, __fsub_rn(tPrP(i), dl));
+              const bool finite = fabsf(ds) < INFINITY;  // NaN compares false
+              bad[half] |= !finite;
+              x[i] = finite ? ds : 0.f;
             }
           }
         }
@@ -368,7 +404,8 @@ struct CollectiveMainloopBwdSm90TrainS8DkDv {
       }
       char* dk = static_cast<char*>(p.dk) +
                  (int64_t(b) * p.dk_stride_b + int64_t(hkv) * p.dk_stride_h) * int64_t(sizeof(typename OutTag::T));
-      store_accum_rows<OutTag, D>(accf, dk, p.dk_stride_s, n * kBlockKV, p.seq_kv, tid, p.sm_scale);
+      store_accum_rows<OutTag, D>(accf, dk, p.dk_stride_s, n * kBlockKV, p.seq_kv, tid, p.sm_scale,
+                                  {quad_any(bad[0]), quad_any(bad[1])});
     }
   }
 #endif  // __CUDACC__

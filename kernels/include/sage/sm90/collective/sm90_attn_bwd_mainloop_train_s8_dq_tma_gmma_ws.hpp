@@ -246,6 +246,7 @@ struct CollectiveMainloopBwdSm90TrainS8Dq {
     cutlass::arch::ClusterBarrier::wait(&ss.bar_q, 0);
     float x[kScores];
     uint32_t code[kScores];
+    bool bad[2] = {false, false};  // a non-finite dS in row row[half]: that row of dQ is NaN
     for (int n = 0; n < ne; ++n) {
       const PipelineState st(n % kStages, (n / kStages) & 1, n);
       ss.pipe.full_barrier_[st.index()].wait(st.phase());
@@ -272,7 +273,9 @@ struct CollectiveMainloopBwdSm90TrainS8Dq {
               const bool ok = row[half] < p.seq_q && key < p.seq_kv && (!p.causal || key <= row[half] + causal_offset);
               ds = ok ? ds : 0.f;
             }
-            x[i] = ds;
+            const bool finite = fabsf(ds) < INFINITY;  // a non-finite D (dO) row: NaN compares false
+            bad[half] |= !finite;
+            x[i] = finite ? ds : 0.f;
           }
         }
       }
@@ -289,7 +292,8 @@ struct CollectiveMainloopBwdSm90TrainS8Dq {
     }
     char* base = static_cast<char*>(p.dq) +
                  (int64_t(b) * p.dq_stride_b + int64_t(h) * p.dq_stride_h) * int64_t(sizeof(typename OutTag::T));
-    store_accum_rows<OutTag, D>(dq, base, p.dq_stride_s, row_wg, p.seq_q, tid, p.sm_scale);
+    store_accum_rows<OutTag, D>(dq, base, p.dq_stride_s, row_wg, p.seq_q, tid, p.sm_scale,
+                                {quad_any(bad[0]), quad_any(bad[1])});
   }
 #endif  // __CUDACC__
 };

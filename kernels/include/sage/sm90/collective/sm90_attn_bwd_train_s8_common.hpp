@@ -92,11 +92,20 @@ __device__ __forceinline__ void pack_codes_a_k32(const uint32_t (&code)[kCols / 
   }
 }
 
+// Whether any of the four threads of a quad (which hold the same two accumulator rows) says so.
+__device__ __forceinline__ bool quad_any(bool x) {
+  int v = x;
+  v |= __shfl_xor_sync(0xffffffffu, v, 1);
+  v |= __shfl_xor_sync(0xffffffffu, v, 2);
+  return v != 0;
+}
+
 // acc (m64 x kCols f32, WgmmaAccumMap order) times `mul` -> rows [row_begin, row_begin + 64) of a
-// 16-bit matrix at `base` (row stride in elements), rows >= row_limit skipped; 4-byte stores.
+// 16-bit matrix at `base` (row stride in elements), rows >= row_limit skipped, rows with nan_row
+// (the thread's row0 / row0 + 8) stored as NaN; 4-byte stores.
 template <class OutTag, int kCols, class Frag>
 __device__ __forceinline__ void store_accum_rows(const Frag& acc, void* base, int64_t row_stride, int row_begin,
-                                                 int row_limit, int tid, float mul) {
+                                                 int row_limit, int tid, float mul, const bool (&nan_row)[2]) {
   using T = typename OutTag::T;
   const WgmmaAccumMap map(tid);
   CUTE_UNROLL
@@ -107,8 +116,9 @@ __device__ __forceinline__ void store_accum_rows(const Frag& acc, void* base, in
     CUTE_UNROLL
     for (int j = 0; j < kCols / 8; ++j) {
       const int i = WgmmaAccumMap::index(j, half, 0);
-      *reinterpret_cast<uint32_t*>(row + 8 * j + map.col0) =
-          OutTag::pack2(__fmul_rn(acc(i), mul), __fmul_rn(acc(i + 1), mul));
+      const float a0 = nan_row[half] ? NAN : __fmul_rn(acc(i), mul);
+      const float a1 = nan_row[half] ? NAN : __fmul_rn(acc(i + 1), mul);
+      *reinterpret_cast<uint32_t*>(row + 8 * j + map.col0) = OutTag::pack2(a0, a1);
     }
   }
 }

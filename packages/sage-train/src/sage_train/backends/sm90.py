@@ -1,14 +1,12 @@
 """Hopper (sm_90a) kernels of train_s8: where the SageBwd forward/backward kernels plug in.
 
-Status (issue 10): the **forward kernel** exists (``sage_core.attn_fwd_sm90_train_s8``,
-instantiations :data:`FORWARD_KERNEL_NAMES`; compiled, its GPU test against the emulation is
-``tests/gpu/test_train_sm90.py``) and :func:`forward` runs it; the **backward kernel does not**,
-so :func:`available` stays False and dispatch runs the exact emulation for both passes (a
-forward kernel with an emulated backward would claim a kernel while training at emulation
-speed). Everything around the kernels (custom ops, fake implementations, autograd, dispatch,
-validation, the benchmark) is in place and tested on CPU with a stand-in kernel
-(``tests/test_train_ops.py``). To finish: write :func:`backward`, list every sage_core kernel
-name in :data:`KERNEL_NAMES` and set :data:`GLUE_WRITTEN`; nothing else in sage_train changes.
+Status (issue 10): both passes are kernels. The **forward** (``sage_core.attn_fwd_sm90_train_s8``,
+:data:`FORWARD_KERNEL_NAMES`) and the **backward** (``sage_core.attn_bwd_sm90_train_s8``,
+:data:`BACKWARD_KERNEL_NAMES`: a dK/dV kernel per 64-key tile and a dQ kernel per 128-query block,
+deterministic, no atomics; ``docs/perf/sm90_train_s8.md``); their GPU tests against the emulation are
+``tests/gpu/test_train_sm90.py`` and ``packages/sage-train/tests/test_train_gpu.py``. The
+quantization around them runs as PyTorch ops plus ``sage_quant.ops`` kernels (:func:`quantize_forward`,
+:func:`quantize_backward`), not yet fused.
 
 Contract (``sage_train._dispatch.TrainKernel``), all tensors logical ``(b, h, s, d)`` in
 ``layout`` ("bhsd" or "bshd"), any strides (copy what the kernel cannot read):
@@ -34,8 +32,9 @@ import torch
 
 from .._dispatch import TrainKernel, register_kernel
 
-__all__ = ["BACKEND_NAME", "HEAD_DIMS", "DTYPES", "KERNEL_NAMES", "FORWARD_KERNEL_NAMES", "GLUE_WRITTEN",
-           "available", "supports", "forward", "forward_kernel_available", "quantize_forward", "backward"]
+__all__ = ["BACKEND_NAME", "HEAD_DIMS", "DTYPES", "KERNEL_NAMES", "FORWARD_KERNEL_NAMES", "BACKWARD_KERNEL_NAMES",
+           "GLUE_WRITTEN", "available", "supports", "forward", "forward_kernel_available", "backward_kernel_available",
+           "quantize_forward", "quantize_backward", "backward"]
 
 BACKEND_NAME = "sm90_train_s8"
 HEAD_DIMS = (64, 128)
@@ -43,11 +42,13 @@ DTYPES = (torch.float16, torch.bfloat16)
 #: The forward's sage_core instantiations (``sage_core.has_kernel``).
 FORWARD_KERNEL_NAMES: Tuple[str, ...] = tuple(f"attn_sm90_train_s8_hdim{d}_{t}" for d in HEAD_DIMS
                                               for t in ("f16", "bf16"))
-#: sage_core kernel instantiations this backend needs (``sage_core.has_kernel``); empty until the
-#: backward exists (then the forward's and the backward's).
-KERNEL_NAMES: Tuple[str, ...] = ()
+#: The backward's instantiations (each launches the dK/dV and the dQ kernel).
+BACKWARD_KERNEL_NAMES: Tuple[str, ...] = tuple(f"attn_sm90_train_s8_bwd_hdim{d}_{t}" for d in HEAD_DIMS
+                                               for t in ("f16", "bf16"))
+#: sage_core kernel instantiations this backend needs (``sage_core.has_kernel``).
+KERNEL_NAMES: Tuple[str, ...] = FORWARD_KERNEL_NAMES + BACKWARD_KERNEL_NAMES
 #: Whether :func:`forward` / :func:`backward` launch real kernels (False: they raise).
-GLUE_WRITTEN = False
+GLUE_WRITTEN = True
 
 
 def available() -> bool:
@@ -67,33 +68,56 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, 
     return None
 
 
-def forward_kernel_available(head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether sage_core holds the forward kernel for ``head_dim`` and ``dtype`` (and a GPU is visible)."""
+def _has(name: str, head_dim: int, dtype: torch.dtype) -> bool:
     if head_dim not in HEAD_DIMS or dtype not in DTYPES or not torch.cuda.is_available():
         return False
     try:
         import sage_core
     except ImportError:
         return False
-    return bool(sage_core.has_kernel(f"attn_sm90_train_s8_hdim{head_dim}_{'bf16' if dtype == torch.bfloat16 else 'f16'}"))
+    return bool(sage_core.has_kernel(f"{name}_hdim{head_dim}_{'bf16' if dtype == torch.bfloat16 else 'f16'}"))
+
+
+def forward_kernel_available(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether sage_core holds the forward kernel for ``head_dim`` and ``dtype`` (and a GPU is visible)."""
+    return _has("attn_sm90_train_s8", head_dim, dtype)
+
+
+def backward_kernel_available(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether sage_core holds the backward kernels for ``head_dim`` and ``dtype`` (and a GPU is visible)."""
+    return _has("attn_sm90_train_s8_bwd", head_dim, dtype)
 
 
 def _bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x if layout == "bhsd" else x.transpose(1, 2)
 
 
-def _v_t_perm(v_i8: torch.Tensor) -> torch.Tensor:
-    """INT8 V ``(b, h, s, d)`` -> ``(b, h, d, ceil(s/64)*64)``: transposed, zero-padded, the tokens of
-    every 32-token chunk in the order the PV wgmma's register A operand needs (the inference
-    kernel's v_e4m3_t_perm32 order, ``sage_torch.backends.sm90.v_token_permutation``)."""
+def _t_perm(x_i8: torch.Tensor, block: int) -> torch.Tensor:
+    """INT8 ``(b, h, s, d)`` -> ``(b, h, d, ceil(s/block)*block)``: transposed, zero-padded, the
+    tokens of every 32-token chunk in the order an 8-bit wgmma's register A operand needs from its
+    B operand (the inference kernel's v_e4m3_t_perm32 order, ``sage_torch.backends.sm90.v_token_permutation``):
+    V^T of the forward (block 64), Q^T and dO^T (128) and K^T (64) of the backward."""
     from sage_torch.backends.sm90 import v_token_permutation
 
-    b, h, s, d = v_i8.shape
-    s_pad = -(-s // 64) * 64
-    v_t = torch.zeros((b, h, d, s_pad), dtype=torch.int8, device=v_i8.device)
-    v_t[..., :s] = v_i8.transpose(-1, -2)
-    idx = (torch.arange(0, s_pad, 32, device=v_i8.device)[:, None] + v_token_permutation(v_i8.device)[None, :])
-    return v_t.index_select(-1, idx.reshape(-1)).contiguous()
+    b, h, s, d = x_i8.shape
+    s_pad = -(-s // block) * block
+    x_t = torch.zeros((b, h, d, s_pad), dtype=torch.int8, device=x_i8.device)
+    x_t[..., :s] = x_i8.transpose(-1, -2)
+    idx = (torch.arange(0, s_pad, 32, device=x_i8.device)[:, None] + v_token_permutation(x_i8.device)[None, :])
+    return x_t.index_select(-1, idx.reshape(-1)).contiguous()
+
+
+def _quantize_qk(qb: torch.Tensor, kb: torch.Tensor, smooth_k: bool):
+    """Per-block INT8 Q (128 tokens) and K - mean(K) (64), bit-exact to the emulation's."""
+    from sage_quant import ops
+    from sage_quant.emulation.train_s8 import kDefaultBlockKv, kDefaultBlockQ
+    from sage_quant.reference import token_mean
+
+    k_mean = token_mean(kb) if smooth_k else None
+    q_i8, q_scale = ops.quantize_int(qb, bits=8, granularity="per_block", role="q", block=kDefaultBlockQ)
+    k_i8, k_scale = ops.quantize_int(kb, bits=8, granularity="per_block", role="k", block=kDefaultBlockKv,
+                                     mean=k_mean)
+    return q_i8.contiguous(), q_scale.contiguous(), k_i8.contiguous(), k_scale.contiguous(), k_mean
 
 
 def quantize_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str,
@@ -102,18 +126,13 @@ def quantize_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layou
     (per-block INT8: Q per 128 tokens, K - mean(K) and V per 64; the compiled quantization kernels
     of ``sage_quant.ops``, bit-exact to the reference), plus V^T in the kernel's order."""
     from sage_quant import ops
-    from sage_quant.emulation.train_s8 import kDefaultBlockKv, kDefaultBlockQ
-    from sage_quant.reference import token_mean
+    from sage_quant.emulation.train_s8 import kDefaultBlockKv
 
     qb, kb, vb = _bhsd(q, layout), _bhsd(k, layout), _bhsd(v, layout)
-    k_mean = token_mean(kb) if smooth_k else None
-    q_i8, q_scale = ops.quantize_int(qb, bits=8, granularity="per_block", role="q", block=kDefaultBlockQ)
-    k_i8, k_scale = ops.quantize_int(kb, bits=8, granularity="per_block", role="k", block=kDefaultBlockKv,
-                                     mean=k_mean)
+    q_i8, q_scale, k_i8, k_scale, k_mean = _quantize_qk(qb, kb, smooth_k)
     v_i8, v_scale = ops.quantize_int(vb, bits=8, granularity="per_block", role="k", block=kDefaultBlockKv)
-    return {"q": q_i8.contiguous(), "q_scale": q_scale.contiguous(), "k": k_i8.contiguous(),
-            "k_scale": k_scale.contiguous(), "v_t": _v_t_perm(v_i8), "v_scale": v_scale.contiguous(),
-            "k_mean": k_mean}
+    return {"q": q_i8, "q_scale": q_scale, "k": k_i8, "k_scale": k_scale, "v_t": _t_perm(v_i8, kDefaultBlockKv),
+            "v_scale": v_scale.contiguous(), "k_mean": k_mean}
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, is_causal: bool, scale: float,
@@ -137,12 +156,59 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, i
     return o, lse
 
 
+def quantize_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                      lse: torch.Tensor, *, layout: str, smooth_k: bool) -> dict:
+    """The backward kernels' operands (``sage_core.attn_bwd_sm90_train_s8``'s docstring), quantized as
+    ``sage_quant.emulation.train_s8.train_s8_backward`` does: Q, K - mean(K) and dO per-block INT8
+    (dO from its finite values; the non-finite ones are zeroed and located by ``do_bad_last``),
+    Q^T / K^T / dO^T in the kernels' token order, 16-bit V and dO, D = rowsum(dO o O) and
+    LSE * log2(e) (-inf -> 0) padded to the 128-query blocks."""
+    from sage_quant import ops
+    from sage_quant.emulation.train_s8 import kDefaultBlockKv, kDefaultBlockQ, kLog2e
+
+    qb, kb, vb, ob = _bhsd(q, layout), _bhsd(k, layout), _bhsd(v, layout), _bhsd(o, layout)
+    dob = _bhsd(do, layout).to(q.dtype)
+    q_i8, q_scale, k_i8, k_scale, _ = _quantize_qk(qb, kb, smooth_k)
+    b, h, s_q, d = dob.shape
+    finite = torch.isfinite(dob)
+    do16 = torch.where(finite, dob, torch.zeros((), dtype=dob.dtype, device=dob.device)).contiguous()
+    rows = torch.arange(s_q, device=dob.device, dtype=torch.int32)[:, None]
+    do_bad_last = torch.where(finite, torch.full((), -1, dtype=torch.int32, device=dob.device), rows).amax(dim=2)
+    do_i8, do_scale = ops.quantize_int(do16, bits=8, granularity="per_block", role="q", block=kDefaultBlockQ)
+    s_pad = -(-s_q // kDefaultBlockQ) * kDefaultBlockQ
+    delta = torch.zeros((b, h, s_pad), dtype=torch.float32, device=dob.device)
+    delta[..., :s_q] = (dob.float() * ob.float()).sum(dim=-1)
+    lse2 = torch.zeros((b, h, s_pad), dtype=torch.float32, device=dob.device)
+    l2 = lse * kLog2e
+    lse2[..., :s_q] = torch.where(torch.isneginf(l2), torch.zeros_like(l2), l2)
+    return {"q": q_i8, "q_t": _t_perm(q_i8, kDefaultBlockQ), "k": k_i8, "k_t": _t_perm(k_i8, kDefaultBlockKv),
+            "v": vb.contiguous(), "dout": do16, "do_t": _t_perm(do_i8.contiguous(), kDefaultBlockQ),
+            "q_scale": q_scale, "k_scale": k_scale, "do_scale": do_scale.contiguous(), "lse2": lse2,
+            "delta": delta, "do_bad_last": do_bad_last.contiguous()}
+
+
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
              lse: torch.Tensor, *, layout: str, is_causal: bool, scale: float,
              smooth_k: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training backward on sm_90a: ``(dq, dk, dv)`` (module docstring)."""
-    raise NotImplementedError("sage_train.backends.sm90.backward: the sm_90a train_s8 backward kernel is not "
-                              "written yet (issue 10); available() is False so dispatch never calls this")
+    """Training backward on sm_90a: ``(dq, dk, dv)`` (module docstring): the operands of
+    :func:`quantize_backward`, then ``sage_core.attn_bwd_sm90_train_s8`` (two deterministic
+    kernels: dK/dV per 64-key tile, dQ per 128-query block)."""
+    d = q.shape[-1] if isinstance(q, torch.Tensor) else None
+    if d is None or not backward_kernel_available(d, q.dtype):
+        raise RuntimeError(f"no sm90 train_s8 backward kernel here for head dim {d}, "
+                           f"{getattr(q, 'dtype', None)} (sage_core built with the sm90 family, on a CUDA GPU)")
+    import sage_core
+
+    z = quantize_backward(do, q, k, v, o, lse, layout=layout, smooth_k=smooth_k)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous in layout (the contract)
+    dk = torch.empty(k.shape, dtype=q.dtype, device=q.device)
+    dv = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    sage_core._C.attn_bwd_sm90_train_s8(z["q"], z["q_t"], z["k"], z["k_t"], z["v"], z["dout"], z["do_t"],
+                                        z["q_scale"], z["k_scale"], z["do_scale"], z["lse2"], z["delta"],
+                                        _bhsd(dq, layout), _bhsd(dk, layout), _bhsd(dv, layout), float(scale),
+                                        bool(is_causal), stream, do_bad_last=z["do_bad_last"])
+    return dq, dk, dv
 
 
 register_kernel(TrainKernel(
