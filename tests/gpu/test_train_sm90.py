@@ -189,12 +189,14 @@ def test_train_backward_vs_emulation(shape, is_causal, d, dtype, layout, dist, s
         assert torch.isfinite(g).all(), f"{name} not finite: {msg}"
         assert_rows_close(to_rows(g).float(), to_rows(r).float(), rel_l1=2e-3, row_rel_l1_max=kRowRelL1VsEmulation,
                           msg=f"{name}: {msg}")
-    if s_q > 1 and s_kv > 1:
-        for name, g, r in zip(("dq", "dk", "dv"), got, _f64_grads(q, k, v, do, is_causal, layout)):
-            if r.abs().sum() == 0:
-                continue
-            rel = ((g.double() - r).abs().sum() / r.abs().sum()).item()
-            assert rel < 0.1, f"{name} rel-L1 vs float64 {rel}: {msg}"
+    # the recipe's own error against float64 (outlier dK reaches ~0.1 rel-L1: INT8 dS per 128 x 64
+    # tile); the kernel may not add to it beyond rounding
+    for name, g, e, r in zip(("dq", "dk", "dv"), got, refs, _f64_grads(q, k, v, do, is_causal, layout)):
+        norm = r.abs().sum()
+        if norm == 0:
+            continue
+        rel, rel_emu = (((x.double() - r).abs().sum() / norm).item() for x in (g, e))
+        assert rel <= 1.05 * rel_emu + 1e-3, f"{name} rel-L1 vs float64 {rel} (emulation {rel_emu}): {msg}"
 
 
 @needs_bwd
