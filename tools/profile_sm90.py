@@ -202,7 +202,7 @@ def main() -> None:
     p.add_argument("--time", action="store_true",
                    help="also print the call's median time (CUDA events, --reps) and TOPS (halved if causal)")
     p.add_argument("--train", action="store_true",
-                   help="the train_s8 forward kernel (sage_train.backends.sm90.forward) instead of inference")
+                   help="the train_s8 kernels (sage_train.backends.sm90.forward / backward) instead of inference")
     a = p.parse_args()
     dtype = torch.float16 if a.fp16 else torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -247,6 +247,22 @@ def main() -> None:
                 qz["q"], qz["k"], qz["v_t"], qz["q_scale"], qz["k_scale"], qz["v_scale"], o, lse, a.n,
                 a.d ** -0.5, a.causal, stream), a.reps)
             print(f"train_s8 forward kernel only: {t * 1e3:.1f} us, {ops / t / 1e9:.0f} TOPS")
+            # the backward (2.5x the forward's ops): operand preparation, the two kernels, both
+            o, lse = train_sm90.forward(q, k, v, layout="bhsd", is_causal=a.causal, scale=a.d ** -0.5, smooth_k=True)
+            do = torch.randn_like(o)
+            kw = dict(layout="bhsd", smooth_k=True)
+            t_prep = _time_ms(lambda: train_sm90.quantize_backward(do, q, k, v, o, lse, **kw), a.reps)
+            z = train_sm90.quantize_backward(do, q, k, v, o, lse, **kw)
+            dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+            t_kern = _time_ms(lambda: sage_core._C.attn_bwd_sm90_train_s8(
+                z["q"], z["q_t"], z["k"], z["k_t"], z["v"], z["dout"], z["do_t"], z["q_scale"], z["k_scale"],
+                z["do_scale"], z["lse2"], z["delta"], dq, dk, dv, a.d ** -0.5, a.causal, stream,
+                do_bad_last=z["do_bad_last"]), a.reps)
+            t_all = _time_ms(lambda: train_sm90.backward(do, q, k, v, o, lse, is_causal=a.causal, scale=a.d ** -0.5,
+                                                         **kw), a.reps)
+            print(f"train_s8 backward: operands {t_prep * 1e3:.1f} us, kernels (dK/dV + dQ) {t_kern * 1e3:.1f} us "
+                  f"= {2.5 * ops / t_kern / 1e9:.0f} TOPS, end to end {t_all * 1e3:.1f} us = "
+                  f"{2.5 * ops / t_all / 1e9:.0f} TOPS")
 
 
 if __name__ == "__main__":

@@ -243,7 +243,7 @@ def test_train_backward_rejects_bad_input():
     bad[13] = torch.zeros(b, h, s, d, dtype=torch.float16, device="cuda")
     with pytest.raises(ValueError, match="dk"):
         sage_core._C.attn_bwd_sm90_train_s8(*bad, 0.125, False, stream)
-    with pytest.raises(ValueError, match="do_bad_last"):
+    with pytest.raises(TypeError, match="do_bad_last"):
         sage_core._C.attn_bwd_sm90_train_s8(*args, 0.125, False, stream,
                                             do_bad_last=torch.zeros(b, h, d, dtype=torch.int64, device="cuda"))
     sage_core._C.attn_bwd_sm90_train_s8(*args, 0.125, False, stream)  # the valid call runs
