@@ -28,7 +28,6 @@
 
 #include "sage/common/arch.hpp"
 #include "sage/sm90/sm90_tma_desc.hpp"
-#include "sage/sm90/sm90_attn_bwd_train_s8_params.hpp"
 #include "sage/sm90/collective/sm90_attn_bwd_train_s8_common.hpp"
 
 #include <cute/arch/copy_sm90_desc.hpp>
@@ -41,21 +40,20 @@
 namespace sage::sm90 {
 
 template <int kHeadDim_, class OutTag_>
-struct CollectiveMainloopBwdSm90TrainS8DkDv {
-  static_assert(kHeadDim_ == 64 || kHeadDim_ == 128, "head dim 64 or 128");
-  static constexpr int D = kHeadDim_;
-  using OutTag = OutTag_;
-  using Elem = Bwd16BitElem<OutTag>;
-  static constexpr int kNumConsumerWG = 2;
-  static constexpr int kBlockKV = kSm90TrainBlockKV;  // 64 keys: the M of every GEMM here
-  static constexpr int kBlockQ = kSm90TrainBlockQ;    // 128 queries: the recipe's P / dS tile
+struct CollectiveMainloopBwdSm90TrainS8DkDv : BwdSm90TrainS8Base<kHeadDim_, OutTag_> {
+  using Base = BwdSm90TrainS8Base<kHeadDim_, OutTag_>;
+  using typename Base::Elem;
+  using typename Base::OutTag;
+  using typename Base::AtomRowsS8;
+  using typename Base::Atom16;
+  using Base::D;
+  using Base::kBlockQ;
+  using Base::kBlockKV;
+  using Base::kSwizzleRowsS8;
+  using Base::kTma16;
+  using Base::kNumConsumerWG;
   static constexpr int kStages = D == 128 ? 2 : 3;
-  static constexpr int kEmptyArrivals = 8;  // lane 0 of each consumer warp
 
-  using AtomRowsS8 = std::conditional_t<D == 128, cute::GMMA::Layout_K_SW128_Atom<int8_t>,
-                                        cute::GMMA::Layout_K_SW64_Atom<int8_t>>;
-  static constexpr CUtensorMapSwizzle kSwizzleRowsS8 = D == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
-  using Atom16 = cute::GMMA::Layout_K_SW128_Atom<Elem>;           // 64 elements = 128 bytes per row
   using AtomT = cute::GMMA::Layout_K_SW128_Atom<int8_t>;          // rows of 128 queries
   using SmemLayoutK = decltype(cute::tile_to_shape(AtomRowsS8{}, cute::Shape<cute::_64, cute::Int<D>>{}));
   using SmemLayoutV = decltype(cute::tile_to_shape(Atom16{}, cute::Shape<cute::_64, cute::Int<D>>{}));
@@ -102,51 +100,40 @@ struct CollectiveMainloopBwdSm90TrainS8DkDv {
     alignas(8) uint64_t bar_kv;
   };
 
-  struct Params {
+  struct Params : Base::ParamsBase {
     CUtensorMap tma_q;    // {d, s_q, b*h_q} bytes, box {d, 128}
     CUtensorMap tma_qt;   // {s_q_pad, d, b*h_q} bytes, box {128, d}
     CUtensorMap tma_dot;  // same
     CUtensorMap tma_do;   // {d, s_q, b*h_q} 16-bit, box {64, 128}
     CUtensorMap tma_k;    // {d, s_kv, b*h_kv} bytes, box {d, 64}
     CUtensorMap tma_v;    // {d, s_kv, b*h_kv} 16-bit, box {64, 64}
-    const float* lse2;
-    const float* delta;
-    const float* q_scale;
-    const float* k_scale;
     const float* do_scale;
     const int* do_bad_last;  // (b, h_q, d): last query row whose dO is non-finite in channel c, -1 if none
     void* dk;
     int64_t dk_stride_b, dk_stride_h, dk_stride_s;
     void* dv;
     int64_t dv_stride_b, dv_stride_h, dv_stride_s;
-    float scale_log2, sm_scale;
-    int batch, seq_q, seq_kv, heads_q, heads_kv, q_blocks, kv_blocks, s_q_pad;
-    bool causal;
   };
 
   static cudaError_t to_params(const AttnBwdTrainS8Args& a, Params& p) {
     p = Params{};
     const uint64_t bh_q = uint64_t(a.batch) * a.heads_q, bh_kv = uint64_t(a.batch) * a.heads_kv;
     const uint64_t sq = a.seq_q, skv = a.seq_kv, sqp = uint64_t(sm90_train_q_pad(a.seq_q));
-    constexpr CUtensorMapDataType k16 = CU_TENSOR_MAP_DATA_TYPE_UINT16;
     cudaError_t err = encode_tma_3d_u8(&p.tma_q, a.q, D, sq, bh_q, D, sq * D, D, kBlockQ, kSwizzleRowsS8);
     if (err == cudaSuccess)
       err = encode_tma_3d_u8(&p.tma_qt, a.q_t, sqp, D, bh_q, sqp, sqp * D, kBlockQ, D, CU_TENSOR_MAP_SWIZZLE_128B);
     if (err == cudaSuccess)
       err = encode_tma_3d_u8(&p.tma_dot, a.do_t, sqp, D, bh_q, sqp, sqp * D, kBlockQ, D, CU_TENSOR_MAP_SWIZZLE_128B);
     if (err == cudaSuccess)
-      err = encode_tma_3d(&p.tma_do, k16, a.dout, D, sq, bh_q, 2 * D, 2 * sq * D, 64, kBlockQ,
+      err = encode_tma_3d(&p.tma_do, kTma16, a.dout, D, sq, bh_q, 2 * D, 2 * sq * D, 64, kBlockQ,
                           CU_TENSOR_MAP_SWIZZLE_128B);
     if (err == cudaSuccess)
       err = encode_tma_3d_u8(&p.tma_k, a.k, D, skv, bh_kv, D, skv * D, D, kBlockKV, kSwizzleRowsS8);
     if (err == cudaSuccess)
-      err = encode_tma_3d(&p.tma_v, k16, a.v, D, skv, bh_kv, 2 * D, 2 * skv * D, 64, kBlockKV,
+      err = encode_tma_3d(&p.tma_v, kTma16, a.v, D, skv, bh_kv, 2 * D, 2 * skv * D, 64, kBlockKV,
                           CU_TENSOR_MAP_SWIZZLE_128B);
     if (err != cudaSuccess) return err;
-    p.lse2 = a.lse2;
-    p.delta = a.delta;
-    p.q_scale = a.q_scale;
-    p.k_scale = a.k_scale;
+    Base::fill_base(a, p);
     p.do_scale = a.do_scale;
     p.do_bad_last = a.do_bad_last;
     p.dk = a.dk;
@@ -157,17 +144,6 @@ struct CollectiveMainloopBwdSm90TrainS8DkDv {
     p.dv_stride_b = a.dv_stride_b;
     p.dv_stride_h = a.dv_stride_h;
     p.dv_stride_s = a.dv_stride_s;
-    p.scale_log2 = a.sm_scale * kLog2e;
-    p.sm_scale = a.sm_scale;
-    p.batch = a.batch;
-    p.seq_q = a.seq_q;
-    p.seq_kv = a.seq_kv;
-    p.heads_q = a.heads_q;
-    p.heads_kv = a.heads_kv;
-    p.q_blocks = int(sm90_train_q_blocks(a.seq_q));
-    p.kv_blocks = int(sm90_train_kv_blocks(a.seq_kv));
-    p.s_q_pad = int(sqp);
-    p.causal = a.mask == MaskKind::kCausal;
     return cudaSuccess;
   }
 

@@ -19,7 +19,6 @@
 
 #include "sage/common/arch.hpp"
 #include "sage/sm90/sm90_tma_desc.hpp"
-#include "sage/sm90/sm90_attn_bwd_train_s8_params.hpp"
 #include "sage/sm90/collective/sm90_attn_bwd_train_s8_common.hpp"
 
 #include <cute/arch/copy_sm90_desc.hpp>
@@ -32,22 +31,20 @@
 namespace sage::sm90 {
 
 template <int kHeadDim_, class OutTag_>
-struct CollectiveMainloopBwdSm90TrainS8Dq {
-  static_assert(kHeadDim_ == 64 || kHeadDim_ == 128, "head dim 64 or 128");
-  static constexpr int D = kHeadDim_;
-  using OutTag = OutTag_;
-  using Elem = Bwd16BitElem<OutTag>;
-  static constexpr int kNumConsumerWG = 2;
+struct CollectiveMainloopBwdSm90TrainS8Dq : BwdSm90TrainS8Base<kHeadDim_, OutTag_> {
+  using Base = BwdSm90TrainS8Base<kHeadDim_, OutTag_>;
+  using typename Base::Elem;
+  using typename Base::OutTag;
+  using typename Base::AtomRowsS8;
+  using typename Base::Atom16;
+  using Base::D;
+  using Base::kBlockQ;
+  using Base::kBlockKV;
+  using Base::kSwizzleRowsS8;
+  using Base::kTma16;
   static constexpr int kRowsPerWG = 64;
-  static constexpr int kBlockQ = kSm90TrainBlockQ;  // = 2 x 64 rows: the recipe's dS tile
-  static constexpr int kBlockKV = kSm90TrainBlockKV;
   static constexpr int kStages = 4;
-  static constexpr int kEmptyArrivals = 8;
 
-  using AtomRowsS8 = std::conditional_t<D == 128, cute::GMMA::Layout_K_SW128_Atom<int8_t>,
-                                        cute::GMMA::Layout_K_SW64_Atom<int8_t>>;
-  static constexpr CUtensorMapSwizzle kSwizzleRowsS8 = D == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
-  using Atom16 = cute::GMMA::Layout_K_SW128_Atom<Elem>;
   using SmemLayoutQWG = decltype(cute::tile_to_shape(AtomRowsS8{}, cute::Shape<cute::_64, cute::Int<D>>{}));
   using SmemLayoutDOWG = decltype(cute::tile_to_shape(Atom16{}, cute::Shape<cute::_64, cute::Int<D>>{}));
   using SmemLayoutK = decltype(cute::tile_to_shape(
@@ -85,59 +82,37 @@ struct CollectiveMainloopBwdSm90TrainS8Dq {
     alignas(8) uint64_t bar_q;
   };
 
-  struct Params {
+  struct Params : Base::ParamsBase {
     CUtensorMap tma_q;   // {d, s_q, b*h_q} bytes, box {d, 128}
     CUtensorMap tma_do;  // {d, s_q, b*h_q} 16-bit, box {64, 64}
     CUtensorMap tma_k;   // {d, s_kv, b*h_kv} bytes, box {d, 64}
     CUtensorMap tma_kt;  // {s_kv_pad, d, b*h_kv} bytes, box {64, d}
     CUtensorMap tma_v;   // {d, s_kv, b*h_kv} 16-bit, box {64, 64}
-    const float* lse2;
-    const float* delta;
-    const float* q_scale;
-    const float* k_scale;
     void* dq;
     int64_t dq_stride_b, dq_stride_h, dq_stride_s;
-    float scale_log2, sm_scale;
-    int batch, seq_q, seq_kv, heads_q, heads_kv, q_blocks, kv_blocks, s_q_pad;
-    bool causal;
   };
 
   static cudaError_t to_params(const AttnBwdTrainS8Args& a, Params& p) {
     p = Params{};
     const uint64_t bh_q = uint64_t(a.batch) * a.heads_q, bh_kv = uint64_t(a.batch) * a.heads_kv;
     const uint64_t sq = a.seq_q, skv = a.seq_kv, skvp = uint64_t(sm90_train_v_pad(a.seq_kv));
-    constexpr CUtensorMapDataType k16 = CU_TENSOR_MAP_DATA_TYPE_UINT16;
     cudaError_t err = encode_tma_3d_u8(&p.tma_q, a.q, D, sq, bh_q, D, sq * D, D, kBlockQ, kSwizzleRowsS8);
     if (err == cudaSuccess)
-      err = encode_tma_3d(&p.tma_do, k16, a.dout, D, sq, bh_q, 2 * D, 2 * sq * D, 64, kRowsPerWG,
+      err = encode_tma_3d(&p.tma_do, kTma16, a.dout, D, sq, bh_q, 2 * D, 2 * sq * D, 64, kRowsPerWG,
                           CU_TENSOR_MAP_SWIZZLE_128B);
     if (err == cudaSuccess)
       err = encode_tma_3d_u8(&p.tma_k, a.k, D, skv, bh_kv, D, skv * D, D, kBlockKV, kSwizzleRowsS8);
     if (err == cudaSuccess)
       err = encode_tma_3d_u8(&p.tma_kt, a.k_t, skvp, D, bh_kv, skvp, skvp * D, kBlockKV, D, CU_TENSOR_MAP_SWIZZLE_64B);
     if (err == cudaSuccess)
-      err = encode_tma_3d(&p.tma_v, k16, a.v, D, skv, bh_kv, 2 * D, 2 * skv * D, 64, kBlockKV,
+      err = encode_tma_3d(&p.tma_v, kTma16, a.v, D, skv, bh_kv, 2 * D, 2 * skv * D, 64, kBlockKV,
                           CU_TENSOR_MAP_SWIZZLE_128B);
     if (err != cudaSuccess) return err;
-    p.lse2 = a.lse2;
-    p.delta = a.delta;
-    p.q_scale = a.q_scale;
-    p.k_scale = a.k_scale;
+    Base::fill_base(a, p);
     p.dq = a.dq;
     p.dq_stride_b = a.dq_stride_b;
     p.dq_stride_h = a.dq_stride_h;
     p.dq_stride_s = a.dq_stride_s;
-    p.scale_log2 = a.sm_scale * kLog2e;
-    p.sm_scale = a.sm_scale;
-    p.batch = a.batch;
-    p.seq_q = a.seq_q;
-    p.seq_kv = a.seq_kv;
-    p.heads_q = a.heads_q;
-    p.heads_kv = a.heads_kv;
-    p.q_blocks = int(sm90_train_q_blocks(a.seq_q));
-    p.kv_blocks = int(sm90_train_kv_blocks(a.seq_kv));
-    p.s_q_pad = int(sm90_train_q_pad(a.seq_q));
-    p.causal = a.mask == MaskKind::kCausal;
     return cudaSuccess;
   }
 

@@ -10,6 +10,8 @@
 #include <type_traits>
 
 #include "sage/common/div_rn.cuh"
+#include "sage/sm90/sm90_attn_bwd_train_s8_params.hpp"
+#include "sage/sm90/sm90_tma_desc.hpp"
 #include "sage/sm90/collective/sm90_attn_fwd_epilogue_store_regs.hpp"  // OutF16 / OutBF16
 #include "sage/sm90/collective/sm90_attn_fwd_softmax_online.hpp"       // WgmmaAccumMap
 
@@ -20,9 +22,53 @@
 
 namespace sage::sm90 {
 
-// The CUTLASS element type of a 16-bit operand whose dtype is the output's.
-template <class OutTag>
-using Bwd16BitElem = std::conditional_t<std::is_same_v<OutTag, OutBF16>, cutlass::bfloat16_t, cutlass::half_t>;
+// What both backward mainloops (dK/dV and dQ) are built on: the tiles of the recipe, the element
+// and shared-memory atoms of their operands, and the Params fields they both read.
+template <int kHeadDim_, class OutTag_>
+struct BwdSm90TrainS8Base {
+  static_assert(kHeadDim_ == 64 || kHeadDim_ == 128, "head dim 64 or 128");
+  static constexpr int D = kHeadDim_;
+  using OutTag = OutTag_;
+  // The CUTLASS type of the 16-bit operands (V, dO): the output's dtype.
+  using Elem = std::conditional_t<std::is_same_v<OutTag, OutBF16>, cutlass::bfloat16_t, cutlass::half_t>;
+  static constexpr int kNumConsumerWG = 2;
+  static constexpr int kEmptyArrivals = 8;            // lane 0 of each consumer warp
+  static constexpr int kBlockQ = kSm90TrainBlockQ;    // 128 queries: the recipe's P / dS tile
+  static constexpr int kBlockKV = kSm90TrainBlockKV;  // 64 keys
+  // Rows of d INT8 (Q^, K^) and of 64 16-bit elements (128 bytes: V and dO, in 64-column boxes).
+  using AtomRowsS8 = std::conditional_t<D == 128, cute::GMMA::Layout_K_SW128_Atom<int8_t>,
+                                        cute::GMMA::Layout_K_SW64_Atom<int8_t>>;
+  static constexpr CUtensorMapSwizzle kSwizzleRowsS8 = D == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+  using Atom16 = cute::GMMA::Layout_K_SW128_Atom<Elem>;
+  static constexpr CUtensorMapDataType kTma16 = CU_TENSOR_MAP_DATA_TYPE_UINT16;
+
+  struct ParamsBase {
+    const float* lse2;
+    const float* delta;
+    const float* q_scale;
+    const float* k_scale;
+    float scale_log2, sm_scale;
+    int batch, seq_q, seq_kv, heads_q, heads_kv, q_blocks, kv_blocks, s_q_pad;
+    bool causal;
+  };
+  static void fill_base(const AttnBwdTrainS8Args& a, ParamsBase& p) {
+    p.lse2 = a.lse2;
+    p.delta = a.delta;
+    p.q_scale = a.q_scale;
+    p.k_scale = a.k_scale;
+    p.scale_log2 = a.sm_scale * kLog2e;
+    p.sm_scale = a.sm_scale;
+    p.batch = a.batch;
+    p.seq_q = a.seq_q;
+    p.seq_kv = a.seq_kv;
+    p.heads_q = a.heads_q;
+    p.heads_kv = a.heads_kv;
+    p.q_blocks = int(sm90_train_q_blocks(a.seq_q));
+    p.kv_blocks = int(sm90_train_kv_blocks(a.seq_kv));
+    p.s_q_pad = int(sm90_train_q_pad(a.seq_q));
+    p.causal = a.mask == MaskKind::kCausal;
+  }
+};
 
 #if defined(__CUDACC__)
 

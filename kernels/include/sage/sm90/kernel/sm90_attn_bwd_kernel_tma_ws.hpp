@@ -6,9 +6,8 @@
 
 #include <cuda_runtime.h>
 
-#include <atomic>
-
 #include "sage/common/arch.hpp"
+#include "sage/sm90/kernel/sm90_attn_fwd_kernel_tma_ws.hpp"  // launch_sm90_kernel
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
@@ -69,22 +68,9 @@ __global__ void __launch_bounds__(Kernel::kThreads, 1)
 #endif
 }
 
-// Launch on `stream`; the dynamic shared memory opt-in once per device (as the forward's launcher).
 template <class Kernel>
 cudaError_t launch_attn_bwd_sm90(const typename Kernel::Params& p, cudaStream_t stream) {
-  static std::atomic<uint64_t> attr_set{0};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
-  auto kernel = attn_bwd_sm90_device_kernel<Kernel>;
-  if (bit == 0 || !(attr_set.load(std::memory_order_acquire) & bit)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    attr_set.fetch_or(bit, std::memory_order_acq_rel);
-  }
-  kernel<<<Kernel::Mainloop::grid(p), Kernel::kThreads, Kernel::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_sm90_kernel<Kernel>(attn_bwd_sm90_device_kernel<Kernel>, Kernel::Mainloop::grid(p), p, stream);
 }
 #endif
 

@@ -118,23 +118,30 @@ inline bool attn_fwd_sm90_args_ok(const Args& a, int head_dim) {
 template <class Kernel, class Args>
 cudaError_t launch_attn_fwd_sm90_from_args(const Args& a, cudaStream_t stream);
 
-// Launch on `stream`. The dynamic shared memory opt-in is a per-device function attribute: set
-// once per device (a bit per ordinal), not on every call.
-template <class Kernel>
-cudaError_t launch_attn_fwd_sm90(const typename Kernel::Params& p, cudaStream_t stream) {
+// Launch `kernel` (a __global__ of Kernel's Params) with Kernel's block and shared memory on
+// `stream`. The dynamic shared memory opt-in is a per-device function attribute: set once per
+// device (a bit per ordinal; one set of bits per Kernel), not on every call. Every sm90 kernel of
+// this family (forward and backward) launches through here.
+template <class Kernel, class Params>
+cudaError_t launch_sm90_kernel(void (*kernel)(const Params), dim3 grid, const Params& p, cudaStream_t stream) {
   static std::atomic<uint64_t> attr_set{0};
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
-  auto kernel = attn_fwd_sm90_device_kernel<Kernel>;
   if (bit == 0 || !(attr_set.load(std::memory_order_acquire) & bit)) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
     if (err != cudaSuccess) return err;
     attr_set.fetch_or(bit, std::memory_order_acq_rel);
   }
-  kernel<<<Kernel::Scheduler::grid(p.scheduler), Kernel::kThreads, Kernel::kSmemBytes, stream>>>(p);
+  kernel<<<grid, Kernel::kThreads, Kernel::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <class Kernel>
+cudaError_t launch_attn_fwd_sm90(const typename Kernel::Params& p, cudaStream_t stream) {
+  return launch_sm90_kernel<Kernel>(attn_fwd_sm90_device_kernel<Kernel>, Kernel::Scheduler::grid(p.scheduler), p,
+                                    stream);
 }
 #endif
 
