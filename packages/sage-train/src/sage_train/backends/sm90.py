@@ -92,19 +92,28 @@ def _bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x if layout == "bhsd" else x.transpose(1, 2)
 
 
+_PERM_INDEX: dict = {}  # (s_pad, device) -> the gather index of _t_perm (built once per length)
+
+
 def _t_perm(x_i8: torch.Tensor, block: int) -> torch.Tensor:
     """INT8 ``(b, h, s, d)`` -> ``(b, h, d, ceil(s/block)*block)``: transposed, zero-padded, the
     tokens of every 32-token chunk in the order an 8-bit wgmma's register A operand needs from its
     B operand (the inference kernel's v_e4m3_t_perm32 order, ``sage_torch.backends.sm90.v_token_permutation``):
-    V^T of the forward (block 64), Q^T and dO^T (128) and K^T (64) of the backward."""
-    from sage_torch.backends.sm90 import v_token_permutation
-
+    V^T of the forward (block 64), Q^T and dO^T (128) and K^T (64) of the backward. Two kernels: a
+    padded transpose and one gather."""
     b, h, s, d = x_i8.shape
     s_pad = -(-s // block) * block
-    x_t = torch.zeros((b, h, d, s_pad), dtype=torch.int8, device=x_i8.device)
-    x_t[..., :s] = x_i8.transpose(-1, -2)
-    idx = (torch.arange(0, s_pad, 32, device=x_i8.device)[:, None] + v_token_permutation(x_i8.device)[None, :])
-    return x_t.index_select(-1, idx.reshape(-1)).contiguous()
+    key = (s_pad, x_i8.device)
+    idx = _PERM_INDEX.get(key)
+    if idx is None:
+        from sage_torch.backends.sm90 import v_token_permutation
+
+        idx = (torch.arange(0, s_pad, 32, device=x_i8.device)[:, None]
+               + v_token_permutation(x_i8.device)[None, :]).reshape(-1)
+        if len(_PERM_INDEX) > 64:
+            _PERM_INDEX.clear()
+        _PERM_INDEX[key] = idx
+    return torch.nn.functional.pad(x_i8.transpose(-1, -2), (0, s_pad - s)).index_select(-1, idx)
 
 
 def _quantize_qk(qb: torch.Tensor, kb: torch.Tensor, smooth_k: bool):
