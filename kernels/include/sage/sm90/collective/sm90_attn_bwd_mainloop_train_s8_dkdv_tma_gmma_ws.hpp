@@ -297,7 +297,7 @@ struct CollectiveMainloopBwdSm90TrainS8DkDv : BwdSm90TrainS8Base<kHeadDim_, OutT
             CUTE_UNROLL
             for (int half = 0; half < 2; ++half) {
               const int i = WgmmaAccumMap::index(j, half, e);
-              float v = detail::ex2_approx(fmaf(s32_to_f32_small(tSrS(i)), c, -l2));
+              float v = detail::ex2_approx(fmaf(float(tSrS(i)), c, -l2));
               if (masked) {
                 const int qg = m * kBlockQ + ql;
                 const bool ok = key[half] < p.seq_kv && qg < p.seq_q && (!p.causal || key[half] <= qg + causal_offset);
@@ -320,7 +320,7 @@ struct CollectiveMainloopBwdSm90TrainS8DkDv : BwdSm90TrainS8Base<kHeadDim_, OutT
         if (release_lane) ss.pipe.empty_barrier_[st.index()].arrive();
         const float f = sp * p.do_scale[int64_t(bh_q) * p.q_blocks + m];
         CUTE_UNROLL
-        for (int i = 0; i < size(accf); ++i) accf(i) = __fadd_rn(accf(i), __fmul_rn(s32_to_f32_small(buf(i)), f));
+        for (int i = 0; i < size(accf); ++i) accf(i) = __fadd_rn(accf(i), __fmul_rn(float(buf(i)), f));
       }
       NamedBarrier::sync(256, kBarPEmpty);  // WG 1's last arrival (it pre-arrived once)
       char* dv = static_cast<char*>(p.dv) +
@@ -376,7 +376,7 @@ struct CollectiveMainloopBwdSm90TrainS8DkDv : BwdSm90TrainS8Base<kHeadDim_, OutT
         if (release_lane) ss.pipe.empty_barrier_[st.index()].arrive();
         const float f = sds * p.q_scale[int64_t(bh_q) * p.q_blocks + m];
         CUTE_UNROLL
-        for (int i = 0; i < size(accf); ++i) accf(i) = __fadd_rn(accf(i), __fmul_rn(s32_to_f32_small(buf(i)), f));
+        for (int i = 0; i < size(accf); ++i) accf(i) = __fadd_rn(accf(i), __fmul_rn(float(buf(i)), f));
       }
       char* dk = static_cast<char*>(p.dk) +
                  (int64_t(b) * p.dk_stride_b + int64_t(hkv) * p.dk_stride_h) * int64_t(sizeof(typename OutTag::T));

@@ -241,7 +241,7 @@ struct CollectiveMainloopBwdSm90TrainS8Dq : BwdSm90TrainS8Base<kHeadDim_, OutTag
           CUTE_UNROLL
           for (int e = 0; e < 2; ++e) {
             const int i = WgmmaAccumMap::index(j, half, e);
-            const float pv = detail::ex2_approx(fmaf(s32_to_f32_small(tSrS(i)), c, -lse2[half]));
+            const float pv = detail::ex2_approx(fmaf(float(tSrS(i)), c, -lse2[half]));
             float ds = __fmul_rn(pv, __fsub_rn(tPrP(i), delta[half]));
             if (masked) {
               const int key = n * kBlockKV + 8 * j + map.col0 + e;
@@ -263,7 +263,7 @@ struct CollectiveMainloopBwdSm90TrainS8Dq : BwdSm90TrainS8Base<kHeadDim_, OutTag
       if (release_lane) ss.pipe.empty_barrier_[st.index()].arrive();
       const float f = sds * sk;
       CUTE_UNROLL
-      for (int i = 0; i < size(dq); ++i) dq(i) = __fadd_rn(dq(i), __fmul_rn(s32_to_f32_small(buf(i)), f));
+      for (int i = 0; i < size(dq); ++i) dq(i) = __fadd_rn(dq(i), __fmul_rn(float(buf(i)), f));
     }
     char* base = static_cast<char*>(p.dq) +
                  (int64_t(b) * p.dq_stride_b + int64_t(h) * p.dq_stride_h) * int64_t(sizeof(typename OutTag::T));

@@ -107,14 +107,6 @@ __device__ __forceinline__ float tile_amax(const float (&x)[kN], float* red, uin
   return r;
 }
 
-// float(x) for |x| < 2^22, exactly, in two full-rate instructions (IADD + FADD) instead of an I2F,
-// which issues at a quarter of the FP32 rate on sm_90: x + 1.5 * 2^23 keeps the exponent fixed, so
-// the sum's low mantissa bits are x. Every s32 accumulator here qualifies: |S|, |P^T dO|, |dS^T Q|,
-// |dS K| <= 127 * 127 * 128 < 2^21.
-__device__ __forceinline__ float s32_to_f32_small(int x) {
-  return __fsub_rn(__int_as_float(x + 0x4B400000), kRoundMagic);
-}
-
 // The recipe's symmetric INT8 scale of a group with maximum |x| = amax: amax / 127 (IEEE), 1 if 0.
 __device__ __forceinline__ float int8_scale(float amax) { return amax == 0.f ? 1.f : __fdiv_rn(amax, 127.f); }
 
