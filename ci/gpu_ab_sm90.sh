@@ -10,6 +10,9 @@ set -uo pipefail
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
+# A `git archive` has no .git: without SAGE_COMMIT a benchmark would record whatever checkout it
+# finds above it. Pass SAGE_COMMIT=<sha> of the archived tree.
+[ -n "${SAGE_COMMIT:-}" ] || echo "[ab] warning: SAGE_COMMIT is not set; results will record the commit git finds" >&2
 BENCH_ARGS=${SAGE_AB_BENCH:---d 128 64 --n 4096 16384 --causal no}
 for v in "$@"; do
   name=${v%%:*}; flags=${v#*:}; src=.

@@ -38,6 +38,7 @@ import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
+from sage_torch.bench import commit
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -244,19 +245,6 @@ def sage_ran(a, device: torch.device) -> str:
 
 # ----------------------------------------------------------------------------- report
 
-def _commit() -> str:
-    env = os.environ.get("SAGE_COMMIT")
-    if env:
-        return env
-    try:
-        import subprocess
-
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - not a checkout
-        return "unknown"
-
-
 def write_report(result: Dict[str, Any], out_dir: str, plot: bool) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "train_check.json"), "w") as f:
@@ -360,7 +348,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rel = (sage - base) / base if base and sage is not None else float("nan")
     result = {
         "meta": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                 "torch": torch.__version__, "commit": _commit(),
+                 "torch": torch.__version__, "commit": commit(),
                  "command": " ".join([os.path.basename(sys.executable), "-m", "sage_train.train_check"]
                                      + (argv if argv is not None else sys.argv[1:])),
                  "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "corpus": corpus,
