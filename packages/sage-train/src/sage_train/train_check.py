@@ -38,11 +38,11 @@ import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
-from sage_torch.bench import commit
 import torch.nn as nn
 import torch.nn.functional as F
 
 from sage_torch._env import ENV_FORCE_EMULATION, env_flag
+from sage_torch.bench import commit
 
 import sage_train
 
