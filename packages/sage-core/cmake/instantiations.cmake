@@ -22,6 +22,11 @@ sage_kernel_family(sm80  ARCHS 80 86 89 90a 100a 103a 120a 121a
 sage_kernel_family(sm90  ARCHS 90a             DEFINE SAGE_WITH_SM90  BINDING csrc/bind_attn_sm90.cpp)
 sage_kernel_family(sm100 ARCHS 100a            DEFINE SAGE_WITH_SM100 BINDING csrc/bind_attn_sm100.cpp)
 sage_kernel_family(sm120 ARCHS 120a            DEFINE SAGE_WITH_SM120 BINDING csrc/bind_attn_sm120.cpp)
+# sm120twin: the sm120 kernel's twin MMA policy (the block-scaled FP4 product in FP16 mma.sync),
+# built for Hopper so that the whole kernel but its one MMA instruction is tested on the H200.
+# Its own family: the sm120 family's archs must stay 120a, the twin is a test vehicle, not a kernel
+# for Hopper users (sage_torch never dispatches to it).
+sage_kernel_family(sm120twin ARCHS 90a         DEFINE SAGE_WITH_SM120_TWIN BINDING csrc/bind_attn_sm120_twin.cpp)
 
 # --- quantization (plain CUDA C++, every arch) ------------------------------------------------
 sage_instantiation(quant quant_mean  quant/quant_mean.cu)   # token_mean, block_mean
@@ -84,3 +89,13 @@ sage_instantiation(sm90 attn_sm90_train_s8_bwd_hdim128_bf16 sm90/attn_sm90_train
 sage_instantiation(sm90 quant_sm90_qkv_fused                 sm90/quant_sm90_qkv_fused.cu)  # Q/K/V -> the formats above
 
 # --- sm100 / sm120 families: block-scaled FP4 (Blackwell) ---------------------------------------
+# sm120: qk_nvfp4_pv_nvfp4 on block-scaled mma.sync (one line per SAGE_SM120_ATTN_FWD_CONFIGS entry,
+# kernels/include/sage/sm120/sm120_attn_fwd_launch.hpp); sm120twin: the same kernel, twin MMA policy.
+sage_instantiation(sm120 attn_sm120_qk_nvfp4_pv_nvfp4_hdim64_f16   sm120/attn_sm120_qk_nvfp4_pv_nvfp4_hdim64_f16.cu)
+sage_instantiation(sm120 attn_sm120_qk_nvfp4_pv_nvfp4_hdim64_bf16  sm120/attn_sm120_qk_nvfp4_pv_nvfp4_hdim64_bf16.cu)
+sage_instantiation(sm120 attn_sm120_qk_nvfp4_pv_nvfp4_hdim128_f16  sm120/attn_sm120_qk_nvfp4_pv_nvfp4_hdim128_f16.cu)
+sage_instantiation(sm120 attn_sm120_qk_nvfp4_pv_nvfp4_hdim128_bf16 sm120/attn_sm120_qk_nvfp4_pv_nvfp4_hdim128_bf16.cu)
+sage_instantiation(sm120twin attn_sm120_twin_qk_nvfp4_pv_nvfp4_hdim64_f16   sm120/attn_sm120_twin_qk_nvfp4_pv_nvfp4_hdim64_f16.cu)
+sage_instantiation(sm120twin attn_sm120_twin_qk_nvfp4_pv_nvfp4_hdim64_bf16  sm120/attn_sm120_twin_qk_nvfp4_pv_nvfp4_hdim64_bf16.cu)
+sage_instantiation(sm120twin attn_sm120_twin_qk_nvfp4_pv_nvfp4_hdim128_f16  sm120/attn_sm120_twin_qk_nvfp4_pv_nvfp4_hdim128_f16.cu)
+sage_instantiation(sm120twin attn_sm120_twin_qk_nvfp4_pv_nvfp4_hdim128_bf16 sm120/attn_sm120_twin_qk_nvfp4_pv_nvfp4_hdim128_bf16.cu)

@@ -249,7 +249,8 @@ void quant_v_s8(const Array& v, const Array& values, const Array& scale, uintptr
 
 // ---- FP4 ----------------------------------------------------------------------------------------
 void quant_fp4(const Array& x, const Array& packed, const Array& scale, const Array& tensor_scale,
-               const std::string& fmt, bool swizzled, uintptr_t stream) {
+               const std::string& fmt, bool swizzled, uintptr_t stream, const std::optional<Array>& mean,
+               int64_t mean_block, int64_t n_pad) {
   const char* fn = "quant_fp4";
   check_dtype(x, "quant_fp4: x", {kF16, kBF16});
   if (x.ndim() < 1 || x.ndim() > 4)
@@ -266,10 +267,15 @@ void quant_fp4(const Array& x, const Array& packed, const Array& scale, const Ar
     fail_value("quant_fp4: fmt must be 'nvfp4' or 'mxfp4', got '" + fmt + "'");
   }
   const size_t nd = x.ndim();
-  const int64_t n = dim(x, nd - 1);
-  if (n < 1 || n % group != 0)
+  const int64_t n_in = dim(x, nd - 1);
+  // n_pad > 0: quantize n_pad elements per row, those past x's n_in being zeros (V^T of s tokens).
+  if (n_pad != 0 && (n_pad < n_in || n_pad % group != 0))
+    fail_value("quant_fp4: n_pad must be 0 or a multiple of " + std::to_string(group) + " >= the last dim (" +
+               std::to_string(n_in) + "), got " + std::to_string(n_pad));
+  const int64_t n = n_pad != 0 ? n_pad : n_in;
+  if (n_in < 1 || n % group != 0)
     fail_value("quant_fp4: " + fmt + " quantizes groups of " + std::to_string(group) +
-               " along the last dim; n=" + std::to_string(n) + " is not a positive multiple");
+               " along the last dim; n=" + std::to_string(n_in) + " is not a positive multiple (pass n_pad)");
   // Left-pad to 4-D (d0, d1, d2, n).
   int64_t rows = 1;
   for (size_t k = 0; k < 4; ++k) {
@@ -282,6 +288,8 @@ void quant_fp4(const Array& x, const Array& packed, const Array& scale, const Ar
       p.stride[k] = 0;
     }
   }
+  p.shape[3] = n;
+  p.n_valid = n_in;
   for (size_t k = 0; k + 1 < nd; ++k) rows *= dim(x, k);
   if (rows < 1) fail_value("quant_fp4: x has no rows, shape " + shape_str(x));
   std::vector<int64_t> packed_shape, scale_shape, tensor_scale_shape;
@@ -300,6 +308,28 @@ void quant_fp4(const Array& x, const Array& packed, const Array& scale, const Ar
   }
   check_output(tensor_scale, x, fn, "tensor_scale", kF32, tensor_scale_shape, alignof(float));
   check_cuda_same_device(fn, {{"x", &x}, {"packed", &packed}, {"scale", &scale}, {"tensor_scale", &tensor_scale}});
+  if (mean) {
+    // Smoothing mean over token blocks of the (b, h, s, d) x: (b, h, d) or (b, h, ceil(s/mean_block), d).
+    if (nd != 4) fail_value("quant_fp4: mean needs a 4-D (b, h, s, d) x, got shape " + shape_str(x));
+    if (n_pad != 0) fail_value("quant_fp4: mean and n_pad cannot be combined");
+    check_dtype(*mean, "quant_fp4: mean", {kF32});
+    check_last_dim_contiguous(*mean, "quant_fp4: mean");
+    check_cuda_same_device(fn, {{"x", &x}, {"mean", &*mean}});
+    const int64_t b = dim(x, 0), h = dim(x, 1), s = dim(x, 2);
+    if (mean->ndim() == 3) {
+      check_shape(*mean, "quant_fp4: mean (b, h, d)", {b, h, n});
+      p.mean_stride[2] = 0;
+      p.mean_block = 1;
+    } else {
+      if (mean_block < 1) fail_value("quant_fp4: mean_block must be >= 1 for a 4-D mean, got " + std::to_string(mean_block));
+      check_shape(*mean, "quant_fp4: mean (b, h, ceil(s/mean_block), d)", {b, h, cdiv(s, mean_block), n});
+      p.mean_stride[2] = stride(*mean, 2);
+      p.mean_block = mean_block;
+    }
+    p.mean = static_cast<const float*>(mean->data());
+    p.mean_stride[0] = stride(*mean, 0);
+    p.mean_stride[1] = stride(*mean, 1);
+  }
   p.x = x.data();
   p.dtype = same_dtype(x.dtype(), kF16) ? q::InDType::kF16 : q::InDType::kBF16;
   p.swizzled = swizzled;
@@ -337,11 +367,13 @@ void bind_quant(nb::module_& m) {
         "V per-channel INT8. v: logical (b, h, s, d) fp16/bf16; values: int8 (b, h, s, d); "
         "scale: float32 (b, h, d) = amax/127.");
   m.def("quant_fp4", &quant_fp4, "x"_a, "packed"_a, "scale"_a, "tensor_scale"_a, "fmt"_a, "swizzled"_a,
-        "stream"_a,
+        "stream"_a, nb::kw_only(), "mean"_a = nb::none(), "mean_block"_a = 0, "n_pad"_a = 0,
         "NVFP4 / MXFP4 along the last dim of x (1-4 dims, fp16/bf16, any strides). packed: uint8 "
         "(..., n/2); scale: uint8 (..., n/G) linear, or 1-D ceil(rows/128)*128*ceil(n/G/4)*4 bytes "
         "swizzled (rows = prod(...)); tensor_scale: float32 x.shape[:-2], NVFP4's FP32 second level "
-        "per matrix of the last two dims (finite amax / 2688), 1 for MXFP4.");
+        "per matrix of the last two dims (finite amax / 2688), 1 for MXFP4. mean: None or a float32 "
+        "smoothing mean of a 4-D x, (b, h, d) or (b, h, ceil(s/mean_block), d): fp32(x) - mean is "
+        "quantized. n_pad: 0, or the quantized row length (a multiple of G >= n), zeros past n.");
 }
 
 }  // namespace sage_core

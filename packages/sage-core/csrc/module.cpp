@@ -98,4 +98,7 @@ NB_MODULE(_C, m) {
 #if defined(SAGE_WITH_SM120)
   sage_core::bind_attn_sm120(m);
 #endif
+#if defined(SAGE_WITH_SM120_TWIN)
+  sage_core::bind_attn_sm120_twin(m);
+#endif
 }

@@ -42,7 +42,10 @@ __device__ __forceinline__ void load_fp4_group(const QuantFp4Params& p, Fp4Item 
   const int64_t r0 = it.r / (p.shape[2] * p.shape[1]);
   const T* src = static_cast<const T*>(p.x) + r0 * p.stride[0] + r1 * p.stride[1] + r2 * p.stride[2] +
                  it.g * kGroup * p.stride[3];
-  if (vec16) {
+  if (p.n_valid >= 0 && (it.g + 1) * kGroup > p.n_valid) {  // a group reaching into the zero padding
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) v[k] = it.g * kGroup + k < p.n_valid ? to_f32(src[k * p.stride[3]]) : 0.f;
+  } else if (vec16) {
 #pragma unroll
     for (int k = 0; k < kGroup; k += kVec) {
       float w[kVec];
@@ -53,6 +56,12 @@ __device__ __forceinline__ void load_fp4_group(const QuantFp4Params& p, Fp4Item 
   } else {
 #pragma unroll
     for (int k = 0; k < kGroup; ++k) v[k] = to_f32(src[k * p.stride[3]]);
+  }
+  if (p.mean != nullptr) {  // smoothing: fp32(x) - mean, one IEEE subtraction (as the reference)
+    const float* m = p.mean + r0 * p.mean_stride[0] + r1 * p.mean_stride[1] + (r2 / p.mean_block) * p.mean_stride[2] +
+                     it.g * kGroup;
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) v[k] = __fsub_rn(v[k], m[k]);
   }
 }
 

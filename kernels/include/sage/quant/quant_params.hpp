@@ -96,6 +96,15 @@ struct QuantFp4Params {
   uint8_t* packed = nullptr;
   uint8_t* scale = nullptr;
   float* tensor_scale = nullptr;
+  // Elements at n-index >= n_valid read as 0 (never loaded): a V^T view of s tokens quantized to
+  // shape[3] = s_pad (sm120 attention). -1: all of shape[3].
+  int64_t n_valid = -1;
+  // Optional mean (nullptr = none), subtracted in fp32 before the amax and the codes: element
+  // (r0, r1, r2, c) uses mean[r0*mean_stride[0] + r1*mean_stride[1] + (r2/mean_block)*mean_stride[2] + c].
+  // K smoothing: (b, h, d) with mean_stride[2] = 0; Q smoothing: (b, h, ceil(s/mean_block), d).
+  const float* mean = nullptr;
+  int64_t mean_stride[3] = {0, 0, 0};
+  int64_t mean_block = 1;
 };
 
 // Group size of each FP4 format.

@@ -56,6 +56,11 @@ SAGE_SM120_HD constexpr int sm120_a_group(int r, int t) { return 2 * (r / 2) + t
 SAGE_SM120_HD constexpr int sm120_sfa_row(int lane) { return lane / 4 + 8 * (lane % 2); }
 SAGE_SM120_HD constexpr int sm120_sfb_col(int lane) { return lane / 4; }
 
+// P's scale word (the kernel builds it in registers): lane t holds the scale bytes of groups
+// sm120_a_group(0, t) and sm120_a_group(2, t) of row sm120_sfa_row(lane) as `mine` = b0 | b1 << 8;
+// lane t ^ 2 has the other two as `other`; the word is prmt(mine, other, selector) with
+SAGE_SM120_HD constexpr unsigned sm120_sfa_prmt(int t) { return t / 2 == 0 ? 0x5140u : 0x1504u; }
+
 // --- the twin: FP16 m16n8k16 MMA u (0..3) of one m16n8k64 -------------------------------------
 // Thread t supplies the contraction slots {2t, 2t+1, 2t+8, 2t+9} of each FP16 MMA (PTX
 // m16n8k16 .f16: A a0/a1 = slots 2t, 2t+1 of rows g / g+8, a2/a3 = slots 2t+8, 2t+9; B b0 = slots

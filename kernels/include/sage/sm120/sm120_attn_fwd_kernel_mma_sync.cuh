@@ -376,7 +376,7 @@ struct Sm120AttnFwdMainloop {
         const bool odd = lane % 2 != 0;  // selects without indexing registers by a lane value
         const uint32_t mine = odd ? sf_bytes[1][0] | (sf_bytes[1][1] << 8) : sf_bytes[0][0] | (sf_bytes[0][1] << 8);
         const uint32_t other = __shfl_xor_sync(kFullMask, mine, 2);
-        tOrPSf[kk] = (t4 / 2 == 0) ? __byte_perm(mine, other, 0x5140) : __byte_perm(mine, other, 0x1504);
+        tOrPSf[kk] = __byte_perm(mine, other, sm120_sfa_prmt(t4));
       }
 
       // ---- O = O * alpha + row_scale * (P^ V^) ------------------------------------------------

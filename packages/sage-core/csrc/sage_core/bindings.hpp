@@ -13,6 +13,7 @@ void bind_attn_sm80(nanobind::module_& m);  // csrc/bind_attn_sm80.cpp  (SAGE_WI
 void bind_attn_sm90(nanobind::module_& m);  // csrc/bind_attn_sm90.cpp  (SAGE_WITH_SM90)
 void bind_attn_sm100(nanobind::module_& m); // csrc/bind_attn_sm100.cpp (SAGE_WITH_SM100)
 void bind_attn_sm120(nanobind::module_& m); // csrc/bind_attn_sm120.cpp (SAGE_WITH_SM120)
+void bind_attn_sm120_twin(nanobind::module_& m); // csrc/bind_attn_sm120_twin.cpp (SAGE_WITH_SM120_TWIN)
 
 // module.cpp: build_info/runtime_info/has_kernel.
 void bind_info(nanobind::module_& m);

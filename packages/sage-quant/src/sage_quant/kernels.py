@@ -226,10 +226,12 @@ def quant_v_s8(v: torch.Tensor, layout: str = "bhsd") -> Tuple[torch.Tensor, tor
     return values, scale
 
 
-def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4",
-              swizzled: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4", swizzled: bool = False,
+              mean: Optional[torch.Tensor] = None, mean_block: Optional[int] = None,
+              n_pad: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NVFP4 (two levels) / MXFP4 along the last dim (see ``reference.quant_fp4``):
-    ``(packed, scales, tensor_scale)``, tensor_scale float32 ``x.shape[:-2]``."""
+    ``(packed, scales, tensor_scale)``, tensor_scale float32 ``x.shape[:-2]``. ``mean`` (float32
+    smoothing mean of a 4-D x) and ``n_pad`` (zero padding of the last dim) as the reference."""
     _require("quant_fp4")
     if fmt not in _FP4_GROUP:
         raise ValueError(f"fmt must be 'nvfp4' or 'mxfp4', got {fmt!r}")
@@ -237,7 +239,12 @@ def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4",
     if x.dim() < 1:
         raise ValueError("quant_fp4: x must have at least one dimension")
     group = _FP4_GROUP[fmt]
-    n = x.shape[-1]
+    n_in = x.shape[-1]
+    n = n_in if n_pad is None else int(n_pad)
+    if n_pad is not None and (isinstance(n_pad, bool) or not isinstance(n_pad, int) or n_pad < n_in):
+        raise ValueError(f"quant_fp4: n_pad must be an int >= the last dim ({n_in}), got {n_pad!r}")
+    if mean is not None and (x.dim() != 4 or n_pad is not None):
+        raise ValueError("quant_fp4: mean needs a 4-D (b, h, s, d) x and no n_pad")
     if n % group != 0:
         raise ValueError(f"{fmt} quantizes groups of {group} along the last dim: n={n} is not a multiple")
     lead = tuple(x.shape[:-1])
@@ -245,7 +252,7 @@ def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4",
     ng = n // group
     xk = x.detach()
     if xk.dim() > 4:  # keep the last two dims: the tensor scale is per matrix of them
-        xk = xk.reshape(-1, x.shape[-2], n)
+        xk = xk.reshape(-1, x.shape[-2], n_in)
     packed = _alloc((*lead, n // 2), dtype=torch.uint8, device=x.device)
     if swizzled:
         nbytes = -(-rows // 128) * 128 * (-(-ng // 4) * 4)
@@ -255,6 +262,10 @@ def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4",
     tensor_scale = _alloc(tuple(x.shape[:-2]), dtype=torch.float32, device=x.device)
     if rows == 0 or n == 0:
         return packed, scales.zero_(), tensor_scale.fill_(1.0)
+    mean_arg = None
+    if mean is not None:
+        mean_arg = mean.detach().to(device=x.device, dtype=torch.float32).contiguous()
     _core.quant_fp4(xk, packed.view(*xk.shape[:-1], n // 2), scales if swizzled else scales.view(*xk.shape[:-1], ng),
-                    tensor_scale.view(xk.shape[:-2]), fmt, bool(swizzled), _stream(x))
+                    tensor_scale.view(xk.shape[:-2]), fmt, bool(swizzled), _stream(x), mean=mean_arg,
+                    mean_block=int(mean_block or 0), n_pad=0 if n_pad is None else n)
     return packed, scales, tensor_scale

@@ -103,9 +103,9 @@ def quantize_v_s8(v, layout="bhsd"):
     return _pick("quant_v_s8", v)(v, layout=layout)
 
 
-def quantize_fp4(x, fmt="nvfp4", swizzled=False):
+def quantize_fp4(x, fmt="nvfp4", swizzled=False, mean=None, mean_block=None, n_pad=None):
     """See ``sage_quant.reference.quant_fp4``."""
-    return _pick("quant_fp4", x)(x, fmt=fmt, swizzled=swizzled)
+    return _pick("quant_fp4", x)(x, fmt=fmt, swizzled=swizzled, mean=mean, mean_block=mean_block, n_pad=n_pad)
 
 
 def quantize_token_mean(x, layout="bhsd"):

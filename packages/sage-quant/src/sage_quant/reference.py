@@ -573,9 +573,33 @@ def _tensor_scale_for_groups(g: torch.Tensor, x_dim: int) -> torch.Tensor:
     return g.reshape(*g.shape, *([1] * (min(x_dim, 2) + 1)))
 
 
-def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4",
-              swizzled: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fp4_input(x: torch.Tensor, mean: Optional[torch.Tensor] = None, mean_block: Optional[int] = None,
+              n_pad: Optional[int] = None) -> torch.Tensor:
+    """The matrix ``quant_fp4`` quantizes given its options: ``fp32(x) - mean`` for a smoothing
+    ``mean`` of a 4-D ``(b, h, s, d)`` x (``(b, h, d)``, or ``(b, h, ceil(s/mean_block), d)``: the
+    mean of token t's block), or x with its last dim zero-padded to ``n_pad``; x itself otherwise."""
+    if mean is not None:
+        if x.dim() != 4:
+            raise ValueError(f"quant_fp4: mean needs a 4-D (b, h, s, d) x, got shape {tuple(x.shape)}")
+        if n_pad is not None:
+            raise ValueError("quant_fp4: mean and n_pad cannot be combined")
+        b, h, s, d = x.shape
+        return x.to(torch.float32) - _expand_mean(mean, b, h, s, d, mean_block, x.device)
+    if n_pad is not None:
+        n = x.shape[-1]
+        if isinstance(n_pad, bool) or not isinstance(n_pad, int) or n_pad < n:
+            raise ValueError(f"quant_fp4: n_pad must be an int >= the last dim ({n}), got {n_pad!r}")
+        return torch.nn.functional.pad(x.to(torch.float32), (0, n_pad - n))
+    return x
+
+
+def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4", swizzled: bool = False,
+              mean: Optional[torch.Tensor] = None, mean_block: Optional[int] = None,
+              n_pad: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Microscaling FP4 along the last dim of ``x`` (``(..., m, n)``).
+
+    ``mean`` / ``mean_block`` (Q/K smoothing) and ``n_pad`` (a V^T of any token count): see
+    ``fp4_input``, which gives the matrix that is quantized.
 
     NVFP4 (two levels, as NVIDIA defines it): ``g = fp4_tensor_scale(x)`` per matrix of the last
     two dims; ``y = x / g`` (IEEE division); groups of 16 along the last dim of ``y``, scale
@@ -597,6 +621,7 @@ def quant_fp4(x: torch.Tensor, fmt: str = "nvfp4",
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension")
+    x = fp4_input(x, mean, mean_block, n_pad)
     group = _fp4_group(fmt)
     n = x.shape[-1]
     if n % group != 0:

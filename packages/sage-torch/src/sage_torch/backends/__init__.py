@@ -35,7 +35,8 @@ __all__ = [
 ]
 
 #: Modules shipped in this package that register kernels (owned by the kernel authors).
-BUILTIN_BACKEND_MODULES: tuple[str, ...] = ("sage_torch.backends.sm90", "sage_torch.backends.sm80")
+BUILTIN_BACKEND_MODULES: tuple[str, ...] = ("sage_torch.backends.sm90", "sage_torch.backends.sm80",
+                                            "sage_torch.backends.sm120")
 #: Entry-point group through which other distributions can add backend modules.
 ENTRY_POINT_GROUP = "sage_torch.backends"
 
