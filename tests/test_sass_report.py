@@ -89,3 +89,15 @@ def test_sm80_family_blackwell_sass(capsys):
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "QMMA.16832.F32.E4M3.E4M3" in out.out
+
+
+def test_sm120_nvfp4_sass(capsys):
+    """The sm120 NVFP4 attention (issue 13): the 120a cubin holds the block-scaled FP4 mma.sync
+    (OMMA.SF ... E2M1.E2M1.UE4M3.4X), no trap, no spill; two TUs, ~4 s of nvcc."""
+    nvcc, nvdisasm = _tools()
+    rc = sass_report.main(["--nvcc", nvcc, "--nvdisasm", nvdisasm, "--family", "sm120", "--archs", "120a",
+                           "--tu", "qk_nvfp4_pv_nvfp4_hdim64_f16", "qk_nvfp4_pv_nvfp4_hdim128_bf16", "--check",
+                           "--expect", "qk_nvfp4_pv_nvfp4@120a=OMMA"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "OMMA.SF.16864.F32.E2M1.E2M1.UE4M3.4X" in out.out

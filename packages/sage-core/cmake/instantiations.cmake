@@ -21,7 +21,7 @@ sage_kernel_family(sm80  ARCHS 80 86 89 90a 100a 103a 120a 121a
                                                DEFINE SAGE_WITH_SM80  BINDING csrc/bind_attn_sm80.cpp)
 sage_kernel_family(sm90  ARCHS 90a             DEFINE SAGE_WITH_SM90  BINDING csrc/bind_attn_sm90.cpp)
 sage_kernel_family(sm100 ARCHS 100a            DEFINE SAGE_WITH_SM100 BINDING csrc/bind_attn_sm100.cpp)
-sage_kernel_family(sm120 ARCHS 120a            DEFINE SAGE_WITH_SM120 BINDING csrc/bind_attn_sm120.cpp)
+sage_kernel_family(sm120 ARCHS 120a 121a       DEFINE SAGE_WITH_SM120 BINDING csrc/bind_attn_sm120.cpp)
 # sm120twin: the sm120 kernel's twin MMA policy (the block-scaled FP4 product in FP16 mma.sync),
 # built for Hopper so that the whole kernel but its one MMA instruction is tested on the H200.
 # Its own family: the sm120 family's archs must stay 120a, the twin is a test vehicle, not a kernel

@@ -1,4 +1,4 @@
-// Bindings of the sm120 attention family (block-scaled FP4 mma.sync, sm_120a); owner: the
+// Bindings of the sm120 attention family (block-scaled FP4 mma.sync, sm_120a/121a); owner: the
 // Blackwell NVFP4 kernel (issue 13). Compiled only when the family is in the build
 // (SAGE_WITH_SM120; cmake/instantiations.cmake).
 //
@@ -48,11 +48,12 @@ void bind_attn_sm120(nb::module_& m) {
         sm120_args::build_params(fn, {&q, &q_sf, &q_gs, &k, &k_sf, &k_gs, &v_t, &v_sf, &v_gs, &o, lse, q_mean,
                                       q_mean_block, softmax_scale, is_causal},
                                  p, io, d);
-        // An sm_120a cubin loads only on compute capability 12.0 (GB10, 12.1, needs 121a).
+        // Block-scaled mma.sync exists on sm_120a/121a only (an 'a' cubin loads on its own capability;
+        // sage_torch checks that the build holds the device's target).
         const int cc = sm120_args::device_cc(o.device_id());
-        if (cc >= 0 && cc != 120)
-          fail_value(fn + ": this kernel is built for sm_120a (block-scaled mma.sync) and runs on compute capability "
-                     "12.0 only; the device has " + std::to_string(cc / 10) + "." + std::to_string(cc % 10) +
+        if (cc >= 0 && cc != 120 && cc != 121)
+          fail_value(fn + ": this kernel is built for sm_120a/121a (block-scaled mma.sync) and runs on compute "
+                     "capability 12.0/12.1 only; the device has " + std::to_string(cc / 10) + "." + std::to_string(cc % 10) +
                      " (on sm_90 the twin attn_fwd_sm120_twin_qk_nvfp4_pv_nvfp4 runs the same kernel for testing)");
         DeviceGuard guard(o.device_id());
         cudaError_t err;

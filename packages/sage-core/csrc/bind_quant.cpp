@@ -307,14 +307,12 @@ void quant_fp4(const Array& x, const Array& packed, const Array& scale, const Ar
     check_output(scale, x, fn, "scale", kU8, scale_shape, 1);
   }
   check_output(tensor_scale, x, fn, "tensor_scale", kF32, tensor_scale_shape, alignof(float));
-  check_cuda_same_device(fn, {{"x", &x}, {"packed", &packed}, {"scale", &scale}, {"tensor_scale", &tensor_scale}});
   if (mean) {
     // Smoothing mean over token blocks of the (b, h, s, d) x: (b, h, d) or (b, h, ceil(s/mean_block), d).
     if (nd != 4) fail_value("quant_fp4: mean needs a 4-D (b, h, s, d) x, got shape " + shape_str(x));
     if (n_pad != 0) fail_value("quant_fp4: mean and n_pad cannot be combined");
     check_dtype(*mean, "quant_fp4: mean", {kF32});
     check_last_dim_contiguous(*mean, "quant_fp4: mean");
-    check_cuda_same_device(fn, {{"x", &x}, {"mean", &*mean}});
     const int64_t b = dim(x, 0), h = dim(x, 1), s = dim(x, 2);
     if (mean->ndim() == 3) {
       check_shape(*mean, "quant_fp4: mean (b, h, d)", {b, h, n});
@@ -330,6 +328,8 @@ void quant_fp4(const Array& x, const Array& packed, const Array& scale, const Ar
     p.mean_stride[0] = stride(*mean, 0);
     p.mean_stride[1] = stride(*mean, 1);
   }
+  check_cuda_same_device(fn, {{"x", &x}, {"packed", &packed}, {"scale", &scale}, {"tensor_scale", &tensor_scale}});
+  if (mean) check_cuda_same_device(fn, {{"x", &x}, {"mean", &*mean}});
   p.x = x.data();
   p.dtype = same_dtype(x.dtype(), kF16) ? q::InDType::kF16 : q::InDType::kBF16;
   p.swizzled = swizzled;

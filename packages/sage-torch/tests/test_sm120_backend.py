@@ -1,6 +1,6 @@
 """sm120 NVFP4 backend glue on the CPU: option filter, the operands it hands the kernel (through
 sage_quant's reference quantizers here; the CUDA ones are bit-exact to them, tests/gpu) are the
-emulation's operands, and the backend registers for sm120 only (the twin never registers)."""
+emulation's operands, and the backend registers for sm120/sm121 (the twin never registers)."""
 
 from __future__ import annotations
 
@@ -29,17 +29,16 @@ def test_options_filter():
         sm120.resolve_options({"no_such_option": 1})
 
 
-def test_registered_for_sm120_only_and_auto_picks_it():
+def test_registered_for_sm120_sm121_and_auto_picks_it():
     importlib.reload(sm120)  # the test's registry starts empty: run the module's registration again
     specs = [s for s in registered_backends() if s.recipe == sm120.RECIPE]
     assert [s.name for s in specs] == ["sm120_qk_nvfp4_pv_nvfp4"]
-    assert specs[0].archs == frozenset({"sm120"})
+    assert specs[0].archs == frozenset({"sm120", "sm121"})
     assert sorted(specs[0].head_dims) == [64, 128]
     backends.register_backend(specs[0].name, specs[0].recipe, specs[0].archs, specs[0].head_dims, specs[0].fn,
                               lambda: True, dtypes=specs[0].dtypes, supports=specs[0].supports, replace=True)
     assert _dispatch.resolve("sm120", torch.bfloat16, 128).backend.name == "sm120_qk_nvfp4_pv_nvfp4"
-    assert _dispatch.resolve("sm121", torch.bfloat16, 128).backend is None or \
-        _dispatch.resolve("sm121", torch.bfloat16, 128).backend.recipe != sm120.RECIPE  # a 120a cubin: 12.0 only
+    assert _dispatch.resolve("sm121", torch.bfloat16, 128).backend.name == "sm120_qk_nvfp4_pv_nvfp4"
     assert _dispatch.resolve("sm90", torch.bfloat16, 128).backend is None or \
         _dispatch.resolve("sm90", torch.bfloat16, 128).backend.recipe != sm120.RECIPE  # the twin: explicit only
 

@@ -3,9 +3,9 @@
 The kernel (``kernels/include/sage/sm120/sm120_attn_fwd_kernel_mma_sync.cuh``) is one mma.sync
 mainloop with two MMA policies:
 
-* native (sm_120a, RTX 50): ``mma.sync kind::mxf4nvf4.block_scale.scale_vec::4X.m16n8k64``,
-  registered here for ``sm120`` (compute capability 12.0; a 120a cubin does not load on GB10,
-  12.1, which keeps the 8-bit kernels);
+* native (sm_120a/121a, RTX 50 / GB10): ``mma.sync kind::mxf4nvf4.block_scale.scale_vec::4X.m16n8k64``,
+  registered here for ``sm120`` and ``sm121`` (``supports`` declines a build without the device's
+  own 'a' target: a 120a cubin does not load on a 12.1 GPU);
 * twin (sm_90a): the same kernel computing the block-scaled product with FP16 mma.sync from the
   same registers. It is a test vehicle for the H200 and is **never** registered for dispatch: call
   :func:`attention_twin` explicitly.
@@ -39,6 +39,7 @@ from sage_quant import ops as _qops
 from sage_quant import reference as _ref
 
 from . import register_backend
+from .. import _dispatch
 from .._layout import empty_output
 
 __all__ = ["RECIPE", "HEAD_DIMS", "kKvTile", "kVTokenPad", "kernel_names", "resolve_options",
@@ -164,6 +165,11 @@ def _supports(q, k, v, *, layout, is_causal, scale, return_lse, **options) -> Op
     if b > kMaxGridYZ or h_q > kMaxGridYZ:
         return (f"the sm120 kernel launches one CTA row per (head, batch): batch and q heads must be "
                 f"<= {kMaxGridYZ}, got batch={b}, heads={h_q}")
+    arch = _dispatch.device_arch(q.device)
+    target = {"sm120": "120a", "sm121": "121a"}.get(arch)
+    if target is not None and sage_core is not None and target not in sage_core.build_info()["cuda_archs"]:
+        return (f"sage_core was built for {list(sage_core.build_info()['cuda_archs'])}, without {target}: the NVFP4 "
+                f"kernel's code for {arch} (an 'a' cubin runs only on its own compute capability)")
     try:
         opts = resolve_options(options)
     except (TypeError, ValueError) as exc:
@@ -177,5 +183,5 @@ def _available() -> bool:
     return hasattr(sage_core, _POLICY_FN["native"]) and all(sage_core.has_kernel(n) for n in kernel_names("native"))
 
 
-register_backend(f"sm120_{RECIPE}", RECIPE, archs=("sm120",), head_dims=HEAD_DIMS, fn=attn_qk_nvfp4_pv_nvfp4,
+register_backend(f"sm120_{RECIPE}", RECIPE, archs=("sm120", "sm121"), head_dims=HEAD_DIMS, fn=attn_qk_nvfp4_pv_nvfp4,
                  available=_available, dtypes=(torch.float16, torch.bfloat16), supports=_supports)
